@@ -1,0 +1,241 @@
+"""Building blocks with PyTorch semantics, in NHWC / float32.
+
+The layers mirror ``torch.nn`` (initialisation, BatchNorm momentum and
+unbiased running variance, pooling bins) so that the models match torchvision
+numerically and pretrained torchvision weights can be ported by renaming and
+transposing only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """Channel count ``channels`` scaled by the width multiplier (at least 1).
+
+    Every model uses this one rule so that widths stay consistent between a
+    layer and the layers that consume its output.
+    """
+    return max(1, round(channels * width))
+
+
+def kaiming_normal_fan_out() -> Initializer:
+    """torch ``kaiming_normal_(mode='fan_out', nonlinearity='relu')`` for HWIO kernels.
+
+    Untruncated normal with std ``sqrt(2 / (kh * kw * out))``.
+    """
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        *receptive, _, out_channels = shape
+        fan_out = out_channels * math.prod(receptive)
+        return math.sqrt(2.0 / fan_out) * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def uniform_symmetric(bound: float) -> Initializer:
+    """Uniform initialiser on ``[-bound, bound)``."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    """``nnx.Linear`` initialised like torch's ``nn.Linear`` default.
+
+    torch's ``kaiming_uniform_(a=sqrt(5))`` on the weight reduces to
+    U(-1/sqrt(in), 1/sqrt(in)), the same bound as its bias.
+    """
+    bound = 1.0 / math.sqrt(in_features)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=uniform_symmetric(bound),
+        bias_init=uniform_symmetric(bound),
+        rngs=rngs,
+    )
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero padding.
+
+    All convolutions in the package go through here, so that a different
+    lowering (e.g. im2col for tiny spatial maps) is a one-place change.
+    """
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+class Conv2d(nnx.Module):
+    """Square 2-D convolution with a ``kernel`` of shape (kh, kw, in, out)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        use_bias: bool = False,
+        rngs: nnx.Rngs,
+        kernel_init: Initializer | None = None,
+    ) -> None:
+        init = kaiming_normal_fan_out() if kernel_init is None else kernel_init
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.kernel = nnx.Param(init(rngs.params(), shape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32)) if use_bias else None
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = conv2d(x, self.kernel[...], self.stride, self.padding)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class BatchNorm2d(nnx.Module):
+    """BatchNorm over (N, H, W) with torch semantics.
+
+    Training normalises with the biased batch variance and updates the running
+    variance with the unbiased one; ``momentum`` is torch's (weight of the new
+    batch), not flax's.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.num_features = num_features
+        self.momentum = momentum
+        self.eps = eps
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if train:
+            n = x.shape[0] * x.shape[1] * x.shape[2]
+            if n < 2:
+                # torch refuses too; the unbiased variance would divide by zero.
+                raise ValueError(
+                    f"BatchNorm2d needs more than 1 value per channel when training, got input shape {x.shape}"
+                )
+            mean = jnp.mean(xf, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            m = self.momentum
+            # Running statistics are bookkeeping, not part of the loss.
+            batch_mean = jax.lax.stop_gradient(mean)
+            batch_var = jax.lax.stop_gradient(var) * (n / (n - 1))
+            # set_value is what the (deprecated in flax 0.12) `.value` setter calls.
+            self.mean.set_value((1.0 - m) * self.mean[...] + m * batch_mean)
+            self.var.set_value((1.0 - m) * self.var[...] + m * batch_var)
+        else:
+            mean = self.mean[...]
+            var = self.var[...]
+        inv = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        y = (xf - mean) * inv + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def max_pool2d(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+    """torch ``max_pool2d`` (floor mode) on NHWC; padding counts as -inf."""
+    return jax.lax.reduce_window(
+        x,
+        -jnp.inf,
+        jax.lax.max,
+        window_dimensions=(1, window, window, 1),
+        window_strides=(1, stride, stride, 1),
+        padding=((0, 0), (padding, padding), (padding, padding), (0, 0)),
+    )
+
+
+def _adaptive_avg_pool_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+    """Adaptive average pooling along one axis with torch's bins.
+
+    Bin i covers [floor(i*In/Out), ceil((i+1)*In/Out)). Bins are rectangles,
+    so pooling H then W equals torch's 2-D average.
+    """
+    in_size = x.shape[axis]
+    if in_size == out_size:
+        return x
+    if in_size % out_size == 0:
+        k = in_size // out_size
+        shape = x.shape[:axis] + (out_size, k) + x.shape[axis + 1 :]
+        return jnp.mean(x.reshape(shape), axis=axis + 1)
+    if out_size % in_size == 0:
+        # Every bin is a single input element: plain replication.
+        return jnp.repeat(x, out_size // in_size, axis=axis)
+    bins = []
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        bins.append(jnp.mean(jax.lax.slice_in_dim(x, start, end, axis=axis), axis=axis))
+    return jnp.stack(bins, axis=axis)
+
+
+def adaptive_avg_pool2d(x: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
+    """torch ``adaptive_avg_pool2d`` on NHWC input."""
+    out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    x = _adaptive_avg_pool_axis(x, 1, out_h)
+    return _adaptive_avg_pool_axis(x, 2, out_w)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout: zero with probability ``rate``, scale survivors by 1/(1-rate)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+# Parameter-free modules. They exist so that containers can keep torchvision's
+# indices (e.g. VGG's ``features.3``) while leaving no entry in the weights.
+
+
+class ReLU(nnx.Module):
+    """ReLU as a parameter-free module."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+class MaxPool2d(nnx.Module):
+    """``max_pool2d`` as a parameter-free module."""
+
+    def __init__(self, window: int, stride: int, padding: int = 0) -> None:
+        self.window = window
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return max_pool2d(x, self.window, self.stride, self.padding)
+
+
+class Dropout(nnx.Module):
+    """Dropout placeholder; the caller passes the key, so no RNG state lives here."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None) -> jax.Array:
+        """Applies dropout with ``key``; ``key=None`` means eval mode (identity)."""
+        if key is None:
+            return x
+        return dropout(x, self.rate, key)
