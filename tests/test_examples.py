@@ -1,0 +1,27 @@
+"""The forkable example in experiments/ runs end to end (tiny settings) and reports a real result."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (make data)")
+def test_functional_loop_example_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "functional_loop.py"), "--density", "0.1",
+         "--pretrain_steps", "4", "--iterations", "3", "--batch_size", "32",
+         "--train_images", "128", "--test_images", "96"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pruned, total = re.search(r"sparsity over prunable kernels: .*\(([\d,]+) of ([\d,]+) pruned\)", result.stdout).groups()
+    total = int(total.replace(",", ""))
+    assert int(pruned.replace(",", "")) == int((1 - 0.1) * total)  # exact k of the global threshold
+    match = re.search(r"test accuracy at density 0.1: ([0-9.]+) \(96 images\)", result.stdout)
+    assert match and 0.0 <= float(match.group(1)) <= 1.0

@@ -1,0 +1,1 @@
+"""Input data: readers, dataset builders and the input pipeline."""
