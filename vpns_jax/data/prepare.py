@@ -1,0 +1,163 @@
+"""Prepare a dataset of the registry into a TFDS data dir (array_record files, no TensorFlow needed).
+
+    python -m vpns_jax.data.prepare --dataset=NAME [--data_dir=DIR] [--manual_dir=DIR] [--download] [--verbose]
+    python -m vpns_jax.data.prepare --dataset=NAME --convert [--data_dir=DIR]
+
+* ``fashion_mnist``, ``digits``, ``tiny_imagenet``: prepared offline by this project's
+  builders (:mod:`vpns_jax.data.builders`). Tiny-ImageNet needs ``--manual_dir`` unless
+  TFDS's default manual dir ``<data_dir>/downloads/manual`` holds it; Fashion-MNIST
+  reads ``--manual_dir`` when given, else Debian's ``/usr/share/datasets/fashion-mnist``.
+* TFDS's own builders (cifar10, cifar100, ...): only with ``--download`` (network, and
+  TensorFlow for most of them); without it this fails at once, saying how to get the data.
+
+* ``--convert``: a dataset prepared elsewhere as TFRecord (TFDS's old default) is read once
+  through tf.data and written beside it as array_record, which the pipeline reads without
+  TensorFlow; needs TensorFlow installed (``pip install tensorflow-cpu``). The TFRecord
+  files are kept.
+
+A dataset already prepared (at the builder's version) is reported and left untouched.
+Errors are one line on stderr and exit code 2 (``--verbose`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import traceback
+
+from vpns_jax.data import registry
+
+EXIT_ERROR = 2
+
+
+def _local_builders() -> dict[str, type]:
+    """This project's builders by TFDS name (imported lazily: TFDS is slow to import)."""
+    from vpns_jax.data import builders
+
+    return {cls.name: cls for cls in (builders.FashionMnistLocal, builders.SklearnDigits, builders.TinyImagenet)}
+
+
+def _is_prepared(version_dir: pathlib.Path) -> bool:
+    return (version_dir / "dataset_info.json").is_file()
+
+
+def _prepare(
+    name: str, data_dir: str | None, manual_dir: str | None, download: bool
+) -> tuple[pathlib.Path, bool]:
+    """(prepared version dir, whether it was prepared now rather than found already prepared)."""
+    spec = registry.get_dataset_spec(name)
+    root = registry.resolve_data_dir(data_dir)
+    manual = pathlib.Path(manual_dir).expanduser() if manual_dir else None
+    if manual is not None and not manual.is_dir():
+        raise FileNotFoundError(f"--manual_dir {manual} is not a folder")
+
+    import tensorflow_datasets as tfds
+
+    local = _local_builders().get(spec.tfds_name)
+    if local is None and not download:
+        try:
+            return registry.prepared_dir(spec, str(root)), False
+        except registry.DataNotFoundError:
+            raise registry.DataNotFoundError(
+                f"dataset {spec.name!r} (TFDS {spec.tfds_name}) is not prepared in {root} and --download was not "
+                f"given: {spec.how_to_get}"
+            ) from None
+    if local is not None:
+        if spec.tfds_name == "fashion_mnist_local" and manual is not None:
+            from vpns_jax.data.builders.fashion_mnist_local import FILES, has_source_files
+
+            if not has_source_files(manual):
+                raise FileNotFoundError(f"--manual_dir {manual} holds none of the Fashion-MNIST files "
+                                        f"({', '.join(n for pair in FILES.values() for n in pair)})")
+        builder = local(data_dir=str(root), file_format="array_record")
+    else:
+        builder = tfds.builder(spec.tfds_name, data_dir=str(root), file_format="array_record")
+    version_dir = pathlib.Path(str(builder.data_dir))
+    if _is_prepared(version_dir):
+        return version_dir, False
+    config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual is not None else None)
+    builder.download_and_prepare(download_config=config)
+    return version_dir, True
+
+
+def prepare(
+    name: str, data_dir: str | None = None, manual_dir: str | None = None, download: bool = False
+) -> pathlib.Path:
+    """Prepares registry dataset ``name`` under ``data_dir`` (see :func:`registry.resolve_data_dir`).
+
+    Returns the prepared version directory (``<data_dir>/<tfds_name>/<version>``). A dataset
+    already prepared there is returned untouched. ``download`` is needed (and used) only for
+    TFDS's own builders; without it they raise :class:`registry.DataNotFoundError` at once.
+    """
+    return _prepare(name, data_dir, manual_dir, download)[0]
+
+
+def convert(name: str, data_dir: str | None = None) -> tuple[pathlib.Path, bool]:
+    """Adds array_record files to a dataset prepared as TFRecord; (version dir, whether it converted now)."""
+    spec = registry.get_dataset_spec(name)
+    version_dir = registry.prepared_dir(spec, data_dir)
+    if "array_record" in registry.prepared_file_formats(version_dir):
+        return version_dir, False
+    try:
+        import tensorflow  # noqa: F401  (TFDS reads TFRecord shards through tf.data)
+    except ImportError:
+        raise ImportError(
+            f"{version_dir} is TFRecord and converting it needs TensorFlow: pip install tensorflow-cpu"
+        ) from None
+    from tensorflow_datasets.scripts.cli import convert_format_utils
+
+    convert_format_utils.convert_dataset(
+        out_dir=None, out_file_format="array_record", dataset_version_dir=str(version_dir), num_workers=1
+    )
+    return version_dir, True
+
+
+def split_sizes(version_dir: pathlib.Path) -> dict[str, int]:
+    """{split: number of examples} of a prepared dataset."""
+    import tensorflow_datasets as tfds
+
+    info = tfds.builder_from_directory(str(version_dir)).info
+    return {split: info.splits[split].num_examples for split in info.splits}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line too
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit code."""
+    parser = _OneLineParser(prog="python -m vpns_jax.data.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", required=True, help=f"one of {', '.join(sorted(registry.DATASETS))}")
+    parser.add_argument("--data_dir", default=None,
+                        help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    parser.add_argument("--manual_dir", default=None, help="folder holding manually downloaded source files")
+    parser.add_argument("--download", action="store_true", help="allow TFDS's own builders to download")
+    parser.add_argument("--convert", action="store_true",
+                        help="add array_record files to a dataset prepared as TFRecord (needs tensorflow)")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks and progress bars")
+    args = parser.parse_args(argv)
+    try:
+        if not (args.verbose or sys.stderr.isatty()):
+            import tensorflow_datasets as tfds
+
+            tfds.disable_progress_bar()
+        if args.convert:
+            version_dir, prepared_now = convert(args.dataset, args.data_dir)
+        else:
+            version_dir, prepared_now = _prepare(args.dataset, args.data_dir, args.manual_dir, args.download)
+        sizes = ", ".join(f"{split}: {n}" for split, n in sorted(split_sizes(version_dir).items()))
+    except Exception as error:  # noqa: BLE001 - the CLI reports any failure as one line
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    what = "prepared" if prepared_now else "already prepared, nothing done:"
+    print(f"{args.dataset}: {what} {version_dir} ({sizes})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
