@@ -151,3 +151,15 @@ def test_label_mapping_counts_through_the_network(run, setup):
     counts = np.asarray(steps.source_prediction_counts(run["final"], batch, spec=spec, num_target=NUM_TARGET))
     assert counts.shape == (10, NUM_TARGET)
     assert counts.sum() == BATCH and counts.sum(axis=0).tolist() == [BATCH // NUM_TARGET] * NUM_TARGET
+
+
+def test_eval_step_ignores_padding_rows(run, setup):
+    spec, _, batch = setup
+    state = run["final"]
+    padded = {"image": batch["image"], "label": batch["label"].at[12:].set(-1)}
+    full = jax.device_get(steps.eval_step(state, batch, spec=spec))
+    part = jax.device_get(steps.eval_step(state, padded, spec=spec))
+    first = jax.device_get(steps.eval_step(state, {k: v[:12] for k, v in batch.items()}, spec=spec))
+    assert int(part["count"]) == 12 and int(full["count"]) == BATCH
+    assert int(part["correct"]) == int(first["correct"])
+    assert float(part["loss_sum"]) == pytest.approx(float(first["loss_sum"]), rel=1e-5)

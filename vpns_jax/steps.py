@@ -222,15 +222,17 @@ def eval_logits(spec: StepSpec, state: TrainState, images: jax.Array, *, with_pr
 def eval_step(
     state: TrainState, batch: Batch, *, spec: StepSpec, with_prompt: bool = False
 ) -> dict[str, jax.Array]:
-    """Summed loss, correct count and count of a batch, label-mapped.
+    """Summed loss, correct count and count of a batch's real rows (label >= 0), label-mapped.
 
     Without the prompt by default, as the authors evaluate; ``with_prompt=True``
     evaluates prompted inputs instead.
     """
     mapped = label_mapping.map_logits(eval_logits(spec, state, batch["image"], with_prompt=with_prompt), state.label_map)
-    losses = optax.softmax_cross_entropy_with_integer_labels(mapped, batch["label"])
-    correct = jnp.sum(jnp.argmax(mapped, axis=-1) == batch["label"])
-    return {"loss_sum": jnp.sum(losses), "correct": correct, "count": jnp.asarray(batch["label"].shape[0])}
+    labels = batch["label"]
+    valid = labels >= 0  # padding rows of the last batch carry label -1
+    losses = optax.softmax_cross_entropy_with_integer_labels(mapped, jnp.maximum(labels, 0))
+    correct = jnp.sum((jnp.argmax(mapped, axis=-1) == labels) & valid)
+    return {"loss_sum": jnp.sum(jnp.where(valid, losses, 0.0)), "correct": correct, "count": jnp.sum(valid)}
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_target"))

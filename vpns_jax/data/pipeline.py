@@ -1,0 +1,231 @@
+"""Deterministic, resumable, per-process batches from prepared TFDS datasets, without TensorFlow.
+
+A split is opened as a random-access ``as_data_source`` (array_record). A
+``BatchStream`` turns it into batches of one view (the clean test-transform
+view, or the augmented training view) for this process: batch ``b`` of epoch
+``e`` is a pure function of (seed, stream, e, b) — the epoch's permutation, the
+process's rows of that global batch, and per-example augmentation draws seeded
+by the example's index — so any position can be saved as two integers and a
+restart yields exactly the batches an uninterrupted run would have seen, on any
+number of processes and loader threads. Training streams drop the last partial
+batch (fixed shapes under jit); evaluation streams pad it with label -1, which
+the eval step and the label-mapping counts ignore.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from vpns_jax.data import registry, transforms
+
+VIEWS = ("clean", "augmented")
+PAD_LABEL = -1
+
+
+def open_split(name: str, split: str, data_dir: str | None = None) -> Sequence[dict[str, Any]]:
+    """Random-access examples ({'image': uint8 HWC, 'label': int, ...}) of a prepared split.
+
+    Fails at once, without touching the network, if the dataset is not prepared
+    under ``data_dir`` or was prepared as TFRecord.
+    """
+    import vpns_jax.data.builders  # noqa: F401  (registers our TFDS builders)
+
+    spec = registry.get_dataset_spec(name)
+    version_dir = registry.prepared_dir(spec, data_dir)
+    formats = registry.prepared_file_formats(version_dir)
+    if "array_record" not in formats:
+        raise registry.DataNotFoundError(
+            f"dataset {name!r} in {version_dir} is prepared as {formats[0]}, which has no random access: "
+            f"pip install tensorflow-cpu, then python -m vpns_jax.data.prepare --dataset={name} --convert"
+        )
+    relative = version_dir.relative_to(registry.resolve_data_dir(data_dir) / spec.tfds_name)
+    *config, version = relative.parts
+    identifier = "/".join([spec.tfds_name, *config]) + f":{version}"
+    builder = tfds.builder(identifier, data_dir=str(registry.resolve_data_dir(data_dir)))
+    if formats[0] == "array_record":
+        return builder.as_data_source(split)
+    return builder.as_data_source(split, file_format="array_record")  # a converted alternative
+
+
+class ClassSubset(Sequence):
+    """The examples of ``classes`` only (the first ``limit`` of them), relabelled 0..len(classes)-1 in order.
+
+    For class splits of one dataset, e.g. a source task on Fashion-MNIST classes
+    0-4 and a target task on 5-9. Reading the labels decodes every example once.
+    """
+
+    def __init__(self, source: Sequence[dict[str, Any]], classes: Sequence[int], limit: int | None = None):
+        relabel = {int(c): new for new, c in enumerate(classes)}
+        labels = [int(source[i]["label"]) for i in range(len(source))]
+        self.indices = [i for i, label in enumerate(labels) if label in relabel][:limit]
+        self.labels = [relabel[labels[i]] for i in self.indices]
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.source[self.indices[index]], "label": self.labels[index]}
+
+
+class BatchStream:
+    """Batches of one view of a split, for this process, at explicit (epoch, batch) positions.
+
+    ``global_batch_size`` counts every process's rows; this process reads only
+    its ``global_batch_size / process_count`` rows of each global batch.
+    """
+
+    def __init__(
+        self,
+        source: Sequence[dict[str, Any]],
+        *,
+        global_batch_size: int,
+        image_size: int,
+        view: str,
+        seed: int,
+        stream: int = 0,
+        training: bool = True,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        num_threads: int = 4,
+        prefetch: int = 2,
+    ):
+        if view not in VIEWS:
+            raise ValueError(f"view {view!r} is unknown: use one of {VIEWS}")
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if global_batch_size <= 0 or global_batch_size % self.process_count:
+            raise ValueError(
+                f"global batch size {global_batch_size} does not divide by the {self.process_count} processes"
+            )
+        self.source = source
+        self.num_examples = len(source)
+        if self.num_examples == 0:
+            raise ValueError("the split is empty: check the dataset and split name")
+        if training and self.num_examples < global_batch_size:
+            raise ValueError(
+                f"the split has {self.num_examples} examples, fewer than one global batch of {global_batch_size}: "
+                "lower the batch size"
+            )
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // self.process_count
+        self.image_size = image_size
+        self.view = view
+        self.seed = seed
+        self.stream = stream
+        self.training = training
+        self.epoch = 0
+        self.batch = 0
+        self._prefetch = prefetch
+        self._num_threads = max(1, num_threads)
+        # Two pools: batches are prefetched one after another, and each batch fans out to
+        # example workers; one shared pool could deadlock with every worker waiting on a batch.
+        self._batch_pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._example_pool = concurrent.futures.ThreadPoolExecutor(self._num_threads)
+        self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full batches per epoch when training (the remainder is dropped); all, padded, otherwise."""
+        if self.training:
+            return self.num_examples // self.global_batch_size
+        return math.ceil(self.num_examples / self.global_batch_size)
+
+    def global_indices(self, epoch: int, batch: int) -> np.ndarray:
+        """Example indices of global batch ``batch`` of ``epoch`` (-1 marks padding)."""
+        if self.training:
+            order = np.random.default_rng((self.seed, self.stream, epoch)).permutation(self.num_examples)
+        else:
+            order = np.arange(self.num_examples)
+        indices = order[batch * self.global_batch_size : (batch + 1) * self.global_batch_size]
+        return np.pad(indices, (0, self.global_batch_size - len(indices)), constant_values=-1)
+
+    def local_indices(self, epoch: int, batch: int) -> np.ndarray:
+        """This process's rows of the global batch."""
+        start = self.process_index * self.local_batch_size
+        return self.global_indices(epoch, batch)[start : start + self.local_batch_size]
+
+    def _example(self, index: int, record: dict[str, Any] | None, epoch: int) -> tuple[np.ndarray, int]:
+        if record is None:
+            return np.zeros((self.image_size, self.image_size, 3), np.float32), PAD_LABEL
+        if self.view == "clean":
+            return transforms.clean_view(record["image"], self.image_size), int(record["label"])
+        rng = np.random.default_rng((self.seed, self.stream, epoch, index))
+        return transforms.augmented_view(record["image"], self.image_size, rng), int(record["label"])
+
+    def _load_chunk(self, indices: np.ndarray, epoch: int) -> list[tuple[np.ndarray, int]]:
+        return [self._example(int(i), self.source[int(i)] if i >= 0 else None, epoch) for i in indices]
+
+    def load(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
+        """This process's batch at a position: {'image': (b, S, S, 3) float32 in [0, 1], 'label': (b,) int32}."""
+        indices = self.local_indices(epoch, batch)
+        chunks = np.array_split(indices, min(len(indices), self._num_threads))
+        examples = [ex for part in self._example_pool.map(lambda c: self._load_chunk(c, epoch), chunks) for ex in part]
+        return {
+            "image": np.stack([image for image, _ in examples]),
+            "label": np.asarray([label for _, label in examples], np.int32),
+        }
+
+    def _position_after(self, epoch: int, batch: int) -> tuple[int, int]:
+        batch += 1
+        return (epoch + 1, 0) if batch >= self.batches_per_epoch else (epoch, batch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """The batch at the current position; then the position advances (into the next epoch at the end)."""
+        position = (self.epoch, self.batch)
+        ahead = position
+        for _ in range(self._prefetch + 1):
+            if ahead not in self._pending:
+                self._pending[ahead] = self._batch_pool.submit(self.load, *ahead)
+            ahead = self._position_after(*ahead)
+        batch = self._pending.pop(position).result()
+        self.epoch, self.batch = self._position_after(*position)
+        return batch
+
+    def epoch_batches(self, epoch: int = 0):
+        """Every batch of one epoch in order, without moving the stream's position (for evaluation)."""
+        for batch in range(self.batches_per_epoch):
+            yield self.load(epoch, batch)
+
+    def get_state(self) -> dict[str, int]:
+        """The position of the next batch, as plain ints (JSON-serialisable)."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        """Resumes at a saved position; prefetched batches from elsewhere are dropped."""
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(f"stream position {state} is outside the {self.batches_per_epoch} batches of an epoch")
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self.epoch, self.batch = epoch, batch
+
+
+def training_streams(
+    source: Sequence[dict[str, Any]], *, global_batch_size: int, image_size: int, seed: int, **kwargs: Any
+) -> tuple[BatchStream, BatchStream]:
+    """The reference's two training loaders over one training set, each with its own shuffle:
+    the clean view for the prompted sub-step and the augmented view for the plain one."""
+    clean = BatchStream(source, global_batch_size=global_batch_size, image_size=image_size, view="clean",
+                        seed=seed, stream=0, **kwargs)
+    augmented = BatchStream(source, global_batch_size=global_batch_size, image_size=image_size, view="augmented",
+                            seed=seed, stream=1, **kwargs)
+    return clean, augmented
+
+
+def eval_stream(source: Sequence[dict[str, Any]], *, global_batch_size: int, image_size: int,
+                **kwargs: Any) -> BatchStream:
+    """The test split in order, clean view, last batch padded with label -1."""
+    return BatchStream(source, global_batch_size=global_batch_size, image_size=image_size, view="clean",
+                       seed=0, training=False, **kwargs)
