@@ -23,7 +23,8 @@ from vpns_jax import dense, label_mapping, masking, optim, prompts, steps
 from vpns_jax.models import create_model, functional
 
 
-def _time(fn, repeats: int) -> tuple[float, float]:
+def time_call(fn, repeats: int) -> tuple[float, float]:
+    """(compile-and-first-call overhead, median steady wall time) of ``fn`` in seconds."""
     start = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - start
@@ -34,6 +35,26 @@ def _time(fn, repeats: int) -> tuple[float, float]:
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return first - median, median
+
+
+def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: int):
+    """(model, a closure running one dense SGD step on a fixed random batch, that batch)."""
+    model = create_model(model_name, num_classes=10, width=width, stem=stem, rngs=nnx.Rngs(0))
+    graphdef, weights, batch_stats = functional.split_model(model)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.uniform(size=(batch_size, size, size, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+    tx = optim.group_transform(optim.GroupOptimizer("sgd", 0.01), lambda _: 0.01)
+    # Copies: the step donates its state, and callers may keep using the model's arrays.
+    state = dense.init_dense_state(jax.tree.map(jnp.copy, weights), jax.tree.map(jnp.copy, batch_stats), tx,
+                                   label_map=label_mapping.identity_mapping(10), rng=jax.random.key(0))
+
+    def call():
+        nonlocal state
+        state, metrics = dense.dense_train_step(state, batch, graphdef=graphdef, tx=tx)
+        return metrics
+
+    return model, call, batch
 
 
 def main() -> None:
@@ -47,28 +68,17 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.1)
     args = parser.parse_args()
 
-    model = create_model(args.model, num_classes=10, width=args.width, stem=args.stem, rngs=nnx.Rngs(0))
+    model, dense_call, batch = dense_step(args.model, args.width, args.stem, args.size, args.batch)
     graphdef, weights, batch_stats = functional.split_model(model)
     scores = masking.init_scores(weights, functional.leaf_kinds(model))
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.uniform(size=(args.batch, args.size, args.size, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
     label_map = label_mapping.identity_mapping(10)
-
-    tx = optim.group_transform(optim.GroupOptimizer("sgd", 0.01), lambda _: 0.01)
-    dense_state = dense.init_dense_state(weights, batch_stats, tx, label_map=label_map, rng=jax.random.key(0))
-
-    def dense_call():
-        nonlocal dense_state
-        dense_state, metrics = dense.dense_train_step(dense_state, batch, graphdef=graphdef, tx=tx)
-        return metrics
 
     prompt_spec = prompts.PromptSpec("pad", input_size=args.size, output_size=args.size, pad_size=max(1, args.size // 8))
     prompt = prompts.init_prompt(prompt_spec)
     spec = steps.make_step_spec(model, prompt_spec, prompt_params=prompt, scores=scores,
                                 stage_groups={1: optim.reference_groups(1), 2: optim.reference_groups(2)},
                                 epochs={1: 30, 2: 30}, iterations_per_epoch=100)
-    # Copies: the steps donate their state, and the dense state shares these arrays.
+    # Copies: the steps donate their state; the model keeps its own arrays.
     state = steps.init_state(spec, weights=jax.tree.map(jnp.copy, weights), batch_stats=jax.tree.map(jnp.copy, batch_stats), scores=scores,
                              prompt=prompt, density=args.density, label_map=label_map, rng=jax.random.key(1))
 
@@ -81,11 +91,11 @@ def main() -> None:
 
     n_scores = sum(s.size for s in jax.tree.leaves(scores))
     mask_fn = jax.jit(lambda s: masking.thresholds(s, masking.prune_counts(scores, args.density)))
-    rows = [("dense train step", *_time(dense_call, args.repeats))]
-    rows.append((f"threshold ({n_scores:,} scores)", *_time(lambda: mask_fn(scores), args.repeats)))
-    rows.append(("VPNs stage-1 iteration", *_time(stage_call(1), args.repeats)))
+    rows = [("dense train step", *time_call(dense_call, args.repeats))]
+    rows.append((f"threshold ({n_scores:,} scores)", *time_call(lambda: mask_fn(scores), args.repeats)))
+    rows.append(("VPNs stage-1 iteration", *time_call(stage_call(1), args.repeats)))
     state = steps.start_stage(spec, state, 2)
-    rows.append(("VPNs stage-2 iteration", *_time(stage_call(2), args.repeats)))
+    rows.append(("VPNs stage-2 iteration", *time_call(stage_call(2), args.repeats)))
     print(f"{args.model} width {args.width} {args.stem} stem {args.size}x{args.size} batch {args.batch}, "
           f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
     print(f"{'step':<34}{'compile s':>10}{'median s':>10}{'images/s':>10}")

@@ -6,14 +6,14 @@ Source task: Fashion-MNIST classes 0-4 (a dense ResNet-18 at width 1/4 is
 pretrained on them here). Target task: classes 5-9, read through the 5-way
 source head by frequency label mapping. Then stage 1 (scores + prompt, weights
 frozen) and stage 2 (weights + prompt, masks fixed), and a test evaluation.
-Needs Debian's dataset-fashion-mnist (``make data``); nothing is downloaded.
+Needs Debian's dataset-fashion-mnist (``make data``), which it prepares as a TFDS
+dataset on first use; nothing is downloaded.
 Every piece of state is an explicit pytree: swap any step for your own.
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -22,36 +22,19 @@ import optax
 from flax import nnx
 
 from vpns_jax import dense, label_mapping, masking, optim, prompts, steps
-from vpns_jax.data.idx import read_idx
+from vpns_jax.data import pipeline, prepare
 from vpns_jax.models import create_model, functional
 
-FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 SIZE = 32
 
 
-def load_split(split: str, classes: range, limit: int) -> tuple[jax.Array, jax.Array]:
-    """Images (N, 32, 32, 3) in [0, 1] and labels renumbered from 0, for ``classes``."""
-    prefix = {"train": "train", "test": "t10k"}[split]
-    images = read_idx(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz")
-    keep = np.flatnonzero(np.isin(labels, list(classes)))[:limit]
-    x = jnp.asarray(images[keep], jnp.float32)[..., None] / 255.0
-    x = prompts.resize_images(jnp.repeat(x, 3, axis=-1), SIZE)
-    return x, jnp.asarray(labels[keep] - classes.start, jnp.int32)
+def class_split(split: str, classes: range, limit: int, data_dir: str | None) -> pipeline.ClassSubset:
+    """Fashion-MNIST examples of ``classes`` (relabelled from 0), the first ``limit`` of them."""
+    return pipeline.ClassSubset(pipeline.open_split("fashion_mnist", split, data_dir), classes, limit)
 
 
-def batches(x: jax.Array, y: jax.Array, batch_size: int, seed: int, augment: bool):
-    """Endless shuffled batches; the augmented view adds random horizontal flips."""
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(y))
-        for start in range(0, len(y) - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            images = x[idx]
-            if augment:
-                flip = jnp.asarray(rng.random(batch_size) < 0.5)[:, None, None, None]
-                images = jnp.where(flip, images[:, :, ::-1], images)
-            yield {"image": images, "label": y[idx]}
+def as_jax(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {key: jnp.asarray(value) for key, value in batch.items()}
 
 
 def main() -> None:
@@ -62,25 +45,27 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--test_images", type=int, default=1000)
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     args = parser.parse_args()
-    if not FASHION_MNIST.is_dir():
-        raise SystemExit(f"{FASHION_MNIST} not found: install Debian's dataset-fashion-mnist (make data)")
+    prepare.prepare("fashion_mnist", data_dir=args.data_dir)  # once, from Debian's files; a no-op afterwards
 
     # 1. A dense source model, pretrained on classes 0-4.
     model = create_model("resnet18", num_classes=5, width=0.25, stem="imagenet", rngs=nnx.Rngs(0))
     graphdef, weights, batch_stats = functional.split_model(model)
-    source_x, source_y = load_split("train", range(0, 5), 10_000)
+    source = pipeline.BatchStream(class_split("train", range(0, 5), 10_000, args.data_dir), view="augmented",
+                                  global_batch_size=args.batch_size, image_size=SIZE, seed=0)
     tx = optax.sgd(0.05, momentum=0.9)
     state = dense.init_dense_state(weights, batch_stats, tx, label_map=label_mapping.identity_mapping(5),
                                    rng=jax.random.key(0))
-    source = batches(source_x, source_y, args.batch_size, seed=0, augment=True)
     for _ in range(args.pretrain_steps):
-        state, metrics = dense.dense_train_step(state, next(source), graphdef=graphdef, tx=tx)
+        state, metrics = dense.dense_train_step(state, as_jax(next(source)), graphdef=graphdef, tx=tx)
     print(f"source pretraining: loss {float(metrics['loss']):.3f}")
 
     # 2. Scores, a zero pad prompt, and the static spec of both stages.
-    train_x, train_y = load_split("train", range(5, 10), args.train_images)
-    test_x, test_y = load_split("test", range(5, 10), args.test_images)
+    train = class_split("train", range(5, 10), args.train_images, args.data_dir)
+    clean, augmented = pipeline.training_streams(train, global_batch_size=args.batch_size, image_size=SIZE, seed=1)
+    test = pipeline.eval_stream(class_split("test", range(5, 10), args.test_images, args.data_dir),
+                                global_batch_size=args.batch_size, image_size=SIZE)
     scores = masking.init_scores(state.weights, functional.leaf_kinds(model))
     prompt_spec = prompts.PromptSpec("pad", input_size=SIZE, output_size=SIZE, pad_size=4)
     prompt = prompts.init_prompt(prompt_spec)
@@ -95,34 +80,27 @@ def main() -> None:
                             rng=jax.random.key(1))
 
     # 3. Frequency label mapping through the initial mask and the zero prompt.
-    counts = sum(steps.source_prediction_counts(vpns, b, spec=spec, num_target=5)
-                 for b in _epoch(train_x, train_y, args.batch_size))
+    counts = sum(steps.source_prediction_counts(vpns, as_jax(b), spec=spec, num_target=5)
+                 for b in augmented.epoch_batches())
     vpns = vpns.replace(label_map=jnp.asarray(label_mapping.frequency_label_mapping(counts)))
     print("label map (target -> source):", np.asarray(vpns.label_map).tolist())
 
     # 4. Stage 1, the stage switch, stage 2: two data streams, one jitted iteration each.
-    clean = batches(train_x, train_y, args.batch_size, seed=1, augment=False)
-    augmented = batches(train_x, train_y, args.batch_size, seed=2, augment=True)
     for stage in (1, 2):
         if stage == 2:
             vpns = steps.start_stage(spec, vpns, 2)
         for _ in range(args.iterations):
-            vpns, metrics = steps.train_iteration(vpns, next(clean), next(augmented), spec=spec, stage=stage)
+            vpns, metrics = steps.train_iteration(vpns, as_jax(next(clean)), as_jax(next(augmented)),
+                                                  spec=spec, stage=stage)
         print(f"stage {stage}: loss {float(metrics['loss_prompted']):.3f} (prompted), "
               f"{float(metrics['loss_plain']):.3f} (plain)")
 
     # 5. Test accuracy without the prompt (the authors' protocol), and the sparsity report.
-    totals = [steps.eval_step(vpns, b, spec=spec) for b in _epoch(test_x, test_y, args.batch_size)]
+    totals = [steps.eval_step(vpns, as_jax(b), spec=spec) for b in test.epoch_batches()]
     correct = sum(int(t["correct"]) for t in totals)
     count = sum(int(t["count"]) for t in totals)
     print(masking.sparsity_report(vpns.weights, vpns.masks).format())
     print(f"test accuracy at density {args.density}: {correct / count:.4f} ({count} images)")
-
-
-def _epoch(x: jax.Array, y: jax.Array, batch_size: int):
-    """One pass in order; the last partial batch is kept."""
-    for start in range(0, len(y), batch_size):
-        yield {"image": x[start : start + batch_size], "label": y[start : start + batch_size]}
 
 
 if __name__ == "__main__":
