@@ -22,6 +22,7 @@ Errors are one line on stderr and exit code 2 (``--verbose`` adds the traceback)
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 import traceback
@@ -94,22 +95,42 @@ def prepare(
 
 
 def convert(name: str, data_dir: str | None = None) -> tuple[pathlib.Path, bool]:
-    """Adds array_record files to a dataset prepared as TFRecord; (version dir, whether it converted now)."""
+    """Adds array_record files to a dataset prepared as TFRecord; (version dir, whether it converted now).
+
+    Both formats hold the same serialized examples, so each TFRecord shard is
+    copied record by record into an array_record shard of the same name pattern,
+    and ``array_record`` is listed in dataset_info.json as an alternative format.
+    Each file is written under a temporary name and renamed when complete.
+    """
     spec = registry.get_dataset_spec(name)
     version_dir = registry.prepared_dir(spec, data_dir)
     if "array_record" in registry.prepared_file_formats(version_dir):
         return version_dir, False
     try:
-        import tensorflow  # noqa: F401  (TFDS reads TFRecord shards through tf.data)
+        import tensorflow as tf
     except ImportError:
         raise ImportError(
             f"{version_dir} is TFRecord and converting it needs TensorFlow: pip install tensorflow-cpu"
         ) from None
-    from tensorflow_datasets.scripts.cli import convert_format_utils
+    from array_record.python import array_record_module
 
-    convert_format_utils.convert_dataset(
-        out_dir=None, out_file_format="array_record", dataset_version_dir=str(version_dir), num_workers=1
-    )
+    shards = sorted(version_dir.glob("*.tfrecord-*"))
+    if not shards:
+        raise FileNotFoundError(f"{version_dir} lists TFRecord but holds no *.tfrecord-* shards: re-prepare it")
+    for shard in shards:
+        target = shard.with_name(shard.name.replace(".tfrecord-", ".array_record-"))
+        partial = target.with_name(target.name + ".incomplete")
+        writer = array_record_module.ArrayRecordWriter(str(partial), "group_size:1")
+        for record in tf.data.TFRecordDataset(str(shard)).as_numpy_iterator():
+            writer.write(record)
+        writer.close()
+        partial.rename(target)
+    info_path = version_dir / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info["alternativeFileFormats"] = sorted({*info.get("alternativeFileFormats", []), "array_record"})
+    partial = info_path.with_name(info_path.name + ".incomplete")
+    partial.write_text(json.dumps(info, indent=2))
+    partial.rename(info_path)
     return version_dir, True
 
 
