@@ -1,0 +1,43 @@
+"""python -m vpns_jax.main --config=configs/oxford_pets.py --workdir=workdir/oxford_pets --config.model.init_from=PATH
+
+VPNs on Oxford-IIIT Pets (37 classes) with an ImageNet-pretrained ResNet-18: the authors'
+setting.
+
+Produces results.json / results.csv in the workdir: test top-1 accuracy (without the prompt,
+read through the pretrained 1000-way ImageNet head by frequency label mapping) and sparsity at
+each of base.py's densities (1.0, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1: 0-90 % sparsity), one
+independent run each from the same pretrained state, with the final masks, weights and prompt
+per density. As in the authors' code, training uses trainval (TFDS 'train') and testing 'test'.
+The paper's number for comparison (vpns-method.md section 7, mean over seeds): VPNs 85.41 at
+90 % sparsity, 87.95 at 80 %; dense 90.36. The authors' Pets script lists seeds 9 and 17 only:
+--config.seed=9 / 17.
+
+Needs:
+  * Oxford-IIIT Pets prepared under --config.data.data_dir (else $TFDS_DATA_DIR or
+    ~/tensorflow_datasets): python -m vpns_jax.data.prepare --dataset=oxford_iiit_pet --download,
+    once on a machine with network and tensorflow-cpu, or copy an already prepared TFDS directory
+    there.
+  * ImageNet-pretrained ResNet-18 weights (torchvision IMAGENET1K_V1, as the authors used)
+    converted to a vpns_jax .npz, passed as --config.model.init_from=PATH.
+
+Values:
+  * batch 64 (training and evaluation): the authors' OxfordPets batch size in
+    get_model_dataset.py (vpns-method.md section 2.3);
+  * stage-1 scores SGD lr 0.05 (momentum 0.9, weight decay 1e-4), from the authors' Pets launch
+    script (section 4), and so the stage-1 prompt too: the scripts set score_vp_* = score_*;
+  * weights, BatchNorm and stage-2 prompt SGD 0.01 (base.py; the script's weight_* and
+    weight_vp_* = weight_*), 30 + 30 epochs, epoch cosine schedules, pad prompt 16 px on 224 px
+    inputs, global threshold: base.py's.
+"""
+
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.data.name = "oxford_iiit_pet"
+    config.data.batch_size = 64
+    config.data.eval_batch_size = 64
+    config.stage1.scores = base.optimizer("sgd", 0.05)
+    config.stage1.prompt = base.optimizer("sgd", 0.05)
+    return config
