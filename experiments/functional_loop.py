@@ -28,11 +28,6 @@ from vpns_jax.models import create_model, functional
 SIZE = 32
 
 
-def class_split(split: str, classes: range, limit: int, data_dir: str | None) -> pipeline.ClassSubset:
-    """Fashion-MNIST examples of ``classes`` (relabelled from 0), the first ``limit`` of them."""
-    return pipeline.ClassSubset(pipeline.open_split("fashion_mnist", split, data_dir), classes, limit)
-
-
 def as_jax(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {key: jnp.asarray(value) for key, value in batch.items()}
 
@@ -52,19 +47,21 @@ def main() -> None:
     # 1. A dense source model, pretrained on classes 0-4.
     model = create_model("resnet18", num_classes=5, width=0.25, stem="imagenet", rngs=nnx.Rngs(0))
     graphdef, weights, batch_stats = functional.split_model(model)
-    source = pipeline.BatchStream(class_split("train", range(0, 5), 10_000, args.data_dir), view="augmented",
+    source = pipeline.BatchStream(pipeline.open_subset("fashion_mnist", "train", args.data_dir, classes=range(0, 5)), view="augmented",
                                   global_batch_size=args.batch_size, image_size=SIZE, seed=0)
     tx = optax.sgd(0.05, momentum=0.9)
     state = dense.init_dense_state(weights, batch_stats, tx, label_map=label_mapping.identity_mapping(5),
-                                   rng=jax.random.key(0))
+                                   rng=jax.random.PRNGKey(0))
     for _ in range(args.pretrain_steps):
         state, metrics = dense.dense_train_step(state, as_jax(next(source)), graphdef=graphdef, tx=tx)
     print(f"source pretraining: loss {float(metrics['loss']):.3f}")
 
     # 2. Scores, a zero pad prompt, and the static spec of both stages.
-    train = class_split("train", range(5, 10), args.train_images, args.data_dir)
+    train = pipeline.open_subset("fashion_mnist", "train", args.data_dir, classes=range(5, 10),
+                                  limit=args.train_images)
     clean, augmented = pipeline.training_streams(train, global_batch_size=args.batch_size, image_size=SIZE, seed=1)
-    test = pipeline.eval_stream(class_split("test", range(5, 10), args.test_images, args.data_dir),
+    test = pipeline.eval_stream(pipeline.open_subset("fashion_mnist", "test", args.data_dir, classes=range(5, 10),
+                                                     limit=args.test_images),
                                 global_batch_size=args.batch_size, image_size=SIZE)
     scores = masking.init_scores(state.weights, functional.leaf_kinds(model))
     prompt_spec = prompts.PromptSpec("pad", input_size=SIZE, output_size=SIZE, pad_size=4)
@@ -77,7 +74,7 @@ def main() -> None:
                                 epochs={1: epochs, 2: epochs}, iterations_per_epoch=per_epoch)
     vpns = steps.init_state(spec, weights=state.weights, batch_stats=state.batch_stats, scores=scores,
                             prompt=prompt, density=args.density, label_map=label_mapping.identity_mapping(5),
-                            rng=jax.random.key(1))
+                            rng=jax.random.PRNGKey(1))
 
     # 3. Frequency label mapping through the initial mask and the zero prompt.
     counts = sum(steps.source_prediction_counts(vpns, as_jax(b), spec=spec, num_target=5)

@@ -145,3 +145,15 @@ def test_class_subset_keeps_and_relabels_the_chosen_classes_in_order():
     assert len(subset) == 6
     assert [int(subset[i]["image"][0, 0, 0]) for i in range(6)] == [1, 3, 6, 8, 11, 13]
     assert [subset[i]["label"] for i in range(6)] == [1, 0, 1, 0, 1, 0]
+
+
+def test_label_scan_and_class_subset_on_real_fashion_mnist(fashion_data_dir):
+    labels = pipeline.read_labels("fashion_mnist", "test", fashion_data_dir)
+    source = pipeline.open_split("fashion_mnist", "test", fashion_data_dir)
+    assert len(labels) == len(source) == 10_000
+    assert [int(source[i]["label"]) for i in range(50)] == labels[:50].tolist()
+    subset = pipeline.open_subset("fashion_mnist", "test", fashion_data_dir, classes=(9, 5), limit=30)
+    expected = [i for i, label in enumerate(labels) if label in (9, 5)][:30]
+    assert len(subset) == 30
+    assert [subset[i]["label"] for i in range(30)] == [0 if labels[i] == 9 else 1 for i in expected]
+    np.testing.assert_array_equal(subset[3]["image"], source[expected[3]]["image"])

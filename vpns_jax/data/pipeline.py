@@ -29,11 +29,14 @@ VIEWS = ("clean", "augmented")
 PAD_LABEL = -1
 
 
-def open_split(name: str, split: str, data_dir: str | None = None) -> Sequence[dict[str, Any]]:
+def open_split(
+    name: str, split: str, data_dir: str | None = None, *, labels_only: bool = False
+) -> Sequence[dict[str, Any]]:
     """Random-access examples ({'image': uint8 HWC, 'label': int, ...}) of a prepared split.
 
     Fails at once, without touching the network, if the dataset is not prepared
-    under ``data_dir`` or was prepared as TFRecord.
+    under ``data_dir`` or was prepared as TFRecord. ``labels_only`` leaves every
+    other feature undecoded (bytes), for fast label scans.
     """
     import vpns_jax.data.builders  # noqa: F401  (registers our TFDS builders)
 
@@ -49,23 +52,41 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> Sequence[d
     *config, version = relative.parts
     identifier = "/".join([spec.tfds_name, *config]) + f":{version}"
     builder = tfds.builder(identifier, data_dir=str(registry.resolve_data_dir(data_dir)))
-    if formats[0] == "array_record":
-        return builder.as_data_source(split)
-    return builder.as_data_source(split, file_format="array_record")  # a converted alternative
+    options: dict[str, Any] = {}
+    if labels_only:
+        options["decoders"] = {key: tfds.decode.SkipDecoding() for key in builder.info.features if key != "label"}
+    if formats[0] != "array_record":
+        options["file_format"] = "array_record"  # a converted alternative
+    return builder.as_data_source(split, **options)
+
+
+def read_labels(name: str, split: str, data_dir: str | None = None) -> np.ndarray:
+    """Every label of a prepared split, in order, without decoding images (batched reads)."""
+    source = open_split(name, split, data_dir, labels_only=True)
+    labels = []
+    for start in range(0, len(source), 4096):
+        keys = list(range(start, min(start + 4096, len(source))))
+        labels += [int(example["label"]) for example in source.__getitems__(keys)]
+    return np.asarray(labels, np.int64)
 
 
 class ClassSubset(Sequence):
     """The examples of ``classes`` only (the first ``limit`` of them), relabelled 0..len(classes)-1 in order.
 
     For class splits of one dataset, e.g. a source task on Fashion-MNIST classes
-    0-4 and a target task on 5-9. Reading the labels decodes every example once.
+    0-4 and a target task on 5-9. Pass ``labels`` (e.g. from ``read_labels``) to
+    avoid decoding every example to find them.
     """
 
-    def __init__(self, source: Sequence[dict[str, Any]], classes: Sequence[int], limit: int | None = None):
+    def __init__(self, source: Sequence[dict[str, Any]], classes: Sequence[int], limit: int | None = None,
+                 labels: Sequence[int] | None = None):
         relabel = {int(c): new for new, c in enumerate(classes)}
-        labels = [int(source[i]["label"]) for i in range(len(source))]
+        if labels is None:
+            labels = [int(source[i]["label"]) for i in range(len(source))]
+        elif len(labels) != len(source):
+            raise ValueError(f"{len(labels)} labels for a source of {len(source)} examples")
         self.indices = [i for i, label in enumerate(labels) if label in relabel][:limit]
-        self.labels = [relabel[labels[i]] for i in self.indices]
+        self.labels = [relabel[int(labels[i])] for i in self.indices]
         self.source = source
 
     def __len__(self) -> int:
@@ -73,6 +94,17 @@ class ClassSubset(Sequence):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.source[self.indices[index]], "label": self.labels[index]}
+
+
+def open_subset(name: str, split: str, data_dir: str | None = None, *, classes: Sequence[int] = (),
+                limit: int = 0) -> Sequence[dict[str, Any]]:
+    """A prepared split, restricted to ``classes`` (relabelled 0..k-1) and to its first ``limit`` examples
+    when either is given (0 / () = all)."""
+    source = open_split(name, split, data_dir)
+    if not (classes or limit):
+        return source
+    classes = classes or range(registry.get_dataset_spec(name).num_classes)
+    return ClassSubset(source, classes, limit or None, labels=read_labels(name, split, data_dir))
 
 
 class BatchStream:
