@@ -47,7 +47,7 @@ def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: 
     tx = optim.group_transform(optim.GroupOptimizer("sgd", 0.01), lambda _: 0.01)
     # Copies: the step donates its state, and callers may keep using the model's arrays.
     state = dense.init_dense_state(jax.tree.map(jnp.copy, weights), jax.tree.map(jnp.copy, batch_stats), tx,
-                                   label_map=label_mapping.identity_mapping(10), rng=jax.random.key(0))
+                                   label_map=label_mapping.identity_mapping(10), rng=jax.random.PRNGKey(0))
 
     def call():
         nonlocal state
@@ -80,7 +80,7 @@ def main() -> None:
                                 epochs={1: 30, 2: 30}, iterations_per_epoch=100)
     # Copies: the steps donate their state; the model keeps its own arrays.
     state = steps.init_state(spec, weights=jax.tree.map(jnp.copy, weights), batch_stats=jax.tree.map(jnp.copy, batch_stats), scores=scores,
-                             prompt=prompt, density=args.density, label_map=label_map, rng=jax.random.key(1))
+                             prompt=prompt, density=args.density, label_map=label_map, rng=jax.random.PRNGKey(1))
 
     def stage_call(stage):
         def call():

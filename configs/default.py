@@ -1,4 +1,4 @@
-"""The offline default: VPNs on real data that is available without network, in about 5 minutes on 2 CPU cores.
+"""The offline default: VPNs on real data that is available without network, in about 3 minutes on 2 CPU cores.
 
     python -m vpns_jax.main --config=configs/default.py --workdir=workdir/default
 

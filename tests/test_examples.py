@@ -5,18 +5,14 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FASHION_MNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (make data)")
-def test_functional_loop_example_runs(tmp_path):
+def test_functional_loop_example_runs(fashion_data_dir):
     result = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "functional_loop.py"), "--density", "0.1",
          "--pretrain_steps", "4", "--iterations", "3", "--batch_size", "32",
-         "--train_images", "128", "--test_images", "96", "--data_dir", str(tmp_path)],
+         "--train_images", "128", "--test_images", "96", "--data_dir", fashion_data_dir],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]

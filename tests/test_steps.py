@@ -54,7 +54,7 @@ def setup():
     labels = jnp.asarray(np.arange(BATCH) % NUM_TARGET, jnp.int32)
     batch = {"image": images, "label": labels}
     state = steps.init_state(spec, weights=weights, batch_stats=batch_stats, scores=scores, prompt=prompt,
-                             density=0.2, label_map=jnp.asarray([3, 1, 7, 0]), rng=jax.random.key(0))
+                             density=0.2, label_map=jnp.asarray([3, 1, 7, 0]), rng=jax.random.PRNGKey(0))
     return spec, state, batch
 
 

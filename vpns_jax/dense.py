@@ -28,7 +28,7 @@ class DenseState:
     weights: Params
     batch_stats: Params
     label_map: jax.Array
-    rng: jax.Array
+    rng: jax.Array  # a raw uint32 PRNG key (jax.random.PRNGKey), so checkpoints hold plain arrays
     opt_state: optax.OptState
 
 

@@ -60,7 +60,7 @@ class TrainState:
     prompt: Params  # {'program': (output_size, output_size, 3)}
     prune_k: jax.Array  # (groups,) int32: entries to prune per threshold group
     label_map: jax.Array  # (num_target,) int32: source logit index of each target class
-    rng: jax.Array
+    rng: jax.Array  # a raw uint32 PRNG key (jax.random.PRNGKey), so checkpoints hold plain arrays
     opt_state: optax.OptState
     masks: Params | None = None  # fixed masks in stage 2; None in stage 1 (derived from the scores)
 
