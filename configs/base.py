@@ -13,6 +13,13 @@ def optimizer(name: str, lr: float, weight_decay: float = 1e-4, momentum: float 
     return ml_collections.ConfigDict({"optimizer": name, "lr": lr, "weight_decay": weight_decay, "momentum": momentum})
 
 
+def use_everywhere(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict) -> None:
+    """Gives every parameter group of both stages the same optimiser (the authors' Flowers102/Cars scripts)."""
+    for stage, name in (("stage1", "scores"), ("stage1", "prompt"), ("stage2", "weights"), ("stage2", "bn"),
+                        ("stage2", "prompt")):
+        config[stage][name] = ml_collections.ConfigDict(group.to_dict())
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.method = "vpns"

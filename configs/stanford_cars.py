@@ -38,9 +38,5 @@ def get_config():
     config.data.name = "stanford_cars"
     config.data.batch_size = 128
     config.data.eval_batch_size = 128
-    config.stage1.scores = base.optimizer("adam", 1e-3)
-    config.stage1.prompt = base.optimizer("adam", 1e-3)
-    config.stage2.weights = base.optimizer("adam", 1e-3)
-    config.stage2.bn = base.optimizer("adam", 1e-3)
-    config.stage2.prompt = base.optimizer("adam", 1e-3)
+    base.use_everywhere(config, base.optimizer("adam", 1e-3))
     return config
