@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from vpns_jax import checkpoint, config_checks, dense, label_mapping, metrics, optim, parallel
+from vpns_jax import checkpoint, config_checks, dense, label_mapping, metrics, optim, parallel, pretrained
 from vpns_jax.data import pipeline, registry
 from vpns_jax.models import functional
 
@@ -26,21 +26,37 @@ SOURCE_FILE = "source_model.npz"
 
 
 def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params) -> tuple[Params, Params]:
-    """Weights and BatchNorm statistics from a .npz of {'weights': ..., 'batch_stats': ...} trees.
+    """Weights and BatchNorm statistics from a file, shaped like ``weights`` / ``batch_stats``.
 
-    Every tensor must match the model: a one-line error lists the missing, extra
-    and misshapen ones.
+    The file is a .npz of {'weights': ..., 'batch_stats': ...} trees (``checkpoint.save_arrays``,
+    e.g. from ``python -m vpns_jax.convert``), or a torchvision state dict: ``.pth``/``.pt``
+    (needs torch), ``.safetensors``, or an ``.npz`` keyed by torchvision names
+    (``pretrained.from_torchvision`` maps it). Every tensor must match the model: a
+    one-line error lists the missing, extra and misshapen ones.
     """
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"model.init_from {path} does not exist: give a .npz of vpns_jax weights")
-    loaded = checkpoint.load_arrays(path)
-    problems = []
-    for part, expected in (("weights", weights), ("batch_stats", batch_stats)):
-        problems += _mismatches(part, expected, loaded.get(part, {}))
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise ValueError(f"{path} does not fit the model ({shown}): check model.name, width, stem and num_classes")
+        raise FileNotFoundError(
+            f"model.init_from {path} does not exist: give a .npz of vpns_jax weights or a torchvision "
+            ".pth/.pt/.safetensors/.npz state dict"
+        )
+    suffix = path.suffix.lower()
+    if suffix in pretrained.SUFFIXES and (suffix != ".npz" or pretrained.is_torchvision_npz(path)):
+        try:
+            loaded = dict(zip(("weights", "batch_stats"),
+                              pretrained.from_torchvision(pretrained.read_state_dict(path), weights, batch_stats)))
+        except ValueError as error:
+            raise ValueError(f"{path} (a torchvision state dict): {error}") from None
+    else:
+        loaded = checkpoint.load_arrays(path)
+        problems = []
+        for part, expected in (("weights", weights), ("batch_stats", batch_stats)):
+            problems += _mismatches(part, expected, loaded.get(part, {}))
+        if problems:
+            shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+            raise ValueError(
+                f"{path} does not fit the model ({shown}): check model.name, width, stem and num_classes"
+            )
     cast = lambda tree, like: jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), tree, like)  # noqa: E731
     return cast(loaded["weights"], weights), cast(loaded["batch_stats"], batch_stats)
 

@@ -1,0 +1,157 @@
+"""python -m vpns_jax.convert and model.init_from with torchvision files, on the committed fixtures."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.test_pretrained import FIXTURES, ROOT, TOLERANCE, load_fixture, run, templates
+from vpns_jax import checkpoint, convert, source_model
+
+
+def _fixture(prefix: str) -> dict:
+    return load_fixture(next(path for path in FIXTURES if path.name.startswith(prefix)))
+
+
+def _args(fixture: dict, input_path: pathlib.Path, output_path: pathlib.Path, *extra: str) -> list[str]:
+    return [
+        f"--model={fixture['model']}", f"--input={input_path}", f"--output={output_path}",
+        f"--num_classes={fixture['num_classes']}", f"--width={fixture['width']!r}", f"--stem={fixture['stem']}",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("prefix", ["resnet18_w0.0625_cifar", "vgg16_w"])
+def test_converted_file_loads_and_reproduces_the_logits(prefix: str, tmp_path: pathlib.Path, capsys) -> None:
+    fixture = _fixture(prefix)
+    state_dict = fixture["state_dict"]
+    source = tmp_path / "torchvision.npz"
+    np.savez(source, **state_dict)
+    output = tmp_path / "ours.npz"
+    assert convert.main(_args(fixture, source, output)) == 0
+
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    kept = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    params = sum(math.prod(v.shape) for k, v in kept.items() if not k.endswith(("running_mean", "running_var")))
+    assert captured.out.startswith(f"wrote {output}: {len(kept)} tensors (")
+    assert f" with {params:,} parameters, " in captured.out
+    assert captured.out.count("\n") == 1
+
+    # The file is ours ({'weights', 'batch_stats'}), and init_from takes it.
+    assert set(checkpoint.load_arrays(output)) == {"weights", "batch_stats"}
+    graphdef, weights_t, stats_t = templates(fixture)
+    weights, batch_stats = source_model.load_weights(output, weights_t, stats_t)
+    assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= TOLERANCE
+
+
+def test_init_from_takes_torchvision_files_directly(tmp_path: pathlib.Path) -> None:
+    from safetensors.numpy import save_file
+
+    fixture = _fixture("resnet50_w")
+    state_dict = fixture["state_dict"]
+    np.savez(tmp_path / "resnet50.npz", **state_dict)
+    save_file(state_dict, str(tmp_path / "resnet50.safetensors"))
+    paths = [tmp_path / "resnet50.npz", tmp_path / "resnet50.safetensors"]
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, tmp_path / "resnet50.pth")
+        paths.append(tmp_path / "resnet50.pth")
+    graphdef, weights_t, stats_t = templates(fixture)
+    for path in paths:
+        weights, batch_stats = source_model.load_weights(path, weights_t, stats_t)
+        assert weights["fc"]["kernel"].dtype == np.float32
+        assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= TOLERANCE
+
+
+def test_init_from_torchvision_file_of_another_width_names_the_file(tmp_path: pathlib.Path) -> None:
+    fixture = _fixture("resnet18_w0.125_imagenet")
+    np.savez(tmp_path / "r18.npz", **fixture["state_dict"])
+    narrower = _fixture("resnet18_w0.0625_cifar")
+    _, weights_t, stats_t = templates(narrower)
+    with pytest.raises(ValueError) as info:
+        source_model.load_weights(tmp_path / "r18.npz", weights_t, stats_t)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'r18.npz'} (a torchvision state dict): the state dict does not fit")
+    assert "conv1.weight has shape (8, 3, 7, 7), the model needs (4, 3, 3, 3)" in message
+    assert "\n" not in message
+
+
+def test_refuses_to_overwrite(tmp_path: pathlib.Path, capsys) -> None:
+    fixture = _fixture("vgg16_w")
+    source = tmp_path / "vgg16.npz"
+    np.savez(source, **fixture["state_dict"])
+    output = tmp_path / "out.npz"
+    output.write_bytes(b"keep me")
+    assert convert.main(_args(fixture, source, output)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {output} exists; pass --overwrite to replace it\n"
+    assert output.read_bytes() == b"keep me"
+
+    assert convert.main(_args(fixture, source, output, "--overwrite")) == 0
+    assert set(checkpoint.load_arrays(output)) == {"weights", "batch_stats"}
+
+
+def test_wrong_model_is_one_line_and_writes_nothing(tmp_path: pathlib.Path) -> None:
+    fixture = _fixture("vgg16_w")
+    source = tmp_path / "vgg16.npz"
+    np.savez(source, **fixture["state_dict"])
+    output = tmp_path / "out.npz"
+    args = _args(fixture, source, output)
+    args[0] = "--model=resnet19"
+    result = subprocess.run([sys.executable, "-m", "vpns_jax.convert", *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "error: unknown model 'resnet19'; valid models: ('resnet18', 'resnet50', 'vgg16', 'vgg16_bn')\n"
+    )
+    assert not output.exists()
+
+
+def test_mismatched_settings_and_usage_errors_are_one_line(tmp_path: pathlib.Path, capsys) -> None:
+    fixture = _fixture("resnet18_w0.0625_cifar")
+    source = tmp_path / "r18.npz"
+    np.savez(source, **fixture["state_dict"])
+    output = tmp_path / "out.npz"
+
+    assert convert.main(_args(fixture, source, output)[:-1] + ["--stem=imagenet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"error: {source} as resnet18 (width 0.0625, stem imagenet, 10 classes)")
+    assert "conv1.weight has shape (4, 3, 3, 3), the model needs (4, 3, 7, 7)" in err
+    assert "check the model name, width, stem and num_classes" in err
+
+    assert convert.main(_args(fixture, source, tmp_path / "out.bin")) == 2
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'out.bin'} must end in .npz\n"
+
+    assert convert.main(_args(fixture, tmp_path / "absent.pth", output)) == 2
+    assert re.fullmatch(r"error: \S+absent\.pth does not exist\n", capsys.readouterr().err)
+
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--model=resnet18", f"--output={output}"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: --input (see --help)\n"
+    assert not output.exists()
+
+
+def test_init_from_our_npz_of_another_width_keeps_its_message(tmp_path: pathlib.Path) -> None:
+    fixture = _fixture("resnet18_w0.125_imagenet")
+    source = tmp_path / "r18.npz"
+    np.savez(source, **fixture["state_dict"])
+    assert convert.main(_args(fixture, source, tmp_path / "ours.npz")) == 0
+    _, weights_t, stats_t = templates(_fixture("resnet18_w0.0625_cifar"))
+    with pytest.raises(ValueError) as info:
+        source_model.load_weights(tmp_path / "ours.npz", weights_t, stats_t)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'ours.npz'} does not fit the model (weights/bn1.bias has shape (8,)")
+    assert "weights/conv1.kernel has shape (7, 7, 3, 8), the model needs (3, 3, 3, 4);" in message
+    assert message.endswith("and 95 more): check model.name, width, stem and num_classes")

@@ -1,0 +1,107 @@
+"""Converts torchvision weights to a vpns_jax .npz.
+
+    python -m vpns_jax.convert --model=resnet18 --input=resnet18-f37072fd.pth --output=resnet18.npz \\
+        [--num_classes=1000] [--width=1.0] [--stem=imagenet] [--overwrite] [--verbose]
+
+The input is a torchvision state dict: ``.pth``/``.pt`` (needs torch; loaded
+with ``weights_only=True``), ``.safetensors`` or ``.npz`` (torchvision names as
+keys). The output holds {'weights', 'batch_stats'} as ``checkpoint.save_arrays``
+writes them, ready for ``--config.model.init_from``. (``init_from`` also takes
+the torchvision file directly; converting once saves reading it every run and
+checks it against the model up front.) Errors are one line (exit status 2)
+unless ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+import traceback
+from typing import NoReturn
+
+from vpns_jax import pretrained
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Usage mistakes as one line, like every other error of this command."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m vpns_jax.convert", description="Converts torchvision weights to a vpns_jax .npz.")
+    parser.add_argument("--model", required=True, help="resnet18, resnet50, vgg16 or vgg16_bn")
+    parser.add_argument("--input", required=True, help="torchvision state dict: .pth, .pt, .safetensors or .npz")
+    parser.add_argument("--output", required=True, help="the .npz to write")
+    parser.add_argument("--num_classes", type=int, default=1000, help="classes of the checkpoint's classifier")
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier of the checkpoint's model")
+    parser.add_argument("--stem", default="imagenet", help="'imagenet' (torchvision) or 'cifar' (ResNets only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def convert(
+    model: str,
+    input_path: str | pathlib.Path,
+    output_path: str | pathlib.Path,
+    *,
+    num_classes: int = 1000,
+    width: float = 1.0,
+    stem: str = "imagenet",
+    overwrite: bool = False,
+) -> str:
+    """Writes ``output_path`` from the torchvision file ``input_path``; returns a one-line summary."""
+    from flax import nnx, traverse_util
+
+    from vpns_jax import checkpoint
+    from vpns_jax.models import create_model, functional
+
+    output_path = pathlib.Path(output_path).expanduser()
+    if output_path.suffix.lower() != ".npz":
+        raise ValueError(f"--output {output_path} must end in .npz")
+    if output_path.exists() and not overwrite:
+        raise FileExistsError(f"{output_path} exists; pass --overwrite to replace it")
+    if num_classes < 1 or not width > 0:
+        raise ValueError(f"--num_classes must be >= 1 and --width > 0, got {num_classes} and {width}")
+    # Shapes only: nothing is initialised.
+    abstract = nnx.eval_shape(
+        lambda: create_model(model, num_classes=num_classes, width=width, stem=stem, rngs=nnx.Rngs(0))
+    )
+    _, weights_template, stats_template = functional.split_model(abstract)
+    state_dict = pretrained.read_state_dict(input_path)
+    try:
+        weights, batch_stats = pretrained.from_torchvision(state_dict, weights_template, stats_template)
+    except ValueError as error:
+        settings = f"width {width:g}, stem {stem}, {num_classes} classes"
+        raise ValueError(f"{input_path} as {model} ({settings}): {error}") from None
+    checkpoint.save_arrays(output_path, {"weights": weights, "batch_stats": batch_stats})
+    flat_weights = traverse_util.flatten_dict(weights)
+    flat_stats = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
+    params = sum(math.prod(a.shape) for a in flat_weights.values())
+    return (
+        f"wrote {output_path}: {len(flat_weights) + len(flat_stats)} tensors "
+        f"({len(flat_weights)} weights with {params:,} parameters, {len(flat_stats)} BatchNorm statistics) "
+        f"from {len(state_dict)} state-dict tensors of {input_path}, for {model} "
+        f"(width {width:g}, stem {stem}, {num_classes} classes)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        print(convert(args.model, args.input, args.output, num_classes=args.num_classes, width=args.width,
+                      stem=args.stem, overwrite=args.overwrite))
+    except Exception as error:  # noqa: BLE001 - every failure is reported as one line unless --verbose
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
