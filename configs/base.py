@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.width = 1.0
     config.model.stem = "imagenet"
     config.model.num_classes = 1000  # the source head that label mapping reads
-    config.model.init_from = ""  # a .npz of vpns_jax weights (e.g. converted torchvision ImageNet weights)
+    config.model.init_from = ""  # a torchvision .pth/.safetensors state dict, or a vpns_jax .npz (vpns_jax.convert)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "cifar10"

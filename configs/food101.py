@@ -16,7 +16,8 @@ Needs:
     python -m vpns_jax.data.prepare --dataset=food101 --download, once on a machine with network
     and tensorflow-cpu, or copy an already prepared TFDS directory there.
   * ImageNet-pretrained ResNet-18 weights (torchvision IMAGENET1K_V1, as the authors used)
-    converted to a vpns_jax .npz, passed as --config.model.init_from=PATH.
+    passed as --config.model.init_from=PATH: the torchvision .pth itself (e.g. resnet18-f37072fd.pth)
+    or the .npz that python -m vpns_jax.convert writes from it.
 
 Values: all of base.py's, which are the authors' defaults (vpns-method.md section 4) and what
 their Food-101 launch script uses: batch 256 (get_model_dataset.py), 30 + 30 epochs, scores and

@@ -18,7 +18,8 @@ Needs:
     once on a machine with network and tensorflow-cpu, or copy an already prepared TFDS directory
     there.
   * ImageNet-pretrained ResNet-18 weights (torchvision IMAGENET1K_V1, as the authors used)
-    converted to a vpns_jax .npz, passed as --config.model.init_from=PATH.
+    passed as --config.model.init_from=PATH: the torchvision .pth itself (e.g. resnet18-f37072fd.pth)
+    or the .npz that python -m vpns_jax.convert writes from it.
 
 Values:
   * batch 64 (training and evaluation): the authors' OxfordPets batch size in

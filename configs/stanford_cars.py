@@ -17,7 +17,8 @@ Needs:
     of the Stanford Cars archives (see the TFDS cars196 page), then copy the prepared cars196/
     directory into the data dir.
   * ImageNet-pretrained ResNet-18 weights (torchvision IMAGENET1K_V1, as the authors used)
-    converted to a vpns_jax .npz, passed as --config.model.init_from=PATH.
+    passed as --config.model.init_from=PATH: the torchvision .pth itself (e.g. resnet18-f37072fd.pth)
+    or the .npz that python -m vpns_jax.convert writes from it.
 
 Values:
   * batch 128 (training and evaluation): the authors' StanfordCars batch size in

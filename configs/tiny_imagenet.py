@@ -16,7 +16,8 @@ Needs:
     (http://cs231n.stanford.edu/tiny-imagenet-200.zip) or its extracted tiny-imagenet-200/ folder
     in a folder and run python -m vpns_jax.data.prepare --dataset=tiny_imagenet --manual_dir=FOLDER.
   * ImageNet-pretrained ResNet-18 weights (torchvision IMAGENET1K_V1, as the authors used)
-    converted to a vpns_jax .npz, passed as --config.model.init_from=PATH.
+    passed as --config.model.init_from=PATH: the torchvision .pth itself (e.g. resnet18-f37072fd.pth)
+    or the .npz that python -m vpns_jax.convert writes from it.
 
 Values: all of base.py's, which are the authors' defaults (vpns-method.md section 4) and what
 their ResNet-18 Tiny-ImageNet launch script uses: batch 256 (get_model_dataset.py), 30 + 30

@@ -30,7 +30,7 @@ from vpns_jax.models import functional
 
 Params = dict[Any, Any]
 # Fixed fold-in for the evaluation-time key, apart from the training keys (stage, step).
-_EVAL_SEED = 0x7FFFFFFF
+EVAL_SEED = 0x7FFFFFFF
 Batch = dict[str, jax.Array]  # {'image': (B, H, W, 3) float in [0, 1], 'label': (B,) int}
 
 
@@ -207,11 +207,16 @@ def train_iteration(
     return state.replace(step=state.step + 1), metrics
 
 
+def eval_prompt_key(rng: jax.Array) -> jax.Array:
+    """The key of evaluation-time prompts (the 'random' kind's square), fixed per run."""
+    return jax.random.fold_in(rng, EVAL_SEED)
+
+
 def eval_logits(spec: StepSpec, state: TrainState, images: jax.Array, *, with_prompt: bool) -> jax.Array:
     """Eval-mode source logits (BatchNorm running statistics) through the masks in force."""
     weights = masking.apply_masks(state.weights, masks_in_force(spec, state))
     if with_prompt:
-        x = prompts.apply_prompt(spec.prompt, state.prompt, images, key=jax.random.fold_in(state.rng, _EVAL_SEED))
+        x = prompts.apply_prompt(spec.prompt, state.prompt, images, key=eval_prompt_key(state.rng))
     else:
         x = plain_inputs(spec, images)
     logits, _ = functional.apply_model(spec.graphdef, weights, state.batch_stats, x, train=False)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vpns_jax import checkpoint, config_checks, label_mapping, masking, metrics, optim, parallel, prompts, source_model, steps
+from vpns_jax import checkpoint, config_checks, export, label_mapping, masking, metrics, optim, parallel, prompts, source_model, steps
 from vpns_jax.data import pipeline, prepare, registry
 from vpns_jax.models import create_model, functional
 
@@ -113,6 +113,7 @@ class Run:
                                   stem=config.model.stem, rngs=nnx.Rngs(config.seed))
         self.prompt_spec = prompts.PromptSpec(**config.prompt.to_dict())
         self.iterations_per_epoch = self.clean.batches_per_epoch
+        self.class_names = export.dataset_class_names(config.data.name, data_dir, config.data.classes, self.num_target)
 
     def _initial_weights(self, writer: metrics.MetricsWriter):
         config = self.config
@@ -123,7 +124,8 @@ class Run:
             return source_model.pretrain(config, self.workdir, self.model, self.mesh, writer)
         raise config_checks.ConfigError(
             "model.init_from is empty and source.enabled is False: VPNs prunes a pretrained model; give "
-            "--config.model.init_from=PATH (.npz of vpns_jax weights) or enable source pretraining"
+            "--config.model.init_from=PATH (a torchvision .pth/.safetensors state dict or a vpns_jax .npz) or enable "
+            "source pretraining"
         )
 
     def _spec(self, scores, prompt) -> steps.StepSpec:
@@ -285,6 +287,16 @@ class Run:
                                "prompt": state.prompt, "label_map": {"label_map": state.label_map}})
         for name, tree in host.items():
             checkpoint.save_arrays(folder / f"{name}.npz", tree)
+        config = self.config
+        # overwrite: a run killed after this save but before its checkpoint redoes the density's save.
+        export.export_subnetwork(
+            folder / "subnetwork.npz", model_name=config.model.name, num_classes=config.model.num_classes,
+            width=config.model.width, stem=config.model.stem, weights=host["weights"],
+            batch_stats=host["batch_stats"], masks=host["masks"], prompt_spec=self.prompt_spec,
+            prompt=host["prompt"], label_map=host["label_map"]["label_map"],
+            eval_with_prompt=config.eval.with_prompt, class_names=self.class_names,
+            rng=jax.device_get(state.rng), overwrite=True,
+        )
 
 
 def format_results(results: list[dict[str, Any]]) -> str:

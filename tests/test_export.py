@@ -1,0 +1,313 @@
+"""The one-file subnetwork export: exact round trip of W * m, logits as evaluation computes them, sizes, bad files."""
+
+import functools
+import json
+import math
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from vpns_jax import export, label_mapping, masking, prompts, steps
+from vpns_jax.models import create_model, functional
+
+SPEC = prompts.PromptSpec("pad", input_size=32, output_size=32, pad_size=4)
+LABEL_MAP = np.array([7, 2, 9, 0], np.int32)
+CLASS_NAMES = ["cat", "ship", "truck", "plane"]
+WIDTH = 1 / 16
+
+
+def random_model(stem, seed=0):
+    """(graphdef, weights, batch_stats, scores, prompt) of a tiny ResNet-18, every leaf random.
+
+    Values from numpy on the model's abstract shapes: initialising the model eagerly compiles one
+    op per leaf shape, about 20 s on two cores.
+    """
+    model = nnx.eval_shape(lambda: create_model("resnet18", num_classes=10, width=WIDTH, stem=stem, rngs=nnx.Rngs(0)))
+    graphdef, weights, batch_stats = functional.split_model(model)
+    kinds = functional.leaf_kinds(model)
+    rng = np.random.default_rng(seed)
+
+    def weight(path, leaf):
+        kind = traverse_util.flatten_dict(kinds)[path]
+        if kind == functional.BN:
+            return rng.normal(1.0 if path[-1] == "scale" else 0.0, 0.2, leaf.shape)
+        if kind == functional.BIAS:
+            return rng.normal(0.0, 0.1, leaf.shape)
+        return rng.normal(0.0, math.sqrt(2.0 / math.prod(leaf.shape[:-1])), leaf.shape)  # He init on fan-in
+
+    def stat(path, leaf):
+        return rng.normal(0.0, 0.1, leaf.shape) if path[-1] == "mean" else rng.uniform(0.5, 2.0, leaf.shape)
+
+    def fill(tree, value):
+        flat = traverse_util.flatten_dict(tree)
+        return traverse_util.unflatten_dict({p: jnp.asarray(value(p, leaf), jnp.float32) for p, leaf in flat.items()})
+
+    weights, batch_stats = fill(weights, weight), fill(batch_stats, stat)
+    scores = jax.jit(lambda w: masking.init_scores(w, kinds))(weights)  # jitted: one compile, not one per leaf
+    prompt = {"program": jnp.asarray(rng.normal(0, 0.3, (32, 32, 3)), jnp.float32)}
+    return graphdef, weights, batch_stats, scores, prompt
+
+
+_model = functools.lru_cache(maxsize=None)(random_model)
+
+
+_masks_from_scores = jax.jit(masking.masks_from_scores)
+
+
+def _masks(stem, density):
+    scores = _model(stem)[3]
+    return _masks_from_scores(scores, jnp.asarray(masking.prune_counts(scores, density)))
+
+
+def _export(path, stem="cifar", density=0.1, eval_with_prompt=False, class_names=None, **kwargs):
+    _, weights, batch_stats, _, prompt = _model(stem)
+    return export.export_subnetwork(
+        path, model_name="resnet18", num_classes=10, width=WIDTH, stem=stem, weights=weights,
+        batch_stats=batch_stats, masks=_masks(stem, density), prompt_spec=SPEC, prompt=prompt, label_map=LABEL_MAP,
+        eval_with_prompt=eval_with_prompt, class_names=class_names, **kwargs,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _evaluate(graphdef, with_prompt, weights, masks, batch_stats, prompt, images, rng):
+    """The evaluation's computation, in memory: masked weights, prompt or normalise, eval-mode model, label map."""
+    masked = masking.apply_masks(weights, masks)
+    if with_prompt:
+        x = prompts.apply_prompt(SPEC, prompt, images, key=steps.eval_prompt_key(rng))
+    else:
+        x = prompts.normalize(images)
+    logits, _ = functional.apply_model(graphdef, masked, batch_stats, x, train=False)
+    return label_mapping.map_logits(logits, LABEL_MAP)
+
+
+def _reference_logits(stem, density, images, with_prompt, rng=jax.random.PRNGKey(0)):
+    graphdef, weights, batch_stats, _, prompt = _model(stem)
+    masks = _masks(stem, density)
+    return np.asarray(_evaluate(graphdef, with_prompt, weights, masks, batch_stats, prompt, images, rng))
+
+
+IMAGES = np.random.default_rng(1).uniform(0, 1, (6, 32, 32, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("stem, density, with_prompt", [
+    ("cifar", 0.5, False), ("cifar", 0.5, True), ("cifar", 0.1, False), ("imagenet", 0.1, True),
+])
+def test_logits_match_the_in_memory_evaluation(tmp_path, stem, density, with_prompt):
+    _export(tmp_path / "sub.npz", stem=stem, density=density, eval_with_prompt=with_prompt)
+    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    got = np.asarray(sub.logits(IMAGES))
+    want = _reference_logits(stem, density, IMAGES, with_prompt)
+    assert got.shape == (6, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # The prompt really is (or is not) applied: the other path gives clearly different logits.
+    other = _reference_logits(stem, density, IMAGES, not with_prompt)
+    assert np.max(np.abs(other - want)) > 1e-2
+    np.testing.assert_array_equal(sub.predict(IMAGES), np.argmax(want, axis=-1))
+    probabilities = sub.probabilities(IMAGES)
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, rtol=1e-5)
+
+
+def test_random_prompt_uses_the_runs_key(tmp_path):
+    """The 'random' prompt draws its square from fold_in(run rng, eval seed), as evaluation does."""
+    spec = prompts.PromptSpec("random", input_size=32, output_size=32, mask_size=8)
+    _, weights, batch_stats, _, prompt = _model("cifar")
+    rng = jax.random.PRNGKey(42)
+    export.export_subnetwork(
+        tmp_path / "sub.npz", model_name="resnet18", num_classes=10, width=WIDTH, stem="cifar", weights=weights,
+        batch_stats=batch_stats, masks=_masks("cifar", 0.5), prompt_spec=spec, prompt=prompt, label_map=LABEL_MAP,
+        eval_with_prompt=True, rng=rng,
+    )
+    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    graphdef = _model("cifar")[0]
+    masked = masking.apply_masks(weights, _masks("cifar", 0.5))
+    x = prompts.apply_prompt(spec, prompt, IMAGES, key=steps.eval_prompt_key(rng))
+    want = label_mapping.map_logits(functional.apply_model(graphdef, masked, batch_stats, x, train=False)[0], LABEL_MAP)
+    np.testing.assert_allclose(np.asarray(sub.logits(IMAGES)), np.asarray(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(sub.rng, np.asarray(rng))
+
+
+def test_round_trip_is_exact(tmp_path):
+    _export(tmp_path / "sub.npz", density=0.1, eval_with_prompt=True, class_names=CLASS_NAMES)
+    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    _, weights, batch_stats, _, prompt = _model("cifar")
+    masks = traverse_util.flatten_dict(_masks("cifar", 0.1))
+    flat_weights = traverse_util.flatten_dict(weights)
+    got_weights = traverse_util.flatten_dict(sub.weights)
+    got_masks = traverse_util.flatten_dict(sub.masks)
+    assert set(got_weights) == set(flat_weights) and set(got_masks) == set(masks)
+    assert len(masks) == 21  # 20 convs (3 of them 1x1 downsamples) and the fc
+    kept = 0
+    for path, weight in flat_weights.items():
+        if path in masks:
+            np.testing.assert_array_equal(np.asarray(got_weights[path]), np.asarray(weight * masks[path]))
+            np.testing.assert_array_equal(np.asarray(got_masks[path]), np.asarray(masks[path]))
+            assert np.all(np.asarray(got_weights[path])[np.asarray(masks[path]) == 0] == 0)
+            kept += int(np.asarray(masks[path]).sum())
+        else:
+            np.testing.assert_array_equal(np.asarray(got_weights[path]), np.asarray(weight))
+    total = sum(math.prod(m.shape) for m in masks.values())
+    assert kept == total - int(0.9 * total)
+    for path, stat in traverse_util.flatten_dict(batch_stats).items():
+        np.testing.assert_array_equal(np.asarray(traverse_util.flatten_dict(sub.batch_stats)[path]), np.asarray(stat))
+    np.testing.assert_array_equal(np.asarray(sub.prompt["program"]), np.asarray(prompt["program"]))
+    np.testing.assert_array_equal(sub.label_map, LABEL_MAP)
+    assert sub.class_names == tuple(CLASS_NAMES)
+    assert sub.prompt_spec == SPEC and sub.eval_with_prompt is True
+    assert (sub.model_name, sub.num_classes, sub.width, sub.stem) == ("resnet18", 10, WIDTH, "cifar")
+    assert sub.meta["kept_fraction"] == pytest.approx(kept / total)
+    assert sub.meta["prunable_paths"][2] == ["layer1", 0, "conv1", "kernel"]
+
+
+def test_size_by_hand():
+    """A 10x10 kernel at density 0.1: 13 bytes of bitmask (100 bits) + 10 float32 values; the rest dense."""
+    keep = np.zeros(100, np.float32)
+    keep[[0, 7, 8, 15, 33, 50, 64, 71, 98, 99]] = 1
+    weights = {"conv": {"kernel": np.ones((10, 10), np.float32)},
+               "bn": {"scale": np.ones(10, np.float32), "bias": np.zeros(10, np.float32)}}
+    size = export.compute_size(weights, {"bn": {"mean": np.zeros(10), "var": np.ones(10)}},
+                               {"conv": {"kernel": keep.reshape(10, 10)}}, {"program": np.zeros((2, 2, 3))})
+    rest = 4 * (10 + 10 + 10 + 10 + 12)
+    assert (size.prunable_entries, size.kept_entries) == (100, 10)
+    assert (size.bitmask_bytes, size.values_bytes, size.rest_bytes) == (13, 40, rest)
+    assert size.dense_bytes == 400 + rest == 608
+    assert size.compressed_bytes == 13 + 40 + rest == 261
+    assert "(608 B) -> compressed 0.000 MiB (261 B) (2.33x smaller" in size.format()
+
+
+def test_export_size_matches_the_files_arrays(tmp_path):
+    sizes = {d: _export(tmp_path / f"sub_{d}.npz", density=d) for d in (0.5, 0.1)}
+    for density, size in sizes.items():
+        path = tmp_path / f"sub_{density}.npz"
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+        bits = sum(a.nbytes for n, a in arrays.items() if n.endswith("/bits"))
+        values = sum(a.nbytes for n, a in arrays.items() if n.endswith("/values"))
+        entries = sum(int(np.prod(a)) for n, a in arrays.items() if n.endswith("/shape"))
+        rest = sum(a.nbytes for n, a in arrays.items() if n.split("/")[0] in export.DENSE_GROUPS)
+        assert all(a.dtype == np.float32 for n, a in arrays.items() if n.endswith("/values"))
+        assert (size.bitmask_bytes, size.values_bytes, size.rest_bytes) == (bits, values, rest)
+        assert size.prunable_entries == entries and size.values_bytes == 4 * (entries - int((1 - density) * entries))
+        assert size.dense_bytes == 4 * entries + rest
+        assert size.file_bytes == os.path.getsize(path)
+        assert export.load_subnetwork(path).size == size
+    assert sizes[0.1].compressed_bytes < sizes[0.5].compressed_bytes < sizes[0.5].dense_bytes
+    assert sizes[0.1].compressed_bytes < 0.25 * sizes[0.1].dense_bytes
+    assert sizes[0.1].file_bytes < sizes[0.1].dense_bytes
+
+
+def _rewrite(path, edit):
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    edit(arrays)
+    np.savez(path, **arrays)
+
+
+def _meta_edit(**changes):
+    def edit(arrays):
+        meta = json.loads(arrays["meta"].tobytes())
+        meta.update(changes)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    return edit
+
+
+def _one_line_value_error(path, *fragments):
+    with pytest.raises(ValueError) as caught:
+        export.load_subnetwork(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_truncated_file_is_a_one_line_error(tmp_path):
+    _export(tmp_path / "sub.npz")
+    data = (tmp_path / "sub.npz").read_bytes()
+    for cut in (len(data) // 2, len(data) - 30):
+        (tmp_path / "cut.npz").write_bytes(data[:cut])
+        _one_line_value_error(tmp_path / "cut.npz", "not a readable vpns_jax subnetwork export")
+    (tmp_path / "text.npz").write_text("hello\n")
+    _one_line_value_error(tmp_path / "text.npz", "not a readable")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_meta_edit(format_version=2), "format version 2, this code reads version 1"),
+    (_meta_edit(format="something.else"), "does not say format"),
+    (lambda a: a.update(meta=np.frombuffer(b"{not json", np.uint8)), "not JSON"),
+    (lambda a: a.pop("meta"), "no 'meta' entry"),
+    (_meta_edit(model={"name": "resnet18", "num_classes": 10, "width": 0.125, "stem": "cifar"}), "shape"),
+    (lambda a: a.update({"kernels/fc/kernel/values": np.append(a["kernels/fc/kernel/values"], np.float32(1))}),
+     "'kernels/fc/kernel/values' is float32"),
+    (lambda a: a.pop("batch_stats/bn1/var"), "'batch_stats/bn1/var' is missing"),
+    (_meta_edit(label_map=[3, 11]), "does not fit a 10-class head"),
+])
+def test_foreign_or_corrupt_content_is_a_one_line_error(tmp_path, edit, fragment):
+    _export(tmp_path / "sub.npz")
+    _rewrite(tmp_path / "sub.npz", edit)
+    _one_line_value_error(tmp_path / "sub.npz", fragment)
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export.load_subnetwork(tmp_path / "absent.npz")
+
+
+def test_overwrite_is_refused_unless_asked(tmp_path):
+    path = tmp_path / "sub.npz"
+    _export(path, density=0.5)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _export(path, density=0.1)
+    assert path.read_bytes() == before
+    _export(path, density=0.1, overwrite=True)
+    assert path.read_bytes() != before
+    assert export.load_subnetwork(path).meta["kept_fraction"] == pytest.approx(0.1, abs=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.npz"]  # no temporary files left
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    def broken(file, **arrays):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _export(tmp_path / "sub.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_checks_its_inputs(tmp_path):
+    _, weights, batch_stats, _, prompt = _model("cifar")
+    masks = _masks("cifar", 0.5)
+    common = dict(model_name="resnet18", num_classes=10, width=WIDTH, stem="cifar", weights=weights,
+                  batch_stats=batch_stats, prompt_spec=SPEC, prompt=prompt, label_map=LABEL_MAP)
+    partial = traverse_util.unflatten_dict({p: m for p, m in traverse_util.flatten_dict(masks).items() if p[0] != "fc"})
+    with pytest.raises(ValueError, match="masks must cover exactly"):
+        export.export_subnetwork(tmp_path / "a.npz", **{**common, "masks": partial})
+    soft = jax.tree.map(lambda m: m * 0.5, masks)
+    with pytest.raises(ValueError, match="not binary"):
+        export.export_subnetwork(tmp_path / "b.npz", **{**common, "masks": soft})
+    with pytest.raises(ValueError, match="do not fit the model"):
+        export.export_subnetwork(tmp_path / "c.npz", **{**common, "masks": masks, "width": 0.125})
+    with pytest.raises(ValueError, match="2 class names for 4 target classes"):
+        export.export_subnetwork(tmp_path / "d.npz", **{**common, "masks": masks, "class_names": ["a", "b"]})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_size_report_command(capsys):
+    assert export.main(["--size_report", "--model=resnet18", "--width=0.0625", "--num_classes=10",
+                        "--densities", "0.5", "0.1", "--prompt_size=32", "--pad_size=4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("resnet18 width 0.0625, 10 classes") and len(lines) == 3
+    _, weights, batch_stats, _, _ = _model("imagenet")
+    entries = sum(math.prod(leaf.shape) for path, leaf in traverse_util.flatten_dict(weights).items()
+                  if path[-1] == "kernel")
+    dense = 4 * sum(x.size for x in jax.tree.leaves((weights, batch_stats))) + 4 * 32 * 32 * 3
+    for line, density in zip(lines[1:], (0.5, 0.1)):
+        kept = entries - int((1 - density) * entries)
+        assert line.startswith(f"density {density:g}: dense ") and f"({dense:,} B) -> compressed" in line
+        assert f"kept {kept:,} of {entries:,} kernel entries" in line and "; file " in line

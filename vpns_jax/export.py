@@ -1,0 +1,548 @@
+"""A pruned subnetwork as one self-contained file, and the model it rebuilds.
+
+:func:`export_subnetwork` writes one ``.npz`` (read back without pickle) holding:
+
+* ``meta``: UTF-8 JSON as a uint8 array: format name and version, the model
+  settings (name, num_classes, width, stem), the prompt spec fields,
+  ``eval_with_prompt``, the label map, the target class names (or null), the
+  kept fraction, and the path of every stored leaf (prunable kernels, the other
+  weights, BatchNorm statistics, prompt);
+* every prunable (conv and dense) kernel compressed, under ``kernels/<path>/``:
+  ``bits`` = ``np.packbits`` of the flattened C-order 0/1 mask, ``shape`` (int64)
+  and ``values`` = float32 ``W[mask]`` in C order, i.e. the entries of ``W * m``
+  at the kept positions (a kept weight that is exactly 0 is stored as 0);
+* dense float32 under ``weights/<path>`` (biases, BatchNorm affine),
+  ``batch_stats/<path>`` and ``prompt/<path>``, plus ``rng`` (the run's raw PRNG
+  key, used only by the ``random`` prompt kind, as in evaluation).
+
+Paths join dict keys with '/'; an integer key (a ResNet block index) is written
+'#<int>'. :func:`load_subnetwork` checks all of it and rebuilds ``W * m``
+exactly (zeros at pruned entries) and the model, ready for :meth:`Subnetwork.logits`.
+
+Size of a full-width ResNet-18 (1000 classes, 224 px pad prompt) at some
+densities, from random weights and masks of its init scores (no training)::
+
+    python -m vpns_jax.export --size_report --model=resnet18 --densities 0.5 0.1 0.01
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from vpns_jax import label_mapping, masking, prompts, steps
+from vpns_jax.models import create_model, functional
+
+Params = dict[Any, Any]
+
+FORMAT = "vpns_jax.subnetwork"
+FORMAT_VERSION = 1
+META_KEY = "meta"
+RNG_KEY = "rng"
+KERNEL_PREFIX = "kernels"
+DENSE_GROUPS = ("weights", "batch_stats", "prompt")
+_INT_PREFIX = "#"
+_PROMPT_FIELDS = tuple(field.name for field in dataclasses.fields(prompts.PromptSpec))
+
+
+# ---------------------------------------------------------------- sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSize:
+    """Bytes of a subnetwork: all parameters dense in float32 vs the export's compressed arrays.
+
+    Both totals are in-memory array bytes: ``dense_bytes`` = 4 bytes per
+    prunable kernel entry + ``rest_bytes``; ``compressed_bytes`` =
+    ``bitmask_bytes`` (one bit per prunable entry, padded to whole bytes per
+    kernel) + ``values_bytes`` (4 per kept entry) + ``rest_bytes`` (every other
+    weight, the BatchNorm statistics and the prompt program, float32).
+    ``file_bytes`` is the written file's size on disk (metadata, shapes and zip
+    headers included), or None when nothing was written.
+    """
+
+    prunable_entries: int
+    kept_entries: int
+    bitmask_bytes: int
+    values_bytes: int
+    rest_bytes: int
+    file_bytes: int | None = None
+
+    @property
+    def dense_bytes(self) -> int:
+        return 4 * self.prunable_entries + self.rest_bytes
+
+    @property
+    def compressed_bytes(self) -> int:
+        return self.bitmask_bytes + self.values_bytes + self.rest_bytes
+
+    @property
+    def ratio(self) -> float:
+        """dense / compressed."""
+        return self.dense_bytes / self.compressed_bytes
+
+    def format(self) -> str:
+        kept = self.kept_entries / self.prunable_entries if self.prunable_entries else 1.0
+        text = (
+            f"dense {_mib(self.dense_bytes)} -> compressed {_mib(self.compressed_bytes)} "
+            f"({self.ratio:.2f}x smaller; kept {self.kept_entries:,} of {self.prunable_entries:,} kernel entries "
+            f"= {kept:.4f}; bitmask {_mib(self.bitmask_bytes)}, kept values {_mib(self.values_bytes)}, "
+            f"dense rest {_mib(self.rest_bytes)})"
+        )
+        if self.file_bytes is not None:
+            text += f"; file {_mib(self.file_bytes)}"
+        return text
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.3f} MiB ({size:,} B)"
+
+
+def compute_size(weights: Params, batch_stats: Params, masks: Params, prompt: Params,
+                 file_bytes: int | None = None) -> ExportSize:
+    """The :class:`ExportSize` of the export of these trees (``masks`` names the prunable kernels)."""
+    flat_masks = traverse_util.flatten_dict(masks)
+    flat_weights = traverse_util.flatten_dict(weights)
+    prunable = kept = bitmask = 0
+    for mask in flat_masks.values():
+        size = int(np.prod(np.shape(mask)))
+        prunable += size
+        kept += int(np.count_nonzero(np.asarray(mask)))
+        bitmask += (size + 7) // 8
+    rest = [leaf for path, leaf in flat_weights.items() if path not in flat_masks]
+    rest += jax.tree.leaves(batch_stats) + jax.tree.leaves(prompt)
+    rest_bytes = 4 * sum(int(np.prod(np.shape(leaf))) for leaf in rest)
+    return ExportSize(prunable, kept, bitmask, 4 * kept, rest_bytes, file_bytes)
+
+
+# ---------------------------------------------------------------- names and templates
+
+
+def _encode_path(path: Sequence[Any]) -> str:
+    parts = []
+    for key in path:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            parts.append(f"{_INT_PREFIX}{int(key)}")
+        elif isinstance(key, str) and key and "/" not in key and not key.startswith(_INT_PREFIX):
+            parts.append(key)
+        else:
+            raise ValueError(f"parameter path key {key!r} cannot be stored (not an int or a plain str)")
+    return "/".join(parts)
+
+
+def _json_path(path: Sequence[Any]) -> list[Any]:
+    return [int(key) if isinstance(key, (int, np.integer)) else key for key in path]
+
+
+def _model_template(model_name: str, num_classes: int, width: float, stem: str):
+    """(graphdef, abstract weights, abstract batch_stats, prunable paths) of the model, without initialising it."""
+    model = nnx.eval_shape(
+        lambda: create_model(model_name, num_classes=num_classes, width=width, stem=stem, rngs=nnx.Rngs(0))
+    )
+    graphdef, weights, batch_stats = functional.split_model(model)
+    return graphdef, weights, batch_stats, masking.prunable_paths(functional.leaf_kinds(model))
+
+
+def _check_tree(name: str, got: Params, expected: Params) -> None:
+    """Same paths and shapes as the model's tree; a one-line ValueError otherwise."""
+    flat_got, flat_expected = traverse_util.flatten_dict(got), traverse_util.flatten_dict(expected)
+    missing = [p for p in flat_expected if p not in flat_got]
+    extra = [p for p in flat_got if p not in flat_expected]
+    misshapen = [f"{p}: {np.shape(flat_got[p])} vs {flat_expected[p].shape}"
+                 for p in flat_expected if p in flat_got and tuple(np.shape(flat_got[p])) != flat_expected[p].shape]
+    found = (("missing", missing), ("unexpected", extra), ("shapes differ (got vs model)", misshapen))
+    problems = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}" for label, items in found if items]
+    if problems:
+        raise ValueError(f"{name} do not fit the model: " + "; ".join(problems))
+
+
+def dataset_class_names(name: str, data_dir: str | None = None, classes: Sequence[int] = (),
+                        num_target: int | None = None) -> list[str] | None:
+    """Names of the target classes of a prepared dataset (its label feature's names), or None if it has none.
+
+    ``classes`` picks (and orders) a subset of the dataset's labels, as
+    ``config.data.classes``; otherwise the first ``num_target`` names (all by default).
+    """
+    from vpns_jax.data import pipeline, registry
+
+    spec = registry.get_dataset_spec(name)
+    try:
+        source = pipeline.open_split(name, spec.test_split, data_dir, labels_only=True)
+        names = list(source.dataset_info.features["label"].names)
+    except (AttributeError, KeyError, TypeError):  # a data source or label feature without names
+        return None
+    chosen = [int(c) for c in classes] if classes else list(range(num_target if num_target is not None else len(names)))
+    if not names or any(not 0 <= c < len(names) for c in chosen):
+        return None
+    return [str(names[c]) for c in chosen]
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_subnetwork(
+    path: str | os.PathLike,
+    *,
+    model_name: str,
+    num_classes: int,
+    width: float,
+    stem: str,
+    weights: Params,
+    batch_stats: Params,
+    masks: Params,
+    prompt_spec: prompts.PromptSpec,
+    prompt: Params,
+    label_map: Any,
+    eval_with_prompt: bool = False,
+    class_names: Sequence[str] | None = None,
+    rng: Any = None,
+    overwrite: bool = False,
+) -> ExportSize:
+    """Writes the subnetwork (``weights * masks``, statistics, prompt, label map) to the one ``.npz`` at ``path``.
+
+    The file is written to a temporary file beside ``path`` and renamed onto it;
+    an existing ``path`` is a FileExistsError unless ``overwrite``. ``rng`` is the
+    run's raw PRNG key (default ``PRNGKey(0)``); evaluation folds it for the
+    ``random`` prompt kind. Returns the sizes, with the file's size on disk.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
+    _, template_weights, template_stats, prunable = _model_template(model_name, num_classes, width, stem)
+    host = jax.device_get({"weights": weights, "batch_stats": batch_stats, "masks": masks, "prompt": prompt})
+    _check_tree("weights", host["weights"], template_weights)
+    _check_tree("batch_stats", host["batch_stats"], template_stats)
+    flat_masks = traverse_util.flatten_dict(host["masks"])
+    if set(flat_masks) != set(prunable):
+        raise ValueError(
+            f"masks must cover exactly the model's {len(prunable)} conv and dense kernels, got {len(flat_masks)} "
+            f"leaves (e.g. missing {[p for p in prunable if p not in flat_masks][:3]})"
+        )
+    program_shape = (prompt_spec.output_size, prompt_spec.output_size, 3)
+    if set(host["prompt"]) != {"program"} or np.shape(host["prompt"]["program"]) != program_shape:
+        raise ValueError(f"prompt must be {{'program': array of shape {program_shape}}} for {prompt_spec}")
+    label_map = np.asarray(jax.device_get(label_map))
+    if label_map.ndim != 1 or not label_map.size or label_map.dtype.kind not in "iu":
+        raise ValueError(f"label_map must be a non-empty 1-D integer array, got {label_map.dtype} {label_map.shape}")
+    if label_map.min() < 0 or label_map.max() >= num_classes:
+        raise ValueError(f"label_map holds source classes outside [0, {num_classes}): {label_map.tolist()}")
+    if class_names is not None:
+        class_names = [str(name) for name in class_names]
+        if len(class_names) != len(label_map):
+            raise ValueError(f"{len(class_names)} class names for {len(label_map)} target classes")
+    rng = np.asarray(jax.device_get(jax.random.PRNGKey(0) if rng is None else rng))
+    if rng.shape != (2,) or rng.dtype != np.uint32:
+        raise ValueError(f"rng must be a raw uint32 PRNG key of shape (2,), got {rng.dtype} {rng.shape}")
+
+    arrays: dict[str, np.ndarray] = {RNG_KEY: rng}
+    flat_weights = traverse_util.flatten_dict(host["weights"])
+    for kernel_path in prunable:
+        mask = np.asarray(flat_masks[kernel_path])
+        if not np.all((mask == 0) | (mask == 1)):
+            raise ValueError(f"mask of {kernel_path} is not binary (values other than 0 and 1)")
+        kernel = np.asarray(flat_weights[kernel_path], np.float32)
+        keep = mask.astype(bool).reshape(-1)
+        prefix = f"{KERNEL_PREFIX}/{_encode_path(kernel_path)}"
+        arrays[f"{prefix}/bits"] = np.packbits(keep)
+        arrays[f"{prefix}/shape"] = np.asarray(kernel.shape, np.int64)
+        arrays[f"{prefix}/values"] = kernel.reshape(-1)[keep]
+    paths: dict[str, list[list[Any]]] = {}
+    for group in DENSE_GROUPS:
+        flat = flat_weights if group == "weights" else traverse_util.flatten_dict(host[group])
+        paths[group] = []
+        for leaf_path, leaf in flat.items():
+            if group == "weights" and leaf_path in flat_masks:
+                continue
+            arrays[f"{group}/{_encode_path(leaf_path)}"] = np.asarray(leaf, np.float32)
+            paths[group].append(_json_path(leaf_path))
+    size = compute_size(host["weights"], host["batch_stats"], host["masks"], host["prompt"])
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": model_name, "num_classes": int(num_classes), "width": float(width), "stem": stem},
+        "prompt": {name: getattr(prompt_spec, name) for name in _PROMPT_FIELDS},
+        "eval_with_prompt": bool(eval_with_prompt),
+        "label_map": [int(v) for v in label_map],
+        "class_names": class_names,
+        "kept_fraction": size.kept_entries / size.prunable_entries,
+        "prunable_paths": [_json_path(p) for p in prunable],
+        "dense_paths": paths,
+    }
+    arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
+    _write_atomically(path, arrays)
+    return dataclasses.replace(size, file_bytes=path.stat().st_size)
+
+
+def _write_atomically(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- load
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _target_logits(graphdef: nnx.GraphDef, spec: prompts.PromptSpec, with_prompt: bool, weights: Params,
+                   batch_stats: Params, prompt: Params, label_map: jax.Array, key: jax.Array,
+                   images: jax.Array) -> jax.Array:
+    """Target logits as ``steps.eval_logits`` + ``label_mapping.map_logits`` compute them (weights already masked).
+
+    GraphDefs hash and compare by structure, so loads of the same model share one compilation.
+    """
+    if with_prompt:
+        x = prompts.apply_prompt(spec, prompt, images, key=key)
+    else:
+        if images.shape[1:3] != (spec.input_size, spec.input_size):
+            images = prompts.resize_images(images, spec.input_size)
+        x = prompts.normalize(images)
+    logits, _ = functional.apply_model(graphdef, weights, batch_stats, x, train=False)
+    return label_mapping.map_logits(logits, label_map)
+
+
+@dataclasses.dataclass(eq=False)
+class Subnetwork:
+    """A loaded export: masked weights ``W * m``, statistics, prompt, label map and the model's graphdef."""
+
+    model_name: str
+    num_classes: int
+    width: float
+    stem: str
+    prompt_spec: prompts.PromptSpec
+    eval_with_prompt: bool
+    label_map: np.ndarray  # (num_target,) int32
+    class_names: tuple[str, ...] | None
+    graphdef: nnx.GraphDef
+    weights: Params  # W * m for the prunable kernels, as stored for the rest
+    masks: Params  # float32 0/1, one per prunable kernel
+    batch_stats: Params
+    prompt: Params
+    rng: np.ndarray
+    meta: dict[str, Any]
+    size: ExportSize
+
+    def __post_init__(self) -> None:
+        # The key evaluation folds for the 'random' prompt kind (the other kinds ignore it).
+        self._key = steps.eval_prompt_key(jnp.asarray(self.rng))
+
+    @property
+    def num_target(self) -> int:
+        return len(self.label_map)
+
+    def logits(self, images: Any) -> jax.Array:
+        """Target logits (B, num_target) of NHWC float images in [0, 1] (resized to the input size if needed).
+
+        Prompted when ``eval_with_prompt``, else only normalised, as the run evaluated.
+        """
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
+        return _target_logits(self.graphdef, self.prompt_spec, self.eval_with_prompt, self.weights, self.batch_stats,
+                              self.prompt, jnp.asarray(self.label_map), self._key, images)
+
+    def probabilities(self, images: Any) -> np.ndarray:
+        """Softmax over the target classes."""
+        return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
+
+    def predict(self, images: Any) -> np.ndarray:
+        """Target class index of each image (the first maximum of the logits)."""
+        return np.asarray(jnp.argmax(self.logits(images), axis=-1))
+
+
+class _Corrupt(ValueError):
+    pass
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise _Corrupt(message)
+
+
+def load_subnetwork(path: str | os.PathLike) -> Subnetwork:
+    """Reads and checks an export of :func:`export_subnetwork`.
+
+    A missing file is FileNotFoundError; a file that is not a complete export of
+    this format version is a one-line ValueError naming the file.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"subnetwork file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as error:
+        raise ValueError(f"{path} is not a readable vpns_jax subnetwork export ({_one_line(error)})") from None
+    try:
+        subnetwork = _build(arrays)
+    except _Corrupt as error:
+        raise ValueError(f"{path} is not a valid vpns_jax subnetwork export: {error}") from None
+    subnetwork.size = dataclasses.replace(subnetwork.size, file_bytes=path.stat().st_size)
+    return subnetwork
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _build(arrays: dict[str, np.ndarray]) -> Subnetwork:
+    _require(META_KEY in arrays, f"no '{META_KEY}' entry")
+    raw = arrays[META_KEY]
+    _require(raw.dtype == np.uint8 and raw.ndim == 1, "the metadata entry is not a uint8 byte string")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _Corrupt("the metadata is not JSON") from None
+    _require(isinstance(meta, dict) and meta.get("format") == FORMAT, f"the metadata does not say format {FORMAT!r}")
+    version = meta.get("format_version")
+    _require(version == FORMAT_VERSION, f"format version {version!r}, this code reads version {FORMAT_VERSION}")
+    try:
+        model = meta["model"]
+        prompt_spec = prompts.PromptSpec(**meta["prompt"])
+        graphdef, template_weights, template_stats, prunable = _model_template(
+            model["name"], model["num_classes"], model["width"], model["stem"]
+        )
+        label_map = np.asarray(meta["label_map"], np.int32)
+        class_names = meta["class_names"]
+        eval_with_prompt = meta["eval_with_prompt"]
+        stored_prunable = [tuple(p) for p in meta["prunable_paths"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise _Corrupt(f"bad metadata ({_one_line(error)})") from None
+    _require(isinstance(eval_with_prompt, bool), "eval_with_prompt is not a bool")
+    _require(stored_prunable == prunable, "its prunable kernels are not those of the model it names")
+    fits = label_map.ndim == 1 and label_map.size > 0 and np.all((label_map >= 0) & (label_map < model["num_classes"]))
+    _require(bool(fits), f"label map {meta['label_map']} does not fit a {model['num_classes']}-class head")
+    if class_names is not None:
+        _require(isinstance(class_names, list) and len(class_names) == len(label_map)
+                 and all(isinstance(n, str) for n in class_names), "class names do not match the label map")
+        class_names = tuple(class_names)
+
+    def array(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        _require(name in arrays, f"array '{name}' is missing")
+        value = arrays[name]
+        _require(value.dtype == dtype and value.shape == tuple(shape),
+                 f"array '{name}' is {value.dtype} {value.shape}, expected {np.dtype(dtype)} {tuple(shape)}")
+        return value
+
+    flat_template = traverse_util.flatten_dict(template_weights)
+    flat_weights: dict[tuple[Any, ...], np.ndarray] = {}
+    flat_masks: dict[tuple[Any, ...], np.ndarray] = {}
+    for kernel_path in prunable:
+        shape = flat_template[kernel_path].shape
+        size = math.prod(shape)
+        prefix = f"{KERNEL_PREFIX}/{_encode_path(kernel_path)}"
+        stored_shape = array(f"{prefix}/shape", (len(shape),), np.int64)
+        _require(tuple(int(s) for s in stored_shape) == shape,
+                 f"kernel {prefix} has shape {stored_shape.tolist()}, the model {shape}")
+        bits = array(f"{prefix}/bits", ((size + 7) // 8,), np.uint8)
+        keep = np.unpackbits(bits, count=size).astype(bool)
+        kept = int(np.count_nonzero(keep))
+        values = array(f"{prefix}/values", (kept,))
+        kernel = np.zeros(size, np.float32)
+        kernel[keep] = values
+        flat_weights[kernel_path] = kernel.reshape(shape)
+        flat_masks[kernel_path] = keep.astype(np.float32).reshape(shape)
+    for kernel_path, leaf in flat_template.items():
+        if kernel_path not in flat_masks:
+            flat_weights[kernel_path] = array(f"weights/{_encode_path(kernel_path)}", leaf.shape)
+    flat_stats = {p: array(f"batch_stats/{_encode_path(p)}", leaf.shape)
+                  for p, leaf in traverse_util.flatten_dict(template_stats).items()}
+    program = array("prompt/program", (prompt_spec.output_size, prompt_spec.output_size, 3))
+    rng = array(RNG_KEY, (2,), np.uint32)
+    to_tree = lambda flat: jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat))  # noqa: E731
+    weights, masks, batch_stats = to_tree(flat_weights), to_tree(flat_masks), to_tree(flat_stats)
+    prompt = {"program": jnp.asarray(program)}
+    return Subnetwork(
+        model_name=model["name"], num_classes=int(model["num_classes"]), width=float(model["width"]),
+        stem=model["stem"], prompt_spec=prompt_spec, eval_with_prompt=eval_with_prompt, label_map=label_map,
+        class_names=class_names, graphdef=graphdef, weights=weights, masks=masks, batch_stats=batch_stats,
+        prompt=prompt, rng=rng, meta=meta,
+        size=compute_size(weights, batch_stats, masks, prompt),
+    )
+
+
+# ---------------------------------------------------------------- size report
+
+
+def random_subnetwork_size(model_name: str, density: float, *, num_classes: int = 1000, width: float = 1.0,
+                           stem: str = "imagenet", prompt_spec: prompts.PromptSpec | None = None,
+                           directory: str | os.PathLike | None = None, seed: int = 0) -> ExportSize:
+    """The export size of ``model_name`` at ``density``, with random weights and the masks of its init scores.
+
+    No training: the sizes depend only on the shapes and the kept count (the
+    random values stand in for every leaf, BatchNorm statistics included). With
+    ``directory`` the export is also written there (and its file size reported).
+    """
+    spec = prompt_spec or prompts.PromptSpec()
+    # Random values on the model's shapes: initialising the model itself compiles one op per leaf shape (slow).
+    model = nnx.eval_shape(
+        lambda: create_model(model_name, num_classes=num_classes, width=width, stem=stem, rngs=nnx.Rngs(seed))
+    )
+    _, weights, batch_stats = functional.split_model(model)
+    rng = np.random.default_rng(seed)
+    weights, batch_stats = (jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape, np.float32)), tree)
+                            for tree in (weights, batch_stats))
+    kinds = functional.leaf_kinds(model)
+    scores = jax.jit(lambda w: masking.init_scores(w, kinds))(weights)
+    masks = jax.jit(masking.masks_from_scores)(scores, jnp.asarray(masking.prune_counts(scores, density)))
+    prompt = prompts.init_prompt(spec)
+    if directory is None:
+        return compute_size(weights, batch_stats, masks, prompt)
+    return export_subnetwork(
+        pathlib.Path(directory) / f"{model_name}_density_{density}.npz", model_name=model_name,
+        num_classes=num_classes, width=width, stem=stem, weights=weights, batch_stats=batch_stats, masks=masks,
+        prompt_spec=spec, prompt=prompt, label_map=np.arange(min(10, num_classes)), overwrite=True,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vpns_jax.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size_report", action="store_true", help="print dense vs compressed export sizes")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--stem", default="imagenet")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.1, 0.01])
+    parser.add_argument("--prompt_size", type=int, default=224, help="input and output size of the pad prompt")
+    parser.add_argument("--pad_size", type=int, default=16)
+    parser.add_argument("--no_write", action="store_true", help="skip writing the files (no on-disk size)")
+    args = parser.parse_args(argv)
+    if not args.size_report:
+        parser.error("nothing to do: pass --size_report")
+    spec = prompts.PromptSpec("pad", input_size=args.prompt_size, output_size=args.prompt_size, pad_size=args.pad_size)
+    print(f"{args.model} width {args.width:g}, {args.num_classes} classes, {args.stem} stem, {spec.kind} prompt "
+          f"{spec.output_size} px (random weights, masks from the init scores)")
+    with tempfile.TemporaryDirectory() as directory:
+        for density in args.densities:
+            size = random_subnetwork_size(
+                args.model, masking.validate_density(density), num_classes=args.num_classes, width=args.width,
+                stem=args.stem, prompt_spec=spec, directory=None if args.no_write else directory,
+            )
+            print(f"density {density:g}: {size.format()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
