@@ -139,7 +139,9 @@ def test_mismatched_settings_and_usage_errors_are_one_line(tmp_path: pathlib.Pat
     with pytest.raises(SystemExit) as info:
         convert.main(["--model=resnet18", f"--output={output}"])
     assert info.value.code == 2
-    assert capsys.readouterr().err == "error: the following arguments are required: --input (see --help)\n"
+    assert capsys.readouterr().err == (
+        "python -m vpns_jax.convert: error: the following arguments are required: --input (see --help)\n"
+    )
     assert not output.exists()
 
 

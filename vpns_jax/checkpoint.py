@@ -145,7 +145,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _write_atomically(path: pathlib.Path, write) -> None:
+def write_atomically(path: pathlib.Path, write) -> None:
     """``write(file)`` into a temporary file beside ``path``, then rename it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -174,7 +174,7 @@ def guard_workdir(workdir: str | os.PathLike, fingerprint: Mapping[str, Any]) ->
     current = json.loads(text)
     if not path.exists():
         if jax.process_index() == 0:
-            _write_atomically(path, lambda file: file.write((text + "\n").encode()))
+            write_atomically(path, lambda file: file.write((text + "\n").encode()))
         return
     try:
         stored = json.loads(path.read_text())
@@ -241,7 +241,7 @@ def save_arrays(path: str | os.PathLike, tree: Mapping[Any, Any]) -> None:
     if not isinstance(tree, Mapping):
         raise TypeError(f"save_arrays takes a dict of arrays, not {type(tree).__name__}")
     visit(tree, "")
-    _write_atomically(pathlib.Path(path), lambda file: np.savez(file, **flat))
+    write_atomically(pathlib.Path(path), lambda file: np.savez(file, **flat))
 
 
 def load_arrays(path: str | os.PathLike) -> dict:

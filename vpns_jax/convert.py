@@ -18,20 +18,12 @@ import argparse
 import math
 import pathlib
 import sys
-import traceback
-from typing import NoReturn
 
-from vpns_jax import pretrained
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """Usage mistakes as one line, like every other error of this command."""
-        self.exit(2, f"error: {message} (see --help)\n")
+from vpns_jax import cli, pretrained
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m vpns_jax.convert", description="Converts torchvision weights to a vpns_jax .npz.")
+    parser = cli.OneLineParser(prog="python -m vpns_jax.convert", description="Converts torchvision weights to a vpns_jax .npz.")
     parser.add_argument("--model", required=True, help="resnet18, resnet50, vgg16 or vgg16_bn")
     parser.add_argument("--input", required=True, help="torchvision state dict: .pth, .pt, .safetensors or .npz")
     parser.add_argument("--output", required=True, help="the .npz to write")
@@ -95,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(convert(args.model, args.input, args.output, num_classes=args.num_classes, width=args.width,
                       stem=args.stem, overwrite=args.overwrite))
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line unless --verbose
-        if args.verbose:
-            traceback.print_exc()
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return cli.report_error(error, verbose=args.verbose)
     return 0
 
 

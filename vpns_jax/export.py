@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from vpns_jax import label_mapping, masking, prompts, steps
+from vpns_jax import checkpoint, label_mapping, masking, prompts, steps
 from vpns_jax.models import create_model, functional
 
 Params = dict[Any, Any]
@@ -284,22 +284,8 @@ def export_subnetwork(
         "dense_paths": paths,
     }
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
-    _write_atomically(path, arrays)
+    checkpoint.write_atomically(path, lambda file: np.savez(file, **arrays))
     return dataclasses.replace(size, file_bytes=path.stat().st_size)
-
-
-def _write_atomically(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- load

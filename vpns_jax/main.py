@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import pathlib
 import sys
-import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import vpns_jax
+from vpns_jax import cli
 
 REPO = pathlib.Path(vpns_jax.__file__).resolve().parents[1]
 # Config files import their shared base as `configs.base`.
@@ -59,11 +59,7 @@ def main(argv: list[str]) -> int:
         workdir = FLAGS.workdir or str(pathlib.Path("workdir") / config_path.stem)
         results = train.run(FLAGS.config, workdir)
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line unless --verbose
-        if FLAGS.verbose:
-            traceback.print_exc()
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return cli.report_error(error, verbose=FLAGS.verbose)
     import jax
 
     if jax.process_index() == 0:

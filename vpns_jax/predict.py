@@ -12,15 +12,13 @@ stderr with exit status 2; ``--verbose`` adds the traceback.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import traceback
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vpns_jax import export
+from vpns_jax import cli, export
 from vpns_jax.data import transforms
 
 
@@ -54,7 +52,7 @@ def predict_files(subnetwork, paths: Sequence[str], batch_size: int = 32) -> lis
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpns_jax.predict", description=__doc__.split("\n\n")[0])
+    parser = cli.OneLineParser(prog="python -m vpns_jax.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--subnetwork", required=True, help="an export's subnetwork.npz")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
@@ -67,11 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every image is read (and checked) before anything is printed.
         results = predict_files(subnetwork, args.images, args.batch_size)
     except Exception as error:  # noqa: BLE001 - every failure is one line unless --verbose
-        if args.verbose:
-            traceback.print_exc()
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return cli.report_error(error, verbose=args.verbose)
     names = subnetwork.class_names
     for path, (index, probability) in zip(args.images, results):
         print(f"{path}\t{index}\t{names[index] if names else '-'}\t{probability:.6f}")

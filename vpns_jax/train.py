@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import pathlib
 import time
 from typing import Any
@@ -316,9 +315,7 @@ def write_results(workdir: pathlib.Path, results: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(results)
     for name, content in ((RESULTS_JSON, json.dumps(results, indent=2)), (RESULTS_CSV, text.getvalue())):
-        partial = workdir / (name + ".partial")
-        partial.write_text(content)
-        os.replace(partial, workdir / name)
+        checkpoint.write_atomically(workdir / name, lambda file, content=content: file.write(content.encode()))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict[str, Any]]:

@@ -21,15 +21,13 @@ Errors are one line on stderr and exit code 2 (``--verbose`` adds the traceback)
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
-import traceback
 
+from vpns_jax import cli
 from vpns_jax.data import registry
 
-EXIT_ERROR = 2
 
 
 def _local_builders() -> dict[str, type]:
@@ -142,14 +140,9 @@ def split_sizes(version_dir: pathlib.Path) -> dict[str, int]:
     return {split: info.splits[split].num_examples for split in info.splits}
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors: one line too
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit code."""
-    parser = _OneLineParser(prog="python -m vpns_jax.data.prepare", description=__doc__.split("\n")[0])
+    parser = cli.OneLineParser(prog="python -m vpns_jax.data.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", required=True, help=f"one of {', '.join(sorted(registry.DATASETS))}")
     parser.add_argument("--data_dir", default=None,
                         help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -170,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             version_dir, prepared_now = _prepare(args.dataset, args.data_dir, args.manual_dir, args.download)
         sizes = ", ".join(f"{split}: {n}" for split, n in sorted(split_sizes(version_dir).items()))
     except Exception as error:  # noqa: BLE001 - the CLI reports any failure as one line
-        if args.verbose:
-            traceback.print_exc()
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+        return cli.report_error(error, verbose=args.verbose, prefix=f"{parser.prog}: error")
     what = "prepared" if prepared_now else "already prepared, nothing done:"
     print(f"{args.dataset}: {what} {version_dir} ({sizes})")
     return 0
