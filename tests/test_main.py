@@ -145,3 +145,13 @@ def test_two_processes_agree_with_one(uninterrupted, fashion_data_dir, cache, tm
         assert two["sparsity"] == one["sparsity"]
         assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-3)
         assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=0.02)
+
+
+def test_missing_data_fails_at_once_and_leaves_the_workdir_untouched(tmp_path):
+    workdir, empty = tmp_path / "run", tmp_path / "no_data"
+    result = subprocess.run(_command(workdir, empty, "none", "--config.data.auto_prepare=False"),
+                            capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dataset 'fashion_mnist' is not prepared in" in lines[0] and str(empty) in lines[0]
+    assert not workdir.exists()  # no config.json to refuse the corrected command later

@@ -83,8 +83,6 @@ class Run:
         self.workdir = workdir
         self.mesh = parallel.make_mesh()
         config_checks.validate(config, num_devices=self.mesh.devices.size)
-        workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint.guard_workdir(workdir, config_checks.fingerprint(config))
         enable_compilation_cache(config.compilation_cache_dir)
         data_dir = config.data.data_dir or None
         names = [config.data.name] + ([config.source.dataset] if config.source.enabled else [])
@@ -113,6 +111,10 @@ class Run:
         self.prompt_spec = prompts.PromptSpec(**config.prompt.to_dict())
         self.iterations_per_epoch = self.clean.batches_per_epoch
         self.class_names = export.dataset_class_names(config.data.name, data_dir, config.data.classes, self.num_target)
+        # Only now, with data and model in hand, does the workdir get tied to this config: a run that
+        # fails its checks leaves no config.json behind to refuse the corrected command.
+        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoint.guard_workdir(workdir, config_checks.fingerprint(config))
 
     def _initial_weights(self, writer: metrics.MetricsWriter):
         config = self.config
