@@ -316,3 +316,19 @@ def test_apply_prompt_jit_matches_eager():
     eager = prompts.apply_prompt(spec, prompt, images)
     jitted = jax.jit(prompts.apply_prompt, static_argnames="spec")(spec, prompt, images)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-6)
+
+
+def test_model_inputs_choose_between_prompt_and_plain_normalisation():
+    spec = prompts.PromptSpec("pad", input_size=24, output_size=32, pad_size=4)
+    images = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 24, 24, 3)), jnp.float32)
+    program = {"program": jnp.full((32, 32, 3), 0.25, jnp.float32)}
+    plain = prompts.model_inputs(spec, program, images, prompted=False)
+    # Plain: no padding, no prompt, only normalisation at the input size.
+    np.testing.assert_array_equal(plain, prompts.normalize(images))
+    prompted = prompts.model_inputs(spec, program, images, prompted=True)
+    np.testing.assert_array_equal(prompted, prompts.apply_prompt(spec, program, images))
+    assert prompted.shape == (2, 32, 32, 3)
+    # Images at another size are resized to input_size first in both cases.
+    big = jnp.asarray(np.random.default_rng(6).uniform(size=(2, 48, 48, 3)), jnp.float32)
+    np.testing.assert_allclose(prompts.model_inputs(spec, program, big, prompted=False),
+                               prompts.normalize(prompts.resize_images(big, 24)), rtol=0, atol=0)

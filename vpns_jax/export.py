@@ -299,12 +299,7 @@ def _target_logits(graphdef: nnx.GraphDef, spec: prompts.PromptSpec, with_prompt
 
     GraphDefs hash and compare by structure, so loads of the same model share one compilation.
     """
-    if with_prompt:
-        x = prompts.apply_prompt(spec, prompt, images, key=key)
-    else:
-        if images.shape[1:3] != (spec.input_size, spec.input_size):
-            images = prompts.resize_images(images, spec.input_size)
-        x = prompts.normalize(images)
+    x = prompts.model_inputs(spec, prompt, images, prompted=with_prompt, key=key)
     logits, _ = functional.apply_model(graphdef, weights, batch_stats, x, train=False)
     return label_mapping.map_logits(logits, label_map)
 

@@ -202,6 +202,19 @@ def apply_prompt(
     return normalize(clamp_unit(prompted))
 
 
+def plain_inputs(spec: PromptSpec, images: jax.Array) -> jax.Array:
+    """The un-prompted input: resized to input_size if needed, then normalised (no padding)."""
+    if images.shape[1:3] != (spec.input_size, spec.input_size):
+        images = resize_images(images, spec.input_size)
+    return normalize(images)
+
+
+def model_inputs(spec: PromptSpec, prompt: Prompt, images: jax.Array, *, prompted: bool,
+                 key: jax.Array | None = None) -> jax.Array:
+    """What the network sees: ``apply_prompt`` when ``prompted``, else ``plain_inputs``."""
+    return apply_prompt(spec, prompt, images, key=key) if prompted else plain_inputs(spec, images)
+
+
 def num_prompt_parameters(spec: PromptSpec) -> int:
     """Number of program entries under the mask, i.e. those that affect the output."""
     out = spec.output_size

@@ -145,13 +145,6 @@ def masks_in_force(spec: StepSpec, state: TrainState) -> Params:
 current_masks = jax.jit(masks_in_force, static_argnums=0)
 
 
-def plain_inputs(spec: StepSpec, images: jax.Array) -> jax.Array:
-    """The un-prompted stream's input: resized to input_size if needed, then normalised."""
-    if images.shape[1:3] != (spec.prompt.input_size,) * 2:
-        images = prompts.resize_images(images, spec.prompt.input_size)
-    return prompts.normalize(images)
-
-
 def _forward(spec: StepSpec, state: TrainState, params: Params, images: jax.Array, *, stage: int,
              prompted: bool, key: jax.Array):
     """Training-mode forward pass; ``params`` holds the differentiated subtrees."""
@@ -161,10 +154,8 @@ def _forward(spec: StepSpec, state: TrainState, params: Params, images: jax.Arra
         weights = masking.apply_masks(state.weights, masks)
     else:
         weights = masking.apply_masks(params["weights"], state.masks)
-    if prompted:
-        x = prompts.apply_prompt(spec.prompt, params["prompt"], images, key=prompt_key)
-    else:
-        x = plain_inputs(spec, images)
+    # The un-prompted sub-step does not differentiate the prompt, so it is absent from params there.
+    x = prompts.model_inputs(spec.prompt, params.get("prompt"), images, prompted=prompted, key=prompt_key)
     return functional.apply_model(spec.graphdef, weights, state.batch_stats, x, train=True, dropout_key=dropout_key)
 
 
@@ -215,10 +206,8 @@ def eval_prompt_key(rng: jax.Array) -> jax.Array:
 def eval_logits(spec: StepSpec, state: TrainState, images: jax.Array, *, with_prompt: bool) -> jax.Array:
     """Eval-mode source logits (BatchNorm running statistics) through the masks in force."""
     weights = masking.apply_masks(state.weights, masks_in_force(spec, state))
-    if with_prompt:
-        x = prompts.apply_prompt(spec.prompt, state.prompt, images, key=eval_prompt_key(state.rng))
-    else:
-        x = plain_inputs(spec, images)
+    x = prompts.model_inputs(spec.prompt, state.prompt, images, prompted=with_prompt,
+                             key=eval_prompt_key(state.rng))
     logits, _ = functional.apply_model(spec.graphdef, weights, state.batch_stats, x, train=False)
     return logits
 
