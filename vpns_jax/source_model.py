@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from vpns_jax import checkpoint, config_checks, dense, label_mapping, metrics, optim, parallel, pretrained
 from vpns_jax.data import pipeline, registry
@@ -62,8 +62,6 @@ def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params)
 
 
 def _mismatches(part: str, expected: Params, got: Params) -> list[str]:
-    from flax import traverse_util
-
     want = traverse_util.flatten_dict(expected) if expected else {}
     have = traverse_util.flatten_dict(got) if got else {}
     name = lambda path: f"{part}/" + ".".join(str(p) for p in path)  # noqa: E731
