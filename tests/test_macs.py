@@ -1,0 +1,62 @@
+"""MACs counter: hand counts, torchvision's ResNet-18 figure, and the drop from masking channels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vpns_jax import macs, structured
+from vpns_jax.models import create_model, functional
+
+
+def _ones_network(name: str, width: float, num_classes: int):
+    """(graphdef, weights, batch_stats) with every entry 1: nnz = size, and nothing is compiled."""
+    abstract = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, width=width, rngs=nnx.Rngs(0)))
+    graphdef, weights, batch_stats = functional.split_model(abstract)
+    ones = lambda tree: jax.tree.map(lambda s: np.ones(s.shape, np.float32), tree)  # noqa: E731
+    return graphdef, ones(weights), ones(batch_stats)
+
+
+def test_hand_count_on_a_tiny_resnet18():
+    # Width 1/16: stage widths 4, 8, 16, 32; ImageNet stem at 64 px, 10 classes.
+    graphdef, weights, batch_stats = _ones_network("resnet18", 1 / 16, 10)
+    report = macs.count_macs(graphdef, weights, batch_stats, 64)
+    rows = {layer.name: layer for layer in report.layers}
+    # Stem: 7*7*3*4 = 588 weights, stride 2 -> 32x32 outputs.
+    assert rows["conv1"].output_positions == 32 * 32 and rows["conv1"].macs == 588 * 1024 == 602_112
+    # After the 3x3/2 max-pool, layer1 runs at 16x16: 3*3*4*4 = 144 weights.
+    assert rows["layer1.0.conv1"].macs == 144 * 256 == 36_864
+    # layer3 at 4x4: conv1 3*3*8*16 = 1152 weights, the 1x1 downsample 8*16 = 128.
+    assert rows["layer3.0.conv1"].macs == 1152 * 16
+    assert rows["layer3.0.downsample.0"].macs == 128 * 16 == 2_048
+    assert rows["fc"].kind == "dense" and rows["fc"].macs == 32 * 10
+    # Per later stage: conv1 18,432 + three 3x3 convs 36,864 each + downsample 2,048 = 131,072.
+    assert report.total == 602_112 + 4 * 36_864 + 3 * 131_072 + 320 == 1_143_104
+    assert report.dense_total == report.total and report.speedup == 1.0
+
+
+def test_dense_resnet18_matches_torchvision_and_channel_masks_lower_it_by_hand():
+    graphdef, weights, batch_stats = _ones_network("resnet18", 1.0, 1000)
+    report = macs.count_macs(graphdef, weights, batch_stats, 224)
+    # torchvision's 1.82 GMACs: stem 118,013,952 + layer1 4 * 115,605,504
+    # + 3 later stages * (57,802,752 + 3 * 115,605,504 + 6,422,528) + fc 512,000.
+    assert report.total == 1_814_073_344
+    assert "1,814.07 MMACs" in report.format()
+
+    groups = structured.channel_groups("resnet18", weights)
+    masks = {g.name: jnp.ones(g.num_channels) for g in groups}
+    masks["layer2.0.conv1"] = jnp.asarray(np.arange(128) < 64, jnp.float32)
+    masked = structured.apply_channel_masks(weights, groups, masks)
+    pruned = macs.count_macs(graphdef, masked, batch_stats, 224)
+    # Half of layer2.0.conv1's 128 outputs go (3*3*64*64 weights at 28x28) and so do half of
+    # layer2.0.conv2's inputs (3*3*64*128 weights at 28x28): 28,901,376 + 57,802,752.
+    assert report.total - pruned.total == 86_704_128
+    assert pruned.dense_total == report.total
+    assert pruned.speedup == pytest.approx(1_814_073_344 / (1_814_073_344 - 86_704_128))
+
+    # Unstructured zeros count too: 100 stem entries at 112x112 outputs.
+    weights["conv1"]["kernel"].reshape(-1)[:100] = 0.0
+    assert report.total - macs.count_macs(graphdef, weights, batch_stats, 224).total == 100 * 112 * 112
