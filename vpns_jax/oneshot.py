@@ -1,0 +1,437 @@
+"""One-shot masks for the baselines: OMP, LTH (IMP), Random, SNIP, GraSP and SynFlow.
+
+Every method produces an *importance* tree shaped like the masking scores (only
+the prunable conv and dense kernels, at their paths in the weights dict) and
+``keep_largest`` turns it into exact 0/1 masks: a density d keeps
+``N - int((1 - d) * N)`` entries per group, the arithmetic of
+``masking.prune_counts``. Selection is host-side numpy, exact, and breaks ties
+deterministically: among equal importances the entry that comes first in the
+group's flattened order is kept. That order is the leaves in ``jax.tree``
+order (sorted dict keys), each leaf in C order.
+
+Methods and the conventions they follow:
+
+* OMP: ``magnitude_importance`` (|W|, global) on the densely finetuned weights.
+* LTH: ``lth_round`` repeats torch's ``prune.global_unstructured`` with
+  ``L1Unstructured``: each round prunes round(fraction * kept) of the kept
+  entries with the smallest |W| globally.
+* Random: ``random_importance`` with a per-layer ``keep_largest``: every layer
+  keeps exactly its share (the reference draws a Bernoulli mask per layer, so
+  its per-layer counts only match in expectation).
+* SNIP, GraSP: gradients of a loss over data batches; see ``snip_importance``.
+* SynFlow: data-free, iterative; see ``synflow_masks``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from vpns_jax import masking
+
+Params = dict[Any, Any]
+# loss_fn(weights, batch, temperature) -> scalar; the logits are divided by temperature.
+LossFn = Callable[[Params, Any, float], jax.Array]
+# apply_fn(weights, batch_stats, x) -> model output, evaluated as the model runs at test time.
+ApplyFn = Callable[[Params, Params, jax.Array], jax.Array]
+
+# Below every valid importance of the entries that may still be kept, so that an
+# entry pruned earlier is never chosen while a kept entry is available.
+_PRUNED = -1.0
+
+
+def keep_counts(importance: Params, density: float, scope: str = "global") -> np.ndarray:
+    """Entries to keep per group: N - int((1 - density) * N), as ``masking.prune_counts``."""
+    prune = masking.prune_counts(importance, density, scope).astype(np.int64)
+    sizes = np.array([int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(importance)], dtype=np.int64)
+    if scope == "global":
+        sizes = np.array([sizes.sum()], dtype=np.int64)
+    return sizes - prune
+
+
+def _group_members(num_leaves: int, scope: str) -> list[list[int]]:
+    if scope == "global":
+        return [list(range(num_leaves))]
+    if scope == "layer":
+        return [[i] for i in range(num_leaves)]
+    raise ValueError(f"threshold scope {scope!r} is unknown: use one of {masking.THRESHOLD_SCOPES}")
+
+
+def _top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the k largest ``values``; ties go to the lowest index.
+
+    O(N): one partition finds the k-th largest value t, everything above t is
+    kept, and the remaining places go to the first entries equal to t.
+    """
+    n = values.size
+    if k <= 0:
+        return np.zeros(n, bool)
+    if k >= n:
+        return np.ones(n, bool)
+    t = np.partition(values, n - k)[n - k]
+    keep = values > t
+    missing = k - int(np.count_nonzero(keep))
+    keep[np.flatnonzero(values == t)[:missing]] = True
+    return keep
+
+
+def keep_largest(importance: Params, keep: np.ndarray | Sequence[int], scope: str = "global") -> Params:
+    """Float32 0/1 numpy masks shaped like ``importance`` keeping exactly ``keep[g]`` entries per group.
+
+    The largest importances are kept; any sign is allowed. Ties go to the entry
+    first in the group's flattened order (leaves in ``jax.tree`` order, each in C
+    order), so the result is deterministic. ``scope`` is 'global' (one group,
+    ``keep`` of length 1) or 'layer' (one group per leaf).
+    """
+    leaves, treedef = jax.tree.flatten(importance)
+    arrays = [np.asarray(leaf) for leaf in leaves]
+    groups = _group_members(len(arrays), scope)
+    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+    if keep.shape[0] != len(groups):
+        raise ValueError(f"keep has {keep.shape[0]} counts but scope {scope!r} has {len(groups)} groups")
+    masks: list[np.ndarray | None] = [None] * len(arrays)
+    for count, members in zip(keep, groups):
+        values = np.concatenate([arrays[i].ravel() for i in members]) if members else np.zeros(0, np.float32)
+        if not 0 <= count <= values.size:
+            raise ValueError(f"cannot keep {count} entries of a group of {values.size}")
+        if not np.all(np.isfinite(values)):
+            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+            raise ValueError(f"importance has {bad} non-finite entries (nan/inf); masks need finite scores")
+        selected = _top_k(values, int(count)).astype(np.float32)
+        offset = 0
+        for i in members:
+            size = arrays[i].size
+            masks[i] = selected[offset : offset + size].reshape(arrays[i].shape)
+            offset += size
+    return jax.tree.unflatten(treedef, masks)
+
+
+def _prunable(weights: Params, kinds: Params) -> Params:
+    flat = traverse_util.flatten_dict(weights)
+    return traverse_util.unflatten_dict({path: flat[path] for path in masking.prunable_paths(kinds)})
+
+
+def _merge(weights: Params, kernels: Params) -> Params:
+    """``weights`` with the leaves of ``kernels`` put in at their paths."""
+    flat = traverse_util.flatten_dict(weights)
+    flat.update(traverse_util.flatten_dict(kernels))
+    return traverse_util.unflatten_dict(flat)
+
+
+def _ones_like(tree: Params) -> Params:
+    return jax.tree.map(lambda x: np.ones(np.shape(x), np.float32), tree)
+
+
+def _check_masks(masks: Params, kernels: Params) -> Params:
+    """``masks`` as float32 numpy, after checking that they cover ``kernels`` and are binary."""
+    if set(traverse_util.flatten_dict(masks)) != set(traverse_util.flatten_dict(kernels)):
+        raise ValueError("masks must hold exactly the prunable kernels (conv and dense), at their weight paths")
+    masks = jax.tree.map(lambda m: np.asarray(m, np.float32), masks)
+    flat_kernels = traverse_util.flatten_dict(kernels)
+    for path, mask in traverse_util.flatten_dict(masks).items():
+        if mask.shape != np.shape(flat_kernels[path]):
+            raise ValueError(f"mask at {path} has shape {mask.shape}, its kernel {np.shape(flat_kernels[path])}")
+        if not np.all((mask == 0) | (mask == 1)):
+            raise ValueError(f"mask at {path} is not binary (0/1)")
+    return masks
+
+
+def _kept(masks: Params) -> int:
+    return int(sum(np.count_nonzero(m) for m in jax.tree.leaves(masks)))
+
+
+def _restrict(importance: Params, masks: Params) -> Params:
+    """Importance of kept entries as is, pruned entries below any kept one (importance >= 0)."""
+    return jax.tree.map(lambda s, m: np.where(m > 0, np.asarray(s, np.float32), _PRUNED), importance, masks)
+
+
+def magnitude_importance(weights: Params, kinds: Params) -> Params:
+    """|W| of every prunable kernel: global magnitude pruning as OMP and LTH use (not HYDRA's scaled init)."""
+    return jax.tree.map(jnp.abs, _prunable(weights, kinds))
+
+
+def random_importance(kinds_or_like: Params, key: jax.Array, kinds: Params | None = None) -> Params:
+    """I.i.d. U[0, 1) float32 importance per entry, for the Random baseline.
+
+    ``kinds_or_like`` gives the shapes: a tree shaped like the importance (e.g.
+    ``magnitude_importance(weights, kinds)`` or a mask tree), or the full weights
+    together with ``kinds``, which then selects the prunable kernels. With
+    ``keep_largest(imp, keep_counts(imp, d, 'layer'), 'layer')`` every layer keeps
+    exactly its share: the reference's per-layer Bernoulli(d) mask has these
+    counts only in expectation.
+    """
+    like = kinds_or_like if kinds is None else _prunable(kinds_or_like, kinds)
+    leaves, treedef = jax.tree.flatten(like)
+    if any(not hasattr(leaf, "shape") for leaf in leaves):
+        raise ValueError("random_importance needs arrays for shapes: pass weights with kinds=, or an importance tree")
+    keys = jax.random.split(key, max(len(leaves), 1))
+    drawn = [jax.random.uniform(k, tuple(leaf.shape), jnp.float32) for k, leaf in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, drawn)
+
+
+def _check_fraction(fraction: float) -> float:
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"pruning fraction {fraction!r} must be in (0, 1), e.g. 0.2 for LTH's 20% per round")
+    return float(fraction)
+
+
+def _lth_prune_count(kept: int, fraction: float) -> int:
+    # torch's _compute_nparams_toprune: Python round (half to even) of amount * unpruned.
+    return round(fraction * kept)
+
+
+def lth_round(weights: Params, masks: Params | None, kinds: Params, fraction: float = 0.2) -> Params:
+    """One IMP round: prune round(fraction * kept) of the kept entries with the smallest |W| globally.
+
+    As torch's ``prune.global_unstructured(..., L1Unstructured, amount=fraction)``
+    applied again each round: the count is taken over the entries that
+    ``masks`` still keeps (``None``: all of them), entries already pruned stay
+    pruned, and |W| ties are resolved by flattened order (torch's ``topk`` order
+    is unspecified). Returns the new float32 numpy masks.
+    """
+    fraction = _check_fraction(fraction)
+    importance = magnitude_importance(weights, kinds)
+    masks = _ones_like(importance) if masks is None else _check_masks(masks, importance)
+    kept = _kept(masks)
+    keep = kept - _lth_prune_count(kept, fraction)
+    return keep_largest(_restrict(importance, masks), [keep], "global")
+
+
+def lth_schedule(num_weights: int, rounds: int, fraction: float = 0.2) -> list[int]:
+    """Kept counts after rounds 1 ... ``rounds`` of ``lth_round`` on ``num_weights`` prunable entries."""
+    fraction = _check_fraction(fraction)
+    kept, counts = int(num_weights), []
+    for _ in range(rounds):
+        kept -= _lth_prune_count(kept, fraction)
+        counts.append(kept)
+    return counts
+
+
+def lth_rounds_for(density: float, fraction: float = 0.2) -> int:
+    """Fewest IMP rounds r whose nominal density (1 - fraction)**r is at most ``density``.
+
+    The trainer runs this many rounds for its smallest requested density and
+    reports every round on the way, so each requested density has a round at or
+    below it. A relative tolerance of 1e-9 absorbs float error (0.64 -> 2 rounds,
+    not 3). Density 0.1 needs 11 rounds (0.086); the paper's plots stop after 10
+    (0.107), which ``lth_rounds_for(0.8 ** 10)`` gives. Exact kept counts differ
+    from the nominal density by the per-round rounding (``lth_schedule``).
+    """
+    density = masking.validate_density(density)
+    fraction = _check_fraction(fraction)
+    rounds = 0
+    while (1.0 - fraction) ** rounds > density * (1.0 + 1e-9):
+        rounds += 1
+    return rounds
+
+
+def _materialise(batches: Iterable) -> list[Any]:
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no batches given: SNIP and GraSP need at least one data batch")
+    return batches
+
+
+def _tree_add(a: Params | None, b: Params) -> Params:
+    return b if a is None else jax.tree.map(jnp.add, a, b)
+
+
+def _kernel_grad(loss_fn: LossFn, temperature: float) -> Callable[[Params, Params, Any], Params]:
+    """Gradient of the loss w.r.t. the prunable kernels, the other weights held fixed."""
+
+    def loss_of_kernels(kernels: Params, weights: Params, batch: Any) -> jax.Array:
+        return loss_fn(_merge(weights, kernels), batch, temperature)
+
+    return jax.grad(loss_of_kernels)
+
+
+def snip_importance(loss_fn: LossFn, weights: Params, kinds: Params, batches: Iterable) -> Params:
+    """SNIP's connection sensitivity |g * W| of every prunable kernel (Lee et al. 2019); keep the largest.
+
+    ``loss_fn(weights, batch, temperature)`` returns the scalar loss of one
+    batch with the logits divided by ``temperature``; SNIP calls it with 1.0 so
+    the GraSP loss can be reused. g is the gradient summed over ``batches``.
+    The trainer should build ``loss_fn`` in training mode (BatchNorm on batch
+    statistics, the updated running statistics discarded): GraSP's reference
+    code scores the network in the mode it trains in, and the gradients are then
+    those the first finetuning step sees. Synaptic-Flow's unified pruner
+    defaults to eval mode instead. Any jittable ``loss_fn`` is accepted.
+    """
+    kernels = _prunable(weights, kinds)
+    grad_fn = jax.jit(_kernel_grad(loss_fn, 1.0))
+    g = None
+    for batch in _materialise(batches):
+        g = _tree_add(g, grad_fn(kernels, weights, batch))
+    return jax.tree.map(lambda gi, w: jnp.abs(gi * w), g, kernels)
+
+
+def grasp_importance(
+    loss_fn: LossFn, weights: Params, kinds: Params, batches: Iterable, temperature: float = 200.0
+) -> Params:
+    """GraSP (Wang et al. 2020) importance W * Hg of every prunable kernel; keep the largest (may be negative).
+
+    g is the gradient of the temperature-scaled loss (``loss_fn(weights, batch,
+    temperature)``, logits divided by ``temperature``) summed over ``batches``;
+    Hg is the Hessian-vector product of the same summed loss, both w.r.t. the
+    prunable kernels only (other weights fixed), computed as a forward-mode
+    derivative of the gradient. GraSP's score S = -W * Hg removes the highest S,
+    so keeping the largest -S = W * Hg is the same rule. ``batches`` is iterated
+    twice, so it is held as a list. Mode: as ``snip_importance`` (training mode).
+    """
+    kernels = _prunable(weights, kinds)
+    batches = _materialise(batches)
+    grad_fn = _kernel_grad(loss_fn, temperature)
+
+    # jvp returns the gradient with the product, so one compiled function serves
+    # both passes (the first with a zero tangent): one compile instead of two.
+    @jax.jit
+    def grad_and_hvp(kernels: Params, weights: Params, batch: Any, vector: Params) -> tuple[Params, Params]:
+        return jax.jvp(lambda k: grad_fn(k, weights, batch), (kernels,), (vector,))
+
+    zeros = jax.tree.map(jnp.zeros_like, kernels)
+    g = None
+    for batch in batches:
+        g = _tree_add(g, grad_and_hvp(kernels, weights, batch, zeros)[0])
+    hg = None
+    for batch in batches:
+        hg = _tree_add(hg, grad_and_hvp(kernels, weights, batch, g)[1])
+    return jax.tree.map(lambda h, w: h * w, hg, kernels)
+
+
+def _synflow_rescale(kernel: jax.Array) -> jax.Array:
+    # Mean over output units of each unit's incoming L1 norm: dividing by it keeps
+    # positive activations at about the input's size through every layer.
+    norm = jnp.sum(kernel) / kernel.shape[-1]
+    return kernel / jnp.where(norm > 0, norm, 1.0)
+
+
+def _synflow_scores(
+    apply_fn: ApplyFn,
+    input_shape: tuple[int, ...],
+    rescale: bool,
+    weights: Params,
+    batch_stats: Params,
+    kernels: Params,
+    masks: Params,
+) -> tuple[jax.Array, Params]:
+    """(R, |theta * dR/dtheta|) of the linearised network, theta the masked kernels."""
+    positive = jax.tree.map(jnp.abs, weights)
+    stats = jax.tree.map(jnp.abs, batch_stats)
+    theta = jax.tree.map(lambda k, m: jnp.abs(k) * m, kernels, masks)
+    if rescale:
+        theta = jax.tree.map(_synflow_rescale, theta)
+    x = jnp.ones((1, *input_shape), jnp.float32)
+
+    def flow(theta: Params) -> jax.Array:
+        return jnp.sum(apply_fn(_merge(positive, theta), stats, x))
+
+    r, grads = jax.value_and_grad(flow)(theta)
+    return r, jax.tree.map(lambda t, gr: jnp.abs(t * gr), theta, grads)
+
+
+@functools.lru_cache(maxsize=8)
+def _synflow_jit(apply_fn: ApplyFn, input_shape: tuple[int, ...], rescale: bool) -> Callable:
+    # Cached so that one apply_fn scored at several densities compiles once.
+    return jax.jit(functools.partial(_synflow_scores, apply_fn, input_shape, rescale))
+
+
+def _synflow_fn(apply_fn: ApplyFn, input_shape: Sequence[int], rescale: bool) -> Callable:
+    return _synflow_jit(apply_fn, tuple(int(d) for d in input_shape), bool(rescale))
+
+
+def _checked(r: jax.Array, scores: Params, rescale: bool) -> Params:
+    finite_scores = all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree.leaves(scores))
+    if not (bool(jnp.isfinite(r)) and finite_scores):
+        fix = "check the weights for inf/nan" if rescale else "pass rescale=True (per-layer kernel normalisation)"
+        raise ValueError(f"SynFlow overflowed float32 (R = {float(r):.3g}, scores finite: {finite_scores}): {fix}")
+    return scores
+
+
+def synflow_importance(
+    apply_fn: ApplyFn,
+    weights: Params,
+    batch_stats: Params,
+    kinds: Params,
+    input_shape: Sequence[int],
+    masks: Params | None = None,
+    rescale: bool = False,
+) -> Params:
+    """SynFlow's data-free score |theta * dR/dtheta| of every prunable kernel (Tanaka et al. 2020).
+
+    Every weight and BatchNorm statistic is replaced by its absolute value (the
+    reference linearises the whole state dict, running mean and variance
+    included), the prunable kernels are multiplied by ``masks``, and
+    R = sum(apply_fn(weights, batch_stats, ones((1, *input_shape)))).
+    ``apply_fn`` runs the model in eval mode (BatchNorm on its running
+    statistics), as the reference does; ``input_shape`` is one example's shape
+    (H, W, C), and the input reaches the model as is (no normalisation). R sums
+    whatever ``apply_fn`` returns: the full head as in the reference, or the
+    label-mapped logits to score only the head rows the target uses.
+
+    float32 overflows for deep networks; a non-finite R raises a ValueError.
+    ``rescale=True`` divides each (masked, absolute) kernel by the mean L1 norm
+    of its output units first. Without BatchNorm and biases R is multilinear in
+    the kernels, so that multiplies every score by one constant and the ranking
+    is exact; with them (BatchNorm's mean shift, biases) the function is not
+    homogeneous and the rescaled score is an approximation, so it is off by
+    default.
+    """
+    kernels = _prunable(weights, kinds)
+    masks = _ones_like(kernels) if masks is None else _check_masks(masks, kernels)
+    r, scores = _synflow_fn(apply_fn, input_shape, rescale)(weights, batch_stats, kernels, masks)
+    return _checked(r, scores, rescale)
+
+
+def synflow_masks(
+    apply_fn: ApplyFn,
+    weights: Params,
+    batch_stats: Params,
+    kinds: Params,
+    input_shape: Sequence[int],
+    density: float,
+    iterations: int = 100,
+    masks: Params | None = None,
+    rescale: bool = False,
+) -> Params:
+    """Iterative SynFlow: for i = 1..n keep density**(i/n) of the entries by the current score, globally.
+
+    The score is recomputed on the masked network each iteration (see
+    ``synflow_importance``); each step keeps ``keep_counts`` of its density,
+    never revives a pruned entry, and the last step (i = n) keeps exactly
+    ``keep_counts(..., density)``. Returns float32 numpy masks.
+    """
+    density = masking.validate_density(density)
+    if iterations < 1:
+        raise ValueError(f"SynFlow needs at least 1 iteration, got {iterations}")
+    kernels = _prunable(weights, kinds)
+    masks = _ones_like(kernels) if masks is None else _check_masks(masks, kernels)
+    target = int(keep_counts(kernels, density)[0])
+    if _kept(masks) < target:
+        raise ValueError(f"the starting masks keep {_kept(masks)} entries, fewer than the target {target}")
+    score_fn = _synflow_fn(apply_fn, input_shape, rescale)
+    for i in range(1, iterations + 1):
+        keep = min(int(keep_counts(kernels, density ** (i / iterations))[0]), _kept(masks))
+        scores = _checked(*score_fn(weights, batch_stats, kernels, masks), rescale)
+        masks = keep_largest(_restrict(scores, masks), [keep], "global")
+    return masks
+
+
+__all__ = [
+    "grasp_importance",
+    "keep_counts",
+    "keep_largest",
+    "lth_round",
+    "lth_rounds_for",
+    "lth_schedule",
+    "magnitude_importance",
+    "random_importance",
+    "snip_importance",
+    "synflow_importance",
+    "synflow_masks",
+]
