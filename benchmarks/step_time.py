@@ -85,7 +85,7 @@ def main() -> None:
     def stage_call(stage):
         def call():
             nonlocal state
-            state, metrics = steps.train_iteration(state, batch, batch, spec=spec, stage=stage)
+            state, metrics = steps.train_iteration(state, (batch, batch), spec=spec, stage=stage)
             return metrics
         return call
 

@@ -87,7 +87,7 @@ def main() -> None:
         if stage == 2:
             vpns = steps.start_stage(spec, vpns, 2)
         for _ in range(args.iterations):
-            vpns, metrics = steps.train_iteration(vpns, as_jax(next(clean)), as_jax(next(augmented)),
+            vpns, metrics = steps.train_iteration(vpns, (as_jax(next(clean)), as_jax(next(augmented))),
                                                   spec=spec, stage=stage)
         print(f"stage {stage}: loss {float(metrics['loss_prompted']):.3f} (prompted), "
               f"{float(metrics['loss_plain']):.3f} (plain)")

@@ -36,7 +36,7 @@ def _state(stage, seed=0):
                              opt_state=None, masks=None)
     if stage == 2:
         state = state.replace(masks=jax.tree.map(lambda s: (s > 0).astype(jnp.float32), scores))
-    trainable = steps.trainable(state, stage)
+    trainable = steps.trainable(state, steps.VPNS_PHASES[stage])
     labels = optim.param_labels(trainable, KINDS)
     tx = optim.stage_optimizer(optim.reference_groups(stage), labels, epochs=2, iterations_per_epoch=3)
     opt_state = tx.init(trainable)

@@ -65,14 +65,14 @@ def run(setup):
     record = {"initial": _copy(state), "stage1": [], "stage2": []}
     for _ in range(3):
         before = _copy(state)
-        state, metrics = steps.train_iteration(state, batch, batch, spec=spec, stage=1)
+        state, metrics = steps.train_iteration(state, (batch, batch), spec=spec, stage=1)
         record["stage1"].append((before, _copy(state), jax.device_get(metrics)))
     record["after_stage1_masks"] = _copy(steps.current_masks(spec, state))
     state = steps.start_stage(spec, state, 2)
     record["stage2_start"] = _copy(state)
     for _ in range(3):
         before = _copy(state)
-        state, metrics = steps.train_iteration(state, batch, batch, spec=spec, stage=2)
+        state, metrics = steps.train_iteration(state, (batch, batch), spec=spec, stage=2)
         record["stage2"].append((before, _copy(state), jax.device_get(metrics)))
     record["final"] = state
     return record
@@ -127,7 +127,7 @@ def test_each_stage_compiles_once(run, setup):
     # 3 iterations of each stage ran in `run`: one cache entry per stage, no retrace.
     assert steps.train_iteration._cache_size() == 2
     state = steps.start_stage(spec, _copy(run["final"]), 2)  # copied: the step donates its input
-    steps.train_iteration(state, batch, batch, spec=spec, stage=2)
+    steps.train_iteration(state, (batch, batch), spec=spec, stage=2)
     assert steps.train_iteration._cache_size() == 2
 
 

@@ -1,8 +1,9 @@
 """Stage-partitioned optimisers with the reference's torch semantics.
 
-Each stage trains a different set of top-level subtrees of the state:
-stage 1 the mask scores and the prompt (weights frozen), stage 2 the weights
-(BatchNorm affine included) and the prompt (scores frozen). Every trainable
+Each stage trains a different set of top-level subtrees of the state (VPNs:
+stage 1 the mask scores and the prompt with the weights frozen, stage 2 the
+weights, BatchNorm affine included, and the prompt; ``steps.Phase`` says which
+for every method). Every trainable
 leaf carries one of the labels {weights, bn, scores, prompt}, and one
 ``optax.partition`` per stage gives each label its own torch-style optimiser:
 weight decay added to the gradient before SGD/Adam (torch's coupled decay, not
@@ -23,8 +24,6 @@ from vpns_jax.models import functional
 
 Params = dict[Any, Any]
 LABELS = ("weights", "bn", "scores", "prompt")
-# Top-level state subtrees that each stage differentiates and updates.
-STAGE_SUBTREES = {1: ("scores", "prompt"), 2: ("weights", "prompt")}
 # Optimiser steps per iteration of the two-stream protocol: the model-side group
 # steps on both sub-steps, the prompt only on the prompted one.
 TWO_STREAM_UPDATES = {"weights": 2, "bn": 2, "scores": 2, "prompt": 1}
@@ -38,6 +37,7 @@ class GroupOptimizer:
     learning_rate: float
     weight_decay: float = 1e-4
     momentum: float = 0.9  # SGD only; torch's dampening 0, no Nesterov
+    clip_value: float = 0.0  # > 0: torch's clip_grad_value_ on this group's gradients (structured VPNs' scores)
 
     def __post_init__(self):
         if self.name not in ("sgd", "adam"):
@@ -46,6 +46,8 @@ class GroupOptimizer:
             raise ValueError(f"learning rate {self.learning_rate!r} must be positive")
         if self.weight_decay < 0:
             raise ValueError(f"weight decay {self.weight_decay!r} must be >= 0")
+        if self.clip_value < 0:
+            raise ValueError(f"gradient clip value {self.clip_value!r} must be >= 0 (0 = no clipping)")
 
 
 def reference_groups(stage: int) -> dict[str, GroupOptimizer]:
@@ -95,7 +97,9 @@ def group_transform(group: GroupOptimizer, schedule: optax.Schedule) -> optax.Gr
         inner = optax.sgd(schedule, momentum=group.momentum or None)
     else:
         inner = optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8)
-    return optax.chain(optax.add_decayed_weights(group.weight_decay), inner)
+    decayed = optax.chain(optax.add_decayed_weights(group.weight_decay), inner)
+    # torch clips the raw gradients before the optimiser adds its weight decay.
+    return optax.chain(optax.clip(group.clip_value), decayed) if group.clip_value else decayed
 
 
 def stage_optimizer(

@@ -1,17 +1,22 @@
-"""Jitted training and evaluation steps of VPNs, as pure functions of an explicit state.
+"""Jitted training and evaluation steps of VPNs and the baselines, as pure functions of an explicit state.
 
-One training iteration follows the authors' ``train()`` (vpns-method.md sections 1 and 12):
+A method is a few stages, each a ``Phase``: which state subtrees it trains and
+how one iteration feeds them. VPNs' iteration follows the authors' ``train()``
+(vpns-method.md sections 1 and 12), ``streams='two'``:
   (a) the prompted clean batch: loss through the prompt, then one step of the
       stage's model-side group (scores in stage 1, weights in stage 2) and of
       the prompt;
   (b) the un-prompted augmented batch: loss on normalised images, then one step
       of the model-side group only; the prompt and its optimiser state are left
       exactly as they were.
-In stage 1 the mask is recomputed from the current scores in every forward
-pass (the global threshold after every score step); in stage 2 it is the fixed
-mask taken from the final scores by ``start_stage``. The stage is a static
-argument: each stage compiles once, and densities, label maps and step counts
-are data, so they never retrace.
+The baselines' iterations (section 6) take one augmented batch (``'one'``), or,
+for BiP, a weight step on one batch and an implicit-gradient score step on a
+second (``'bilevel'``). While a stage trains scores the mask is recomputed from
+them in every forward pass (the threshold after every score step); otherwise it
+is the fixed mask in the state, taken from the final scores by ``start_stage``
+or given by a one-shot method. The stage is a static argument: each stage
+compiles once, and densities, label maps and step counts are data, so they
+never retrace.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx, struct, traverse_util
 
-from vpns_jax import label_mapping, masking, optim, prompts
+from vpns_jax import label_mapping, masking, optim, prompts, structured
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]
@@ -34,9 +40,69 @@ EVAL_SEED = 0x7FFFFFFF
 Batch = dict[str, jax.Array]  # {'image': (B, H, W, 3) float in [0, 1], 'label': (B,) int}
 
 
+STREAMS = ("two", "one", "bilevel")
+GRANULARITIES = ("weight", "channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One training stage: the state subtrees it updates and how an iteration feeds them.
+
+    ``streams``: 'two' = VPNs' prompted clean batch then plain augmented batch
+    (the prompt, if trained, steps only on the first); 'one' = one plain
+    augmented batch; 'bilevel' = BiP: a weight step on the first batch, then an
+    implicit-gradient score step on the second. ``bn_l1`` adds an L1 penalty on
+    BatchNorm scales (Network Slimming's sparsity training).
+    """
+
+    trains: tuple[str, ...]
+    streams: str = "two"
+    bn_l1: float = 0.0
+
+    def __post_init__(self):
+        if self.streams not in STREAMS:
+            raise ValueError(f"streams {self.streams!r} is unknown: use one of {STREAMS}")
+        unknown = set(self.trains) - {"weights", "scores", "prompt"}
+        if unknown or not self.trains:
+            raise ValueError(f"a phase trains some of weights, scores, prompt; got {self.trains!r}")
+        if self.streams == "bilevel" and set(self.trains) != {"weights", "scores"}:
+            raise ValueError("a bilevel phase trains exactly weights and scores")
+
+    @property
+    def num_batches(self) -> int:
+        """Batches one iteration takes."""
+        return 1 if self.streams == "one" else 2
+
+    @property
+    def updates_per_iteration(self) -> dict[str, int]:
+        """Optimiser steps each label takes per iteration (for the per-epoch schedules)."""
+        if self.streams == "two":
+            return dict(optim.TWO_STREAM_UPDATES)
+        return {label: 1 for label in optim.LABELS}
+
+
+# VPNs (vpns-method.md section 1): masks and prompt with frozen weights, then weights and prompt.
+VPNS_PHASES = {1: Phase(("scores", "prompt")), 2: Phase(("weights", "prompt"))}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedModel:
+    """The static part of a spec that evaluation needs: model, prompt and how masks are made and applied.
+
+    Compared by value, so evaluation compiles once per model and prompt, across runs in one process.
+    """
+
+    graphdef: nnx.GraphDef
+    prompt: prompts.PromptSpec
+    threshold_scope: str = "global"
+    granularity: str = "weight"
+    channel_groups: tuple = ()
+    channel_max: float = 1.0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StepSpec:
-    """Everything static about a run's steps: model structure, prompt, mask scope and per-stage optimisers.
+    """Everything static about a run's steps: model structure, prompt, masks and per-stage phases and optimisers.
 
     Hashed by identity, so it can be a static ``jit`` argument; build it once per run.
     """
@@ -47,6 +113,17 @@ class StepSpec:
     threshold_scope: str = "global"
     optimizers: dict[int, optax.GradientTransformation] = dataclasses.field(default_factory=dict)
     labels: dict[int, Params] = dataclasses.field(default_factory=dict)  # optimiser labels per stage
+    phases: dict[int, Phase] = dataclasses.field(default_factory=lambda: dict(VPNS_PHASES))
+    granularity: str = "weight"  # 'weight': one score per kernel entry; 'channel': one per conv output channel
+    channel_groups: tuple = ()  # structured.ChannelGroup per scored conv ('channel' only)
+    channel_max: float = 1.0  # the cap on a capped channel group's pruned fraction ('channel' only)
+    bilevel_lr: float = 1e-4  # BiP's implicit-gradient coefficient ('bilevel' phases)
+
+    @property
+    def masked_model(self) -> MaskedModel:
+        """The evaluation-relevant part of this spec, compared by value."""
+        return MaskedModel(self.graphdef, self.prompt, self.threshold_scope, self.granularity, self.channel_groups,
+                           self.channel_max)
 
 
 @struct.dataclass
@@ -56,18 +133,18 @@ class TrainState:
     step: jax.Array  # iterations done in the current stage
     weights: Params  # dense weights W (conv/dense kernels and biases, BatchNorm affine)
     batch_stats: Params  # BatchNorm running statistics
-    scores: Params  # one score per prunable kernel entry
+    scores: Params  # one score per prunable entry (or channel); {} for methods without scores
     prompt: Params  # {'program': (output_size, output_size, 3)}
-    prune_k: jax.Array  # (groups,) int32: entries to prune per threshold group
+    prune_k: jax.Array  # (groups,) int32: entries (or channels) to prune per threshold group
     label_map: jax.Array  # (num_target,) int32: source logit index of each target class
     rng: jax.Array  # a raw uint32 PRNG key (jax.random.PRNGKey), so checkpoints hold plain arrays
     opt_state: optax.OptState
-    masks: Params | None = None  # fixed masks in stage 2; None in stage 1 (derived from the scores)
+    masks: Params | None = None  # fixed masks; None while a stage trains scores (derived from them)
 
 
-def trainable(state: TrainState, stage: int) -> Params:
-    """The top-level subtrees that ``stage`` updates."""
-    return {name: getattr(state, name) for name in optim.STAGE_SUBTREES[stage]}
+def trainable(state: TrainState, phase: Phase) -> Params:
+    """The top-level subtrees that ``phase`` updates."""
+    return {name: getattr(state, name) for name in phase.trains}
 
 
 def make_step_spec(
@@ -80,20 +157,40 @@ def make_step_spec(
     epochs: dict[int, int],
     iterations_per_epoch: int,
     threshold_scope: str = "global",
+    phases: dict[int, Phase] | None = None,
+    granularity: str = "weight",
+    channel_groups: tuple = (),
+    channel_max: float = 1.0,
+    bilevel_lr: float = 1e-4,
 ) -> StepSpec:
-    """Builds the spec: labels and one partitioned optimiser per stage from their group settings."""
+    """Builds the spec: labels and one partitioned optimiser per stage of ``phases`` (default VPNs')."""
     if threshold_scope not in masking.THRESHOLD_SCOPES:
         raise ValueError(f"threshold scope {threshold_scope!r} is unknown: use one of {masking.THRESHOLD_SCOPES}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"mask granularity {granularity!r} is unknown: use one of {GRANULARITIES}")
+    phases = dict(VPNS_PHASES if phases is None else phases)
     graphdef, weights, _ = functional.split_model(model)
     kinds = functional.leaf_kinds(model)
     subtrees = {"weights": weights, "scores": scores, "prompt": prompt_params}
     labels, optimizers = {}, {}
-    for stage in (1, 2):
-        labels[stage] = optim.param_labels({k: subtrees[k] for k in optim.STAGE_SUBTREES[stage]}, kinds)
+    for stage, phase in phases.items():
+        labels[stage] = optim.param_labels({k: subtrees[k] for k in phase.trains}, kinds)
         optimizers[stage] = optim.stage_optimizer(
-            stage_groups[stage], labels[stage], epochs=epochs[stage], iterations_per_epoch=iterations_per_epoch
+            stage_groups[stage], labels[stage], epochs=epochs[stage], iterations_per_epoch=iterations_per_epoch,
+            updates_per_iteration=phase.updates_per_iteration,
         )
-    return StepSpec(graphdef, kinds, prompt, threshold_scope, optimizers, labels)
+    return StepSpec(graphdef, kinds, prompt, threshold_scope, optimizers, labels, phases, granularity,
+                    tuple(channel_groups), float(channel_max), float(bilevel_lr))
+
+
+Spec = StepSpec | MaskedModel  # the helpers below only read MaskedModel's fields
+
+
+def prune_counts(spec: Spec, scores: Params, density: float) -> np.ndarray:
+    """Entries (weight granularity) or channels to prune per threshold group at ``density``."""
+    if spec.granularity == "channel":
+        return np.asarray([structured.channel_prune_counts(spec.channel_groups, density, spec.channel_max)], np.int32)
+    return masking.prune_counts(scores, density, spec.threshold_scope)
 
 
 def init_state(
@@ -106,9 +203,15 @@ def init_state(
     density: float,
     label_map: jax.Array,
     rng: jax.Array,
+    masks: Params | None = None,
+    stage: int | None = None,
 ) -> TrainState:
-    """A stage-1-ready state for one density (fresh stage-1 optimiser)."""
-    prune_k = jnp.asarray(masking.prune_counts(scores, density, spec.threshold_scope))
+    """A state ready for ``stage`` (default: the spec's first) at one density, with a fresh optimiser.
+
+    ``masks`` fixes the masks (one-shot methods); without them a stage that does
+    not train scores takes them from ``scores`` at ``density``.
+    """
+    prune_k = jnp.asarray(prune_counts(spec, scores, density) if scores else np.zeros(1, np.int32))
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         weights=weights,
@@ -119,82 +222,188 @@ def init_state(
         label_map=jnp.asarray(label_map, jnp.int32),
         rng=rng,
         opt_state=None,
+        masks=masks,
     )
-    return start_stage(spec, state, 1)
+    return start_stage(spec, state, min(spec.phases) if stage is None else stage)
 
 
 def start_stage(spec: StepSpec, state: TrainState, stage: int) -> TrainState:
     """The stage switch: a fresh optimiser for ``stage``'s subtrees and a reset step count.
 
-    Entering stage 2 fixes the masks at the final stage-1 threshold.
+    A stage that trains scores derives its masks from them; entering a stage
+    that does not fixes the masks at the scores' current threshold (VPNs'
+    stage 2) unless masks are already fixed.
     """
-    if stage not in optim.STAGE_SUBTREES:
-        raise ValueError(f"stage {stage!r} is unknown: use 1 or 2")
-    masks = current_masks(spec, state) if stage == 2 else None
+    if stage not in spec.phases:
+        raise ValueError(f"stage {stage!r} is not one of this method's stages {sorted(spec.phases)}")
+    phase = spec.phases[stage]
+    if "scores" in phase.trains:
+        masks = None
+    else:
+        masks = state.masks if state.masks is not None else current_masks(spec, state)
     state = state.replace(masks=masks, step=jnp.zeros((), jnp.int32))
-    return state.replace(opt_state=spec.optimizers[stage].init(trainable(state, stage)))
+    return state.replace(opt_state=_init_optimizer(spec, stage, trainable(state, phase)))
 
 
-def masks_in_force(spec: StepSpec, state: TrainState) -> Params:
-    """The binary masks in force: the fixed stage-2 masks, or those the scores give now."""
+# Jitted: run eagerly, optax's init compiles one zeros_like per parameter shape.
+_init_optimizer = jax.jit(lambda spec, stage, params: spec.optimizers[stage].init(params), static_argnums=(0, 1))
+
+
+def masks_from_scores(spec: Spec, scores: Params, prune_k: jax.Array, *, ste: bool) -> Params:
+    """The masks ``scores`` give; with ``ste`` their gradient w.r.t. |s| is the identity."""
+    if spec.granularity == "channel":
+        select = structured.ste_channel_masks if ste else structured.channel_masks
+        return select(scores, spec.channel_groups, prune_k[0], spec.channel_max)
+    select = masking.ste_masks if ste else masking.masks_from_scores
+    return select(scores, prune_k, spec.threshold_scope)
+
+
+def masked_weights(spec: Spec, weights: Params, masks: Params) -> Params:
+    """The effective weights: kernels (and, per channel, BatchNorm outputs) times the masks."""
+    if spec.granularity == "channel":
+        return structured.apply_channel_masks(weights, spec.channel_groups, masks)
+    return masking.apply_masks(weights, masks)
+
+
+def masks_in_force(spec: Spec, state: TrainState) -> Params:
+    """The binary masks in force: the fixed masks, or those the scores give now."""
     if state.masks is not None:
         return state.masks
-    return masking.masks_from_scores(state.scores, state.prune_k, spec.threshold_scope)
+    return masks_from_scores(spec, state.scores, state.prune_k, ste=False)
 
 
-current_masks = jax.jit(masks_in_force, static_argnums=0)
+_current_masks = jax.jit(masks_in_force, static_argnums=0)
 
 
-def _forward(spec: StepSpec, state: TrainState, params: Params, images: jax.Array, *, stage: int,
-             prompted: bool, key: jax.Array):
-    """Training-mode forward pass; ``params`` holds the differentiated subtrees."""
+def current_masks(spec: StepSpec, state: TrainState) -> Params:
+    """``masks_in_force``, jitted (once per masked model)."""
+    return _current_masks(spec.masked_model, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _effective_weights(model: MaskedModel, state: TrainState) -> tuple[Params, Params]:
+    masks = masks_in_force(model, state)
+    weights = masked_weights(model, state.weights, masks)
+    pattern = masked_weights(model, jax.tree.map(jnp.ones_like, state.weights), masks)
+    return weights, jax.tree.map(lambda x: (x != 0).astype(jnp.float32), pattern)
+
+
+def effective_weights(spec: StepSpec, state: TrainState) -> tuple[Params, Params]:
+    """(weights the network computes with, their 0/1 pattern) through the masks in force; jitted.
+
+    For channel masks the pattern spreads each channel's mask over every kernel
+    entry and BatchNorm parameter it gates.
+    """
+    return _effective_weights(spec.masked_model, state)
+
+
+def _forward(spec: StepSpec, state: TrainState, params: Params, images: jax.Array, *, prompted: bool,
+             masks: Params | None, key: jax.Array):
+    """Training-mode forward pass; ``params`` holds the differentiated subtrees.
+
+    ``masks`` None means: straight-through masks from the differentiated scores.
+    """
     prompt_key, dropout_key = jax.random.split(key)
-    if stage == 1:
-        masks = masking.ste_masks(params["scores"], state.prune_k, spec.threshold_scope)
-        weights = masking.apply_masks(state.weights, masks)
-    else:
-        weights = masking.apply_masks(params["weights"], state.masks)
-    # The un-prompted sub-step does not differentiate the prompt, so it is absent from params there.
+    if masks is None:
+        masks = masks_from_scores(spec, params["scores"], state.prune_k, ste=True)
+    weights = masked_weights(spec, params.get("weights", state.weights), masks)
     x = prompts.model_inputs(spec.prompt, params.get("prompt"), images, prompted=prompted, key=prompt_key)
     return functional.apply_model(spec.graphdef, weights, state.batch_stats, x, train=True, dropout_key=dropout_key)
 
 
-def _sub_step(spec: StepSpec, state: TrainState, batch: Batch, *, stage: int, prompted: bool, key: jax.Array):
-    """One optimiser step on one batch; differentiates only what this sub-step updates."""
-    params = trainable(state, stage)
-    model_side = optim.STAGE_SUBTREES[stage][0]
-    differentiated = params if prompted else {model_side: params[model_side]}
+def _bn_scales(spec: StepSpec, weights: Params) -> list[jax.Array]:
+    flat, kinds = traverse_util.flatten_dict(weights), traverse_util.flatten_dict(spec.kinds)
+    return [leaf for path, leaf in flat.items() if kinds[path] == functional.BN and path[-1] == "scale"]
 
+
+def _loss_and_grads(spec: StepSpec, state: TrainState, differentiated: Params, batch: Batch, *, phase: Phase,
+                    prompted: bool, masks: Params | None, key: jax.Array):
     def loss_fn(diff):
-        logits, batch_stats = _forward(spec, state, diff, batch["image"], stage=stage, prompted=prompted, key=key)
+        logits, batch_stats = _forward(spec, state, diff, batch["image"], prompted=prompted, masks=masks, key=key)
         loss, accuracy = label_mapping.mapped_loss(logits, batch["label"], state.label_map)
-        return loss, (accuracy, batch_stats)
+        objective = loss
+        if phase.bn_l1 and "weights" in diff:
+            objective = loss + phase.bn_l1 * sum(jnp.sum(jnp.abs(g)) for g in _bn_scales(spec, diff["weights"]))
+        return objective, (loss, accuracy, batch_stats)
 
-    (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(differentiated)
-    untouched: tuple[str, ...] = ()
-    if not prompted:
-        grads = {**grads, "prompt": jax.tree.map(jnp.zeros_like, params["prompt"])}
-        untouched = ("prompt",)
+    (_, (loss, accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(differentiated)
+    return loss, accuracy, batch_stats, grads
+
+
+def _step(spec: StepSpec, state: TrainState, stage: int, grads: Params, batch_stats: Params,
+          untouched: tuple[str, ...]) -> TrainState:
+    """Applies ``grads`` (missing subtrees count as zero) to the stage's trainable subtrees; labels in
+    ``untouched`` skip this step entirely."""
+    params = trainable(state, spec.phases[stage])
+    grads = {name: grads[name] if name in grads else jax.tree.map(jnp.zeros_like, params[name]) for name in params}
     new_params, opt_state = optim.apply_gradients(
         spec.optimizers[stage], spec.labels[stage], params, grads, state.opt_state, untouched=untouched
     )
-    state = state.replace(**new_params, opt_state=opt_state, batch_stats=batch_stats)
-    return state, loss, accuracy
+    return state.replace(**new_params, opt_state=opt_state, batch_stats=batch_stats)
+
+
+def _sub_step(spec: StepSpec, state: TrainState, batch: Batch, *, stage: int, prompted: bool, key: jax.Array):
+    """One optimiser step on one batch; differentiates only what this sub-step updates."""
+    phase = spec.phases[stage]
+    params = trainable(state, phase)
+    differentiated = params if prompted else {k: v for k, v in params.items() if k != "prompt"}
+    masks = None if "scores" in phase.trains else state.masks
+    loss, accuracy, batch_stats, grads = _loss_and_grads(spec, state, differentiated, batch, phase=phase,
+                                                         prompted=prompted, masks=masks, key=key)
+    untouched = ("prompt",) if "prompt" in params and not prompted else ()
+    return _step(spec, state, stage, grads, batch_stats, untouched), loss, accuracy
+
+
+def _bilevel_iteration(spec: StepSpec, state: TrainState, weight_batch: Batch, score_batch: Batch, *, stage: int,
+                       key: jax.Array):
+    """BiP's first-order iteration (vpns-method.md section 6).
+
+    (i) a weight step on ``weight_batch`` through the current (hard) masks;
+    (ii) a score step on ``score_batch`` with dL/ds - lr_b * (dL/ds * dL/dtheta),
+    the implicit-gradient correction with both gradients from that batch.
+    """
+    phase = spec.phases[stage]
+    key_w, key_s = jax.random.split(key)
+    masks = masks_in_force(spec, state)
+    loss_w, acc_w, batch_stats, grads = _loss_and_grads(spec, state, {"weights": state.weights}, weight_batch,
+                                                        phase=phase, prompted=False, masks=masks, key=key_w)
+    state = _step(spec, state, stage, grads, batch_stats, untouched=("scores",))
+    loss_s, acc_s, batch_stats, grads = _loss_and_grads(
+        spec, state, {"weights": state.weights, "scores": state.scores}, score_batch, phase=phase, prompted=False,
+        masks=None, key=key_s)
+    flat_w = traverse_util.flatten_dict(grads["weights"])
+    flat_s = traverse_util.flatten_dict(grads["scores"])
+    corrected = {path: g - spec.bilevel_lr * g * flat_w[path] for path, g in flat_s.items()}
+    state = _step(spec, state, stage, {"scores": traverse_util.unflatten_dict(corrected)}, batch_stats,
+                  untouched=("weights", "bn"))
+    return state, {"loss_weights": loss_w, "accuracy_weights": acc_w, "loss_scores": loss_s, "accuracy_scores": acc_s}
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "stage"), donate_argnums=0)
 def train_iteration(
-    state: TrainState, prompted_batch: Batch, plain_batch: Batch, *, spec: StepSpec, stage: int
+    state: TrainState, batches: tuple[Batch, ...], *, spec: StepSpec, stage: int
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One iteration of ``stage``: sub-step (a) on ``prompted_batch``, then (b) on ``plain_batch``.
+    """One iteration of ``stage`` on ``phase.num_batches`` batches.
 
-    ``state`` is donated: its buffers are reused for the result, so keep no other reference to them.
+    'two': (prompted clean batch, plain augmented batch); 'one': (augmented
+    batch,); 'bilevel': (weight batch, score batch). ``state`` is donated: its
+    buffers are reused for the result, so keep no other reference to them.
     """
+    phase = spec.phases[stage]
+    if len(batches) != phase.num_batches:
+        raise ValueError(f"stage {stage} ({phase.streams!r} streams) takes {phase.num_batches} batches, got {len(batches)}")
     key = jax.random.fold_in(jax.random.fold_in(state.rng, stage), state.step)
     key_a, key_b = jax.random.split(key)
-    state, loss_a, acc_a = _sub_step(spec, state, prompted_batch, stage=stage, prompted=True, key=key_a)
-    state, loss_b, acc_b = _sub_step(spec, state, plain_batch, stage=stage, prompted=False, key=key_b)
-    metrics = {"loss_prompted": loss_a, "accuracy_prompted": acc_a, "loss_plain": loss_b, "accuracy_plain": acc_b}
+    if phase.streams == "two":
+        state, loss_a, acc_a = _sub_step(spec, state, batches[0], stage=stage, prompted="prompt" in phase.trains,
+                                         key=key_a)
+        state, loss_b, acc_b = _sub_step(spec, state, batches[1], stage=stage, prompted=False, key=key_b)
+        metrics = {"loss_prompted": loss_a, "accuracy_prompted": acc_a, "loss_plain": loss_b, "accuracy_plain": acc_b}
+    elif phase.streams == "one":
+        state, loss, accuracy = _sub_step(spec, state, batches[0], stage=stage, prompted=False, key=key_a)
+        metrics = {"loss_plain": loss, "accuracy_plain": accuracy}
+    else:
+        state, metrics = _bilevel_iteration(spec, state, batches[0], batches[1], stage=stage, key=key_a)
     return state.replace(step=state.step + 1), metrics
 
 
@@ -203,25 +412,19 @@ def eval_prompt_key(rng: jax.Array) -> jax.Array:
     return jax.random.fold_in(rng, EVAL_SEED)
 
 
-def eval_logits(spec: StepSpec, state: TrainState, images: jax.Array, *, with_prompt: bool) -> jax.Array:
+def eval_logits(spec: Spec, state: TrainState, images: jax.Array, *, with_prompt: bool) -> jax.Array:
     """Eval-mode source logits (BatchNorm running statistics) through the masks in force."""
-    weights = masking.apply_masks(state.weights, masks_in_force(spec, state))
+    weights = masked_weights(spec, state.weights, masks_in_force(spec, state))
     x = prompts.model_inputs(spec.prompt, state.prompt, images, prompted=with_prompt,
                              key=eval_prompt_key(state.rng))
     logits, _ = functional.apply_model(spec.graphdef, weights, state.batch_stats, x, train=False)
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "with_prompt"))
-def eval_step(
-    state: TrainState, batch: Batch, *, spec: StepSpec, with_prompt: bool = False
-) -> dict[str, jax.Array]:
-    """Summed loss, correct count and count of a batch's real rows (label >= 0), label-mapped.
-
-    Without the prompt by default, as the authors evaluate; ``with_prompt=True``
-    evaluates prompted inputs instead.
-    """
-    mapped = label_mapping.map_logits(eval_logits(spec, state, batch["image"], with_prompt=with_prompt), state.label_map)
+@functools.partial(jax.jit, static_argnames=("model", "with_prompt"))
+def _eval_step(state: TrainState, batch: Batch, *, model: MaskedModel, with_prompt: bool) -> dict[str, jax.Array]:
+    mapped = label_mapping.map_logits(eval_logits(model, state, batch["image"], with_prompt=with_prompt),
+                                      state.label_map)
     labels = batch["label"]
     valid = labels >= 0  # padding rows of the last batch carry label -1
     losses = optax.softmax_cross_entropy_with_integer_labels(mapped, jnp.maximum(labels, 0))
@@ -229,8 +432,23 @@ def eval_step(
     return {"loss_sum": jnp.sum(jnp.where(valid, losses, 0.0)), "correct": correct, "count": jnp.sum(valid)}
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "num_target"))
-def source_prediction_counts(state: TrainState, batch: Batch, *, spec: StepSpec, num_target: int) -> jax.Array:
-    """Label-mapping counts D[src, tgt] of one batch, through the masks in force and the prompt."""
-    logits = eval_logits(spec, state, batch["image"], with_prompt=True)
+def eval_step(state: TrainState, batch: Batch, *, spec: StepSpec, with_prompt: bool = False) -> dict[str, jax.Array]:
+    """Summed loss, correct count and count of a batch's real rows (label >= 0), label-mapped.
+
+    Without the prompt by default, as the authors evaluate; ``with_prompt=True``
+    evaluates prompted inputs instead. Compiled once per masked model.
+    """
+    return _eval_step(state, batch, model=spec.masked_model, with_prompt=with_prompt)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_target", "with_prompt"))
+def _prediction_counts(state: TrainState, batch: Batch, *, model: MaskedModel, num_target: int,
+                       with_prompt: bool) -> jax.Array:
+    logits = eval_logits(model, state, batch["image"], with_prompt=with_prompt)
     return label_mapping.prediction_counts(logits, batch["label"], num_target)
+
+
+def source_prediction_counts(state: TrainState, batch: Batch, *, spec: StepSpec, num_target: int,
+                             with_prompt: bool = True) -> jax.Array:
+    """Label-mapping counts D[src, tgt] of one batch, through the masks in force (and the prompt, for VPNs)."""
+    return _prediction_counts(state, batch, model=spec.masked_model, num_target=num_target, with_prompt=with_prompt)
