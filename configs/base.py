@@ -8,9 +8,11 @@ overrides work on any config.
 import ml_collections
 
 
-def optimizer(name: str, lr: float, weight_decay: float = 1e-4, momentum: float = 0.9) -> ml_collections.ConfigDict:
-    """One parameter group's torch-style optimiser (see vpns_jax.optim.GroupOptimizer)."""
-    return ml_collections.ConfigDict({"optimizer": name, "lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+def optimizer(name: str, lr: float, weight_decay: float = 1e-4, momentum: float = 0.9,
+              clip_value: float = 0.0) -> ml_collections.ConfigDict:
+    """One parameter group's torch-style optimiser (see vpns_jax.optim.GroupOptimizer); clip_value 0 = no clipping."""
+    return ml_collections.ConfigDict({"optimizer": name, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                                      "clip_value": clip_value})
 
 
 def use_everywhere(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict) -> None:
@@ -22,6 +24,8 @@ def use_everywhere(config: ml_collections.ConfigDict, group: ml_collections.Conf
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    # vpns, or a baseline: hydra, bip, omp, lth, random, snip, grasp, synflow, dense, the "+ VP" variants
+    # omp_vp, lth_vp, random_vp, and (with mask.granularity='channel') slim. See vpns_jax/methods.py.
     config.method = "vpns"
     config.seed = 7
     # Keep ratios, one independent run each from the same initial state (the reference's list).
@@ -65,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.mask = ml_collections.ConfigDict()
     config.mask.scope = "global"  # 'global' (VPNs, the authors' HYDRA) or 'layer' (original HYDRA)
+    config.mask.granularity = "weight"  # 'weight' (unstructured) or 'channel' (one score per conv output channel)
 
     config.stage1 = ml_collections.ConfigDict()
     config.stage1.epochs = 30
@@ -76,6 +81,46 @@ def get_config() -> ml_collections.ConfigDict:
     config.stage2.weights = optimizer("sgd", 0.01)  # conv/dense kernels and biases
     config.stage2.bn = optimizer("sgd", 0.01)  # BatchNorm affine
     config.stage2.prompt = optimizer("sgd", 0.01)
+
+    # Baselines (vpns-method.md section 6). Their weights, BatchNorm and "+ VP" prompt groups are stage2's.
+    config.hydra = ml_collections.ConfigDict()
+    config.hydra.prune_epochs = 60
+    config.hydra.finetune_epochs = 60
+    config.hydra.scores = optimizer("sgd", 0.01)
+
+    config.bip = ml_collections.ConfigDict()
+    config.bip.epochs = 60
+    config.bip.scores = optimizer("adam", 1e-4)
+    config.bip.bilevel_lr = 1e-4  # the implicit-gradient coefficient ('bil_lr')
+
+    # The mask-then-finetune baselines: omp, lth, random, snip, grasp, synflow, dense and the "+ VP" variants.
+    config.finetune = ml_collections.ConfigDict()
+    config.finetune.epochs = 120
+    config.finetune.dense_epochs = 120  # OMP's and LTH's dense finetune before the first mask
+    config.finetune.lth_fraction = 0.2  # of the remaining weights, pruned per LTH round
+
+    config.oneshot = ml_collections.ConfigDict()
+    config.oneshot.batches = 10  # training batches (eval_batch_size each) SNIP and GraSP score on
+    config.oneshot.grasp_temperature = 200.0
+    config.oneshot.synflow_iterations = 100
+
+    # Structured (mask.granularity='channel') VPNs: dense warm-up, pruning, finetune (the authors' D repo).
+    config.structured = ml_collections.ConfigDict()
+    config.structured.warmup_epochs = 5
+    config.structured.prune_epochs = 5
+    config.structured.finetune_epochs = 30
+    config.structured.channel_max = 0.25  # at most this channel sparsity in the stem and the first stage
+    config.structured.scores = optimizer("adam", 1.0, weight_decay=0.1, clip_value=0.25)
+    config.structured.prompt = optimizer("adam", 1e-3)
+
+    config.slim = ml_collections.ConfigDict()
+    config.slim.l1 = 1e-4  # L1 on BatchNorm scales during the sparsity training
+    config.slim.epochs = 10  # sparsity training; then each density prunes and finetunes structured.finetune_epochs
+
+    # Subnetwork transfer: take each density's masks (and prompt) from a finished run's workdir on another
+    # dataset and only finetune here (give the same model.init_from that run pruned).
+    config.transfer = ml_collections.ConfigDict()
+    config.transfer.masks_from = ""
 
     config.eval = ml_collections.ConfigDict()
     config.eval.with_prompt = False  # the authors evaluate without the prompt

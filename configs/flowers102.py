@@ -41,4 +41,5 @@ def get_config():
     config.data.batch_size = 128
     config.data.eval_batch_size = 128
     base.use_everywhere(config, base.optimizer("adam", 1e-3))
+    config.bip.scores = base.optimizer("sgd", 0.01)  # the authors' Flowers102 BiP script
     return config

@@ -23,13 +23,17 @@ from typing import Any
 from vpns_jax import masking, models, optim, prompts
 from vpns_jax.data import registry
 
-METHODS = ("vpns",)
 STEMS = ("imagenet", "cifar")
 OPTIMIZERS = ("sgd", "adam")
 # Models that only have the ImageNet stem (models.create_model refuses 'cifar' for them).
 IMAGENET_STEM_ONLY = ("vgg16", "vgg16_bn")
 # Optimiser groups of each stage, by config path.
-OPTIMIZER_FIELDS = ("stage1.scores", "stage1.prompt", "stage2.weights", "stage2.bn", "stage2.prompt")
+OPTIMIZER_FIELDS = ("stage1.scores", "stage1.prompt", "stage2.weights", "stage2.bn", "stage2.prompt",
+                    "hydra.scores", "bip.scores", "structured.scores", "structured.prompt")
+# Epoch counts of every stage of every method.
+EPOCH_FIELDS = ("stage1.epochs", "stage2.epochs", "hydra.prune_epochs", "hydra.finetune_epochs", "bip.epochs",
+                "finetune.epochs", "finetune.dense_epochs", "structured.warmup_epochs", "structured.prune_epochs",
+                "structured.finetune_epochs", "slim.epochs")
 # Fields that do not change results: left out of the fingerprint (a prefix drops a whole sub-config).
 NON_RESULT_FIELDS = (
     "checkpoint",
@@ -96,7 +100,7 @@ def _check_optimizer(config: Any, path: str) -> None:
     lr = _get(config, f"{path}.lr")
     if not _is_real(lr) or not lr > 0:
         raise ConfigError(f"config.{path}.lr={lr!r} must be a positive learning rate, e.g. 1e-4")
-    for field in ("weight_decay", "momentum"):
+    for field in ("weight_decay", "momentum", "clip_value"):
         value = _get(config, f"{path}.{field}")
         if not _is_real(value) or not value >= 0:
             raise ConfigError(f"config.{path}.{field}={value!r} must be a number >= 0 (0 turns it off)")
@@ -155,6 +159,12 @@ def _check_prompt(config: Any) -> None:
         raise ConfigError(" ".join(str(error).replace("PromptSpec.", "config.prompt.").split())) from None
 
 
+def _check_fraction(config: Any, path: str, what: str) -> None:
+    value = _get(config, path)
+    if not _is_real(value) or not 0 < value < 1:
+        raise ConfigError(f"config.{path}={value!r} must be a fraction in (0, 1): {what}")
+
+
 def prompt_spec(config: Any) -> prompts.PromptSpec:
     """The ``prompts.PromptSpec`` of ``config.prompt`` (ValueError if PromptSpec rejects it)."""
     fields = ("kind", "input_size", "output_size", "pad_size", "mask_size")
@@ -171,7 +181,9 @@ def validate(config: Any, *, num_devices: int) -> None:
     if not _is_int(num_devices) or num_devices < 1:
         raise ValueError(f"num_devices={num_devices!r} must be an integer >= 1")
 
-    _check_choice(config, "method", METHODS)
+    from vpns_jax import methods  # methods builds on this module
+
+    _check_choice(config, "method", tuple(methods.METHODS))
     _check_int_at_least(config, "seed", 0)
     _check_densities(config)
 
@@ -218,10 +230,23 @@ def validate(config: Any, *, num_devices: int) -> None:
     _check_prompt(config)
     _check_choice(config, "mask.scope", masking.THRESHOLD_SCOPES)
 
-    _check_int_at_least(config, "stage1.epochs", 1)
-    _check_int_at_least(config, "stage2.epochs", 1)
+    _check_choice(config, "mask.granularity", ("weight", "channel"))
+    for path in EPOCH_FIELDS:
+        _check_int_at_least(config, path, 1)
     for path in OPTIMIZER_FIELDS:
         _check_optimizer(config, path)
+    _check_fraction(config, "finetune.lth_fraction", "pruned per LTH round, e.g. 0.2")
+    _check_fraction(config, "structured.channel_max", "the largest channel sparsity of a capped layer, e.g. 0.25")
+    for path in ("bip.bilevel_lr", "slim.l1", "oneshot.grasp_temperature"):
+        value = _get(config, path)
+        if not _is_real(value) or value < 0 or (path == "oneshot.grasp_temperature" and value == 0):
+            raise ConfigError(f"config.{path}={value!r} must be a number >= 0 (the temperature > 0)")
+    _check_int_at_least(config, "oneshot.batches", 1, "training batches the saliency is summed over")
+    _check_int_at_least(config, "oneshot.synflow_iterations", 1)
+    masks_from = _get(config, "transfer.masks_from")
+    if not isinstance(masks_from, str):
+        raise ConfigError(f"config.transfer.masks_from={masks_from!r} must be a workdir path, or '' for no transfer")
+    methods.make_plan(config)  # the method's own checks (granularity, transfer)
 
     with_prompt = _get(config, "eval.with_prompt")
     if not isinstance(with_prompt, bool):
@@ -240,6 +265,7 @@ def group_optimizer(cfg: Any) -> optim.GroupOptimizer:
             learning_rate=float(cfg.lr),
             weight_decay=float(cfg.weight_decay),
             momentum=float(cfg.momentum),
+            clip_value=float(cfg.get("clip_value", 0.0)),
         )
     except ValueError as error:
         raise ConfigError(f"optimiser config {_plain(cfg)}: {error}") from None

@@ -1,10 +1,13 @@
-"""The VPNs run: for each density, label mapping, stage 1, stage 2 and a test evaluation; resumable.
+"""A run of any method: for each unit of its plan, masks and label mapping, the stages, a test evaluation; resumable.
 
-Every density starts from the same state (source weights, the same initial
-scores, a zero prompt, the same seed). Progress is checkpointed with its
-position (density index, stage, epoch, batch, global step, results so far); the
-data streams' positions are a function of (stage, epoch, batch), so rerunning
-the same command continues exactly where a killed run stopped.
+A unit is one trained network (``methods.Unit``): a density of VPNs, HYDRA,
+BiP or a prune-at-init baseline, each from the same state (source weights, the
+same initial scores, a zero prompt, the same seed); or OMP's and LTH's dense
+finetune and LTH's rounds, which read the previous unit's saved weights and
+masks. Progress is checkpointed with its position (unit, stage, epoch, batch,
+global step, results so far); the data streams' positions are a function of
+(stage, epoch, batch), so rerunning the same command continues exactly where a
+killed run stopped.
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
-from vpns_jax import checkpoint, config_checks, export, label_mapping, masking, metrics, optim, parallel, prompts, source_model, steps
+from vpns_jax import (checkpoint, config_checks, export, label_mapping, macs, masking, methods, metrics, oneshot, optim,
+                      parallel, prompts, source_model, steps, structured)
 from vpns_jax.data import pipeline, prepare, registry
 from vpns_jax.models import create_model, functional
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
-RESULT_FIELDS = ("density", "sparsity", "model_sparsity", "test_accuracy", "test_loss", "wall_time_s")
+RESULT_FIELDS = ("method", "density", "round", "sparsity", "channel_sparsity", "model_sparsity", "test_accuracy",
+                 "test_loss", "macs", "speedup", "wall_time_s")
 OFFLINE_PREPARABLE = ("fashion_mnist", "digits")
 
 
@@ -38,13 +43,13 @@ OFFLINE_PREPARABLE = ("fashion_mnist", "digits")
 class Position:
     """Where a run is; saved as the checkpoint's metadata."""
 
-    density_index: int = 0
-    label_mapped: bool = False
-    stage: int = 1
+    unit: int = 0  # index into the plan's units (one per density, LTH round or dense finetune)
+    label_mapped: bool = False  # the unit's label mapping and masks are done (and in the checkpoint)
+    stage: int = -1  # the stage being trained; -1 = the unit's first
     epoch: int = 0  # within the stage
     batch: int = 0  # the next batch within the epoch
     global_step: int = 0  # training iterations over the whole run
-    elapsed: float = 0.0  # wall seconds spent on the current density before this process started it
+    elapsed: float = 0.0  # wall seconds spent on the current unit before this process started it
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -75,14 +80,20 @@ def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def unit_folder(workdir: pathlib.Path, density: float) -> pathlib.Path:
+    """Where a unit's subnetwork files go: ``subnetworks/density_<d>`` (6 significant digits)."""
+    return workdir / "subnetworks" / f"density_{density:.6g}"
+
+
 class Run:
-    """One ``run(config, workdir)``: the fixed ingredients, built once, and the density loop."""
+    """One ``run(config, workdir)``: the fixed ingredients, built once, and the loop over the plan's units."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
         self.config = config
         self.workdir = workdir
         self.mesh = parallel.make_mesh()
         config_checks.validate(config, num_devices=self.mesh.devices.size)
+        self.plan = methods.make_plan(config)
         enable_compilation_cache(config.compilation_cache_dir)
         data_dir = config.data.data_dir or None
         names = [config.data.name] + ([config.source.dataset] if config.source.enabled else [])
@@ -99,6 +110,11 @@ class Run:
             train, global_batch_size=config.data.batch_size, image_size=size, seed=config.seed,
             num_threads=config.data.num_threads,
         )
+        # BiP's score step reads a second, independently shuffled augmented stream.
+        self.second = pipeline.BatchStream(
+            train, global_batch_size=config.data.batch_size, image_size=size, view="augmented", seed=config.seed,
+            stream=4, num_threads=config.data.num_threads,
+        )
         # The reference computes the label mapping over the augmented training loader, every example once.
         self.mapping_stream = pipeline.BatchStream(
             train, global_batch_size=config.data.eval_batch_size, image_size=size, view="augmented",
@@ -108,9 +124,22 @@ class Run:
                                                 num_threads=config.data.num_threads)
         self.model = create_model(config.model.name, num_classes=config.model.num_classes, width=config.model.width,
                                   stem=config.model.stem, rngs=nnx.Rngs(config.seed))
+        self.kinds = functional.leaf_kinds(self.model)
         self.prompt_spec = prompts.PromptSpec(**config.prompt.to_dict())
+        self.uses_prompt = any("prompt" in phase.trains for phase in self.plan.phases.values())
         self.iterations_per_epoch = self.clean.batches_per_epoch
         self.class_names = export.dataset_class_names(config.data.name, data_dir, config.data.classes, self.num_target)
+        self.channel_groups = ()
+        if config.mask.granularity == "channel":
+            _, weights, _ = functional.split_model(self.model)
+            self.channel_groups = structured.channel_groups(config.model.name, weights)
+            for density in config.densities:
+                try:
+                    structured.channel_prune_counts(self.channel_groups, density, config.structured.channel_max)
+                except ValueError as error:
+                    raise config_checks.ConfigError(
+                        f"config.densities holds {density}: {error}; raise the density or "
+                        "config.structured.channel_max") from None
         # Only now, with data and model in hand, does the workdir get tied to this config: a run that
         # fails its checks leaves no config.json behind to refuse the corrected command.
         workdir.mkdir(parents=True, exist_ok=True)
@@ -129,17 +158,20 @@ class Run:
             "source pretraining"
         )
 
+    def _initial_scores(self, weights) -> dict:
+        if self.plan.method.masks != methods.LEARNED or self.config.transfer.masks_from:
+            return {}
+        if self.config.mask.granularity == "channel":
+            return structured.init_channel_scores(self.channel_groups, jax.random.PRNGKey(self.config.seed))
+        return masking.init_scores(weights, self.kinds)
+
     def _spec(self, scores, prompt) -> steps.StepSpec:
-        config = self.config
-        group = config_checks.group_optimizer
-        stage_groups = {
-            1: {"scores": group(config.stage1.scores), "prompt": group(config.stage1.prompt)},
-            2: {"weights": group(config.stage2.weights), "bn": group(config.stage2.bn), "prompt": group(config.stage2.prompt)},
-        }
+        config, plan = self.config, self.plan
         return steps.make_step_spec(
-            self.model, self.prompt_spec, prompt_params=prompt, scores=scores, stage_groups=stage_groups,
-            epochs={1: config.stage1.epochs, 2: config.stage2.epochs},
-            iterations_per_epoch=self.iterations_per_epoch, threshold_scope=config.mask.scope,
+            self.model, self.prompt_spec, prompt_params=prompt, scores=scores, stage_groups=plan.groups,
+            epochs=plan.epochs, iterations_per_epoch=self.iterations_per_epoch, threshold_scope=config.mask.scope,
+            phases=plan.phases, granularity=config.mask.granularity, channel_groups=self.channel_groups,
+            channel_max=config.structured.channel_max, bilevel_lr=config.bip.bilevel_lr,
         )
 
     def run(self) -> list[dict[str, Any]]:
@@ -148,98 +180,213 @@ class Run:
             self.workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep
         ) as ckpt:
             weights, batch_stats = self._initial_weights(writer)
-            scores = masking.init_scores(weights, functional.leaf_kinds(self.model))
+            scores = self._initial_scores(weights)
             prompt = prompts.init_prompt(self.prompt_spec)
             self.spec = self._spec(scores, prompt)
             self.initial = (weights, batch_stats, scores, prompt)
             latest = ckpt.latest_step()
             position = Position(**ckpt.restore_meta(latest)) if latest is not None else Position()
             self.saves = (latest or 0)
-            while position.density_index < len(config.densities):
-                position = self._density(position, ckpt, writer)
+            while position.unit < len(self.plan.units):
+                position = self._unit(position, ckpt, writer)
         if jax.process_index() == 0:
             write_results(self.workdir, position.results)
         return position.results
 
-    def _fresh_state(self, density: float) -> steps.TrainState:
-        weights, batch_stats, scores, prompt = self.initial
+    # -- one unit: its initial state (masks, label mapping), its stages, its evaluation -------------------------
+
+    def _ones_masks(self):
+        """All-ones masks shaped like the method's (host arrays)."""
+        if self.config.mask.granularity == "channel":
+            return {g.name: np.ones((g.num_channels,), np.float32) for g in self.channel_groups}
+        flat = traverse_util.flatten_dict(self.initial[0])
+        return traverse_util.unflatten_dict(
+            {path: np.ones(np.shape(flat[path]), np.float32) for path in masking.prunable_paths(self.kinds)})
+
+    def _state(self, unit: methods.Unit, stage: int, masks=None, prompt=None, weights=None) -> steps.TrainState:
+        """A state for ``unit`` ready for ``stage``: the source weights (or ``weights``), the initial scores,
+        a zero prompt (or ``prompt``) and the given masks; replicated over the mesh."""
+        source_weights, batch_stats, scores, zero_prompt = self.initial
         state = steps.init_state(
-            self.spec, weights=_copy(weights), batch_stats=_copy(batch_stats), scores=_copy(scores),
-            prompt=_copy(prompt), density=density, label_map=np.arange(self.num_target),
-            rng=jax.random.PRNGKey(self.config.seed),
+            self.spec, weights=_copy(source_weights if weights is None else weights), batch_stats=_copy(batch_stats),
+            scores=_copy(scores), prompt=_copy(zero_prompt if prompt is None else prompt), density=unit.density,
+            label_map=np.arange(self.num_target), rng=jax.random.PRNGKey(self.config.seed),
+            masks=masks, stage=stage,
         )
         return parallel.replicate(state, self.mesh)
 
-    def _save(self, ckpt: checkpoint.Checkpointer, state, position: Position) -> None:
-        self.saves += 1
-        ckpt.save(self.saves, state, dataclasses.asdict(position))
+    def _template(self, unit: methods.Unit, stage: int) -> steps.TrainState:
+        """A state shaped like the checkpoint of ``unit`` in ``stage`` (values do not matter): it holds masks
+        unless the stage trains scores."""
+        fixed = "scores" not in self.plan.phases[stage].trains
+        return self._state(unit, stage, masks=self._ones_masks() if fixed else None)
 
-    def _restore(self, ckpt: checkpoint.Checkpointer, density: float, stage: int) -> steps.TrainState:
-        fresh = self._fresh_state(density)
-        like = fresh if stage == 1 else steps.start_stage(self.spec, fresh, 2)
+    def _restore(self, ckpt: checkpoint.Checkpointer, unit: methods.Unit, stage: int) -> steps.TrainState:
+        like = self._template(unit, stage)
         replicated = parallel.replicated(self.mesh)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), like)
         state, _ = ckpt.restore(abstract)
         return state
 
-    def _density(self, position: Position, ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter) -> Position:
-        config = self.config
-        density = config.densities[position.density_index]
-        started = time.perf_counter() - position.elapsed
-        if position.label_mapped:
-            state = self._restore(ckpt, density, position.stage)
+    def _save(self, ckpt: checkpoint.Checkpointer, state, position: Position) -> None:
+        self.saves += 1
+        ckpt.save(self.saves, state, dataclasses.asdict(position))
+
+    def _label_map(self, state: steps.TrainState) -> steps.TrainState:
+        """Frequency label mapping through the state's masks (and zero or transferred prompt, if the method has one)."""
+        counts = sum(
+            np.asarray(steps.source_prediction_counts(state, parallel.global_batch(batch, self.mesh), spec=self.spec,
+                                                      num_target=self.num_target, with_prompt=self.uses_prompt))
+            for batch in self.mapping_stream.epoch_batches()
+        )
+        mapping = label_mapping.frequency_label_mapping(counts)
+        return state.replace(label_map=parallel.replicate(jnp.asarray(mapping), self.mesh))
+
+    def _start_unit(self, index: int) -> steps.TrainState:
+        """The unit's initial state with its masks, label-mapped through them."""
+        unit = self.plan.units[index]
+        first = unit.stages[0]
+        method = self.plan.method
+        if self.config.transfer.masks_from:
+            masks, prompt = self._transferred(unit.density)
+            return self._label_map(self._state(unit, first, masks=masks, prompt=prompt))
+        if method.masks == methods.LEARNED:
+            # The scores give the masks; a dense warm-up (structured VPNs' stage 0) trains unmasked.
+            masks = None if "scores" in self.plan.phases[first].trains else self._ones_masks()
+            return self._label_map(self._state(unit, first, masks=masks))
+        dense = self._label_map(self._state(unit, first, masks=self._ones_masks()))
+        if unit.dense:
+            return dense
+        # One-shot masks; SNIP and GraSP read the dense network's label mapping.
+        masks = self._one_shot_masks(unit, index, dense)
+        return self._label_map(self._state(unit, first, masks=masks))
+
+    def _previous(self, index: int) -> tuple[dict, dict]:
+        """Final weights and masks of unit ``index`` (saved with its subnetwork)."""
+        folder = unit_folder(self.workdir, self.plan.units[index].density)
+        return checkpoint.load_arrays(folder / "weights.npz"), checkpoint.load_arrays(folder / "masks.npz")
+
+    def _one_shot_masks(self, unit: methods.Unit, index: int, dense: steps.TrainState):
+        config, kinds, method = self.config, self.kinds, self.plan.method
+        weights, batch_stats = self.initial[0], self.initial[1]
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), index)
+        if method.masks == "magnitude":
+            trained, _ = self._previous(0)
+            importance = oneshot.magnitude_importance(trained, kinds)
+            return oneshot.keep_largest(importance, oneshot.keep_counts(importance, unit.density))
+        if method.masks == "lth":
+            trained, masks = self._previous(index - 1)
+            return oneshot.lth_round(trained, None if index == 1 else masks, kinds, config.finetune.lth_fraction)
+        if method.masks == "random":
+            importance = oneshot.random_importance(weights, key, kinds=kinds)
+            return oneshot.keep_largest(importance, oneshot.keep_counts(importance, unit.density, "layer"), "layer")
+        if method.masks == "slim":
+            trained, _ = self._previous(0)
+            importance = structured.bn_scale_importance(trained, self.channel_groups)
+            k = structured.channel_prune_counts(self.channel_groups, unit.density, config.structured.channel_max)
+            return jax.device_get(structured.channel_masks(importance, self.channel_groups, k,
+                                                          config.structured.channel_max))
+        graphdef = self.spec.graphdef
+        if method.masks == "synflow":
+            apply_fn = lambda w, stats, x: functional.apply_model(graphdef, w, stats, x, train=False)[0]  # noqa: E731
+            size = config.prompt.input_size
+            return oneshot.synflow_masks(apply_fn, weights, batch_stats, kinds, (size, size, 3), unit.density,
+                                         iterations=config.oneshot.synflow_iterations)
+        label_map = dense.label_map
+
+        def loss_fn(w, batch, temperature):
+            logits, _ = functional.apply_model(graphdef, w, batch_stats, prompts.normalize(batch["image"]), train=True)
+            return label_mapping.mapped_loss(logits / temperature, batch["label"], label_map)[0]
+
+        full = (b for b in self.mapping_stream.epoch_batches() if (b["label"] >= 0).all())  # no padding rows
+        batches = [parallel.global_batch(b, self.mesh) for b, _ in zip(full, range(config.oneshot.batches))]
+        if method.masks == "snip":
+            importance = oneshot.snip_importance(loss_fn, weights, kinds, batches)
         else:
-            state = self._fresh_state(density)
-            counts = sum(
-                np.asarray(steps.source_prediction_counts(state, parallel.global_batch(batch, self.mesh),
-                                                          spec=self.spec, num_target=self.num_target))
-                for batch in self.mapping_stream.epoch_batches()
-            )
-            mapping = label_mapping.frequency_label_mapping(counts)
-            state = state.replace(label_map=parallel.replicate(jnp.asarray(mapping), self.mesh))
+            importance = oneshot.grasp_importance(loss_fn, weights, kinds, batches,
+                                                  temperature=config.oneshot.grasp_temperature)
+        importance = jax.device_get(importance)
+        return oneshot.keep_largest(importance, oneshot.keep_counts(importance, unit.density))
+
+    def _transferred(self, density: float):
+        """Masks and prompt of ``density`` from the run in ``config.transfer.masks_from``."""
+        folder = unit_folder(pathlib.Path(self.config.transfer.masks_from), density)
+        try:
+            masks = checkpoint.load_arrays(folder / "masks.npz")
+            prompt = checkpoint.load_arrays(folder / "prompt.npz")
+        except FileNotFoundError:
+            raise config_checks.ConfigError(
+                f"config.transfer.masks_from={self.config.transfer.masks_from!r} has no finished subnetwork for "
+                f"density {density} ({folder}): run that density there first, or list only its densities"
+            ) from None
+        expected = self._ones_masks()
+        if jax.tree.structure(expected) != jax.tree.structure(masks) or any(
+                a.shape != b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(masks))):
+            raise config_checks.ConfigError(
+                f"config.transfer.masks_from: the masks in {folder} do not fit {self.config.model.name} at width "
+                f"{self.config.model.width}: transfer between runs of the same model")
+        if prompt["program"].shape != self.initial[3]["program"].shape:
+            prompt = self.initial[3]  # another prompt geometry: only the mask transfers
+        return masks, prompt
+
+    def _unit(self, position: Position, ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter) -> Position:
+        unit = self.plan.units[position.unit]
+        started = time.perf_counter() - position.elapsed
+        if position.stage < 0:
+            position.stage = unit.stages[0]
+        if position.label_mapped:
+            state = self._restore(ckpt, unit, position.stage)
+        else:
+            state = self._start_unit(position.unit)
             position.label_mapped = True
             position.elapsed = time.perf_counter() - started
             self._save(ckpt, state, position)
-        for stage in (1, 2):
+        for i, stage in enumerate(unit.stages):
             if position.stage > stage:
                 continue
-            state = self._train_stage(state, position, stage, density, started, ckpt, writer)
-            if stage == 1:
+            state = self._train_stage(state, position, unit, stage, started, ckpt, writer)
+            if i + 1 < len(unit.stages):
                 # New arrays (step, optimiser state) start on one device: place them like the rest.
-                state = parallel.replicate(steps.start_stage(self.spec, state, 2), self.mesh)
-                position.stage, position.epoch, position.batch = 2, 0, 0
+                state = parallel.replicate(steps.start_stage(self.spec, state, unit.stages[i + 1]), self.mesh)
+                position.stage, position.epoch, position.batch = unit.stages[i + 1], 0, 0
                 position.elapsed = time.perf_counter() - started
                 self._save(ckpt, state, position)
-        result = self._evaluate(state, density)
+        result = self._evaluate(state, unit)
         result["wall_time_s"] = round(time.perf_counter() - started, 2)
-        writer.write(position.global_step, {k: v for k, v in result.items() if k != "density"},
-                     phase="result", density=density)
-        self._save_subnetwork(state, density)
-        next_position = Position(density_index=position.density_index + 1, global_step=position.global_step,
+        writer.write(position.global_step, {k: v for k, v in result.items() if k not in ("density", "method")},
+                     phase="result", density=unit.density)
+        self._save_subnetwork(state, unit.density)
+        next_position = Position(unit=position.unit + 1, global_step=position.global_step,
                                  results=position.results + [result])
-        if next_position.density_index < len(config.densities):
-            # The next density starts from a fresh state; saved so the checkpoint shape stays uniform.
-            self._save(ckpt, self._fresh_state(config.densities[next_position.density_index]), next_position)
-        else:
-            self._save(ckpt, state, next_position)
+        # Saved with this unit's state: the next unit builds its own at its start, the shapes may differ.
+        self._save(ckpt, state, next_position)
         return next_position
 
-    def _train_stage(self, state, position: Position, stage: int, density: float, started: float,
+    def _batches(self, stage: int) -> tuple:
+        streams = self.plan.phases[stage].streams
+        if streams == "two":
+            return (next(self.clean), next(self.augmented))
+        if streams == "one":
+            return (next(self.augmented),)
+        return (next(self.augmented), next(self.second))
+
+    def _train_stage(self, state, position: Position, unit: methods.Unit, stage: int, started: float,
                      ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter) -> steps.TrainState:
         config = self.config
-        epochs = config.stage1.epochs if stage == 1 else config.stage2.epochs
-        offset = 0 if stage == 1 else config.stage1.epochs  # streams keep counting epochs across the stages
+        epochs = self.plan.epochs[stage]
+        # Streams keep counting epochs across a unit's stages.
+        offset = sum(self.plan.epochs[s] for s in unit.stages[: unit.stages.index(stage)])
         per_epoch = self.iterations_per_epoch
-        for stream in (self.clean, self.augmented):
+        for stream in (self.clean, self.augmented, self.second):
             stream.set_state({"epoch": offset + position.epoch, "batch": position.batch})
-        bar = metrics.progress(epochs * per_epoch, f"density {density} stage {stage}",
+        bar = metrics.progress(epochs * per_epoch, f"{self.plan.method.name} density {unit.density:.6g} stage {stage}",
                                initial=position.epoch * per_epoch + position.batch)
         images, tick = 0, time.perf_counter()
+        num_batches = self.plan.phases[stage].num_batches
         while position.epoch < epochs:
-            prompted = parallel.global_batch(next(self.clean), self.mesh)
-            plain = parallel.global_batch(next(self.augmented), self.mesh)
-            state, step_metrics = steps.train_iteration(state, prompted, plain, spec=self.spec, stage=stage)
-            images += 2 * config.data.batch_size
+            batches = tuple(parallel.global_batch(b, self.mesh) for b in self._batches(stage))
+            state, step_metrics = steps.train_iteration(state, batches, spec=self.spec, stage=stage)
+            images += num_batches * config.data.batch_size
             position.global_step += 1
             position.batch += 1
             if position.batch == per_epoch:
@@ -249,7 +396,7 @@ class Run:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 values.update(self._learning_rates(stage, position.epoch))
                 values["images_per_s"] = images / (time.perf_counter() - tick)
-                writer.write(position.global_step, values, density=density, stage=stage)
+                writer.write(position.global_step, values, density=unit.density, stage=stage)
                 images, tick = 0, time.perf_counter()
             if position.global_step % config.checkpoint.every_steps == 0 and position.epoch < epochs:
                 position.elapsed = time.perf_counter() - started
@@ -258,53 +405,75 @@ class Run:
         return state
 
     def _learning_rates(self, stage: int, epoch: int) -> dict[str, float]:
-        section = self.config.stage1 if stage == 1 else self.config.stage2
-        epochs = section.epochs
-        return {f"lr_{name}": float(optim.epoch_cosine_schedule(section[name].lr, epochs, 1)(min(epoch, epochs - 1)))
-                for name in optim.reference_groups(stage)}
+        epochs = self.plan.epochs[stage]
+        return {f"lr_{name}": float(optim.epoch_cosine_schedule(group.learning_rate, epochs, 1)(min(epoch, epochs - 1)))
+                for name, group in self.plan.groups[stage].items()}
 
-    def _evaluate(self, state: steps.TrainState, density: float) -> dict[str, Any]:
+    def _kernel_masks(self, pattern):
+        """Host 0/1 masks of every prunable kernel, from ``steps.effective_weights``' pattern (channel masks
+        spread over the kernels they gate)."""
+        flat = traverse_util.flatten_dict(jax.device_get(pattern))
+        return traverse_util.unflatten_dict({path: flat[path] for path in masking.prunable_paths(self.kinds)})
+
+    def _evaluate(self, state: steps.TrainState, unit: methods.Unit) -> dict[str, Any]:
+        with_prompt = self.config.eval.with_prompt and self.uses_prompt
         totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
         for batch in self.test_stream.epoch_batches():
             out = jax.device_get(steps.eval_step(state, parallel.global_batch(batch, self.mesh), spec=self.spec,
-                                                 with_prompt=self.config.eval.with_prompt))
+                                                 with_prompt=with_prompt))
             for key in totals:
                 totals[key] += out[key].item()
-        report = masking.sparsity_report(jax.device_get(state.weights), jax.device_get(state.masks))
-        return {
-            "density": density,
+        effective, pattern = jax.device_get(steps.effective_weights(self.spec, state))
+        report = masking.sparsity_report(effective, self._kernel_masks(pattern))
+        size = self.config.prompt.input_size
+        counted = macs.count_macs(self.spec.graphdef, effective, jax.device_get(state.batch_stats), size)
+        result = {
+            "method": self.plan.method.name,
+            "density": unit.density,
             "sparsity": round(report.prunable_sparsity, 6),
             "model_sparsity": round(report.model_sparsity, 6),
             "test_accuracy": round(totals["correct"] / totals["count"], 6),
             "test_loss": round(totals["loss_sum"] / totals["count"], 6),
+            "macs": counted.total,
+            "speedup": round(counted.speedup, 4),
         }
+        if self.plan.method.masks == "lth":
+            result["round"] = unit.round
+        if self.config.mask.granularity == "channel":
+            result["channel_sparsity"] = round(structured.channel_sparsity(steps.current_masks(self.spec, state)), 6)
+        return result
 
     def _save_subnetwork(self, state: steps.TrainState, density: float) -> None:
         if jax.process_index() != 0:
             return
-        folder = self.workdir / "subnetworks" / f"density_{density}"
+        folder = unit_folder(self.workdir, density)
         folder.mkdir(parents=True, exist_ok=True)
-        host = jax.device_get({"masks": state.masks, "weights": state.weights, "batch_stats": state.batch_stats,
-                               "prompt": state.prompt, "label_map": {"label_map": state.label_map}})
+        host = jax.device_get({"masks": steps.current_masks(self.spec, state), "weights": state.weights,
+                               "batch_stats": state.batch_stats, "prompt": state.prompt,
+                               "label_map": {"label_map": state.label_map}})
         for name, tree in host.items():
             checkpoint.save_arrays(folder / f"{name}.npz", tree)
         config = self.config
-        # overwrite: a run killed after this save but before its checkpoint redoes the density's save.
+        # Channel masks also zero BatchNorm outputs: the export holds the gated weights, so it needs no channel logic.
+        weights, pattern = jax.device_get(steps.effective_weights(self.spec, state))
+        kernel_masks = self._kernel_masks(pattern)
+        # overwrite: a run killed after this save but before its checkpoint redoes the unit's save.
         export.export_subnetwork(
             folder / "subnetwork.npz", model_name=config.model.name, num_classes=config.model.num_classes,
-            width=config.model.width, stem=config.model.stem, weights=host["weights"],
-            batch_stats=host["batch_stats"], masks=host["masks"], prompt_spec=self.prompt_spec,
+            width=config.model.width, stem=config.model.stem, weights=weights,
+            batch_stats=host["batch_stats"], masks=kernel_masks, prompt_spec=self.prompt_spec,
             prompt=host["prompt"], label_map=host["label_map"]["label_map"],
-            eval_with_prompt=config.eval.with_prompt, class_names=self.class_names,
+            eval_with_prompt=config.eval.with_prompt and self.uses_prompt, class_names=self.class_names,
             rng=jax.device_get(state.rng), overwrite=True,
         )
 
 
 def format_results(results: list[dict[str, Any]]) -> str:
     """The results table as aligned plain text."""
-    header = f"{'density':>8} {'sparsity':>9} {'test acc':>9} {'test loss':>10} {'wall s':>8}"
+    header = f"{'method':>9} {'density':>8} {'sparsity':>9} {'test acc':>9} {'test loss':>10} {'speedup':>8} {'wall s':>8}"
     rows = [header] + [
-        f"{r['density']:>8} {r['sparsity']:>9.4f} {r['test_accuracy']:>9.4f} {r['test_loss']:>10.4f} {r['wall_time_s']:>8.1f}"
+        f"{r.get('method', ''):>9} {r['density']:>8.4g} {r['sparsity']:>9.4f} {r['test_accuracy']:>9.4f} "
+        f"{r['test_loss']:>10.4f} {r.get('speedup', 1.0):>8.3f} {r['wall_time_s']:>8.1f}"
         for r in results
     ]
     return "\n".join(rows)
@@ -313,7 +482,7 @@ def format_results(results: list[dict[str, Any]]) -> str:
 def write_results(workdir: pathlib.Path, results: list[dict[str, Any]]) -> None:
     """results.json and results.csv in the workdir (each written whole, then renamed into place)."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS, extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(results)
     for name, content in ((RESULTS_JSON, json.dumps(results, indent=2)), (RESULTS_CSV, text.getvalue())):

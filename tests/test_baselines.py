@@ -1,0 +1,169 @@
+"""Every method end to end on a tiny network (a few steps): exact sparsity, LTH's rounds, OMP's rewind, transfer.
+
+Each method runs in-process through ``train.run`` on real Fashion-MNIST with a
+width-1/16 ResNet-18 at 16 px, one epoch of two iterations per stage.
+"""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import default
+from vpns_jax import checkpoint, methods, oneshot, structured, train
+from vpns_jax.models import create_model, functional
+
+DENSITIES = (0.5, 0.2)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A random-init source model file (sparsity checks need no pretraining)."""
+    model = create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0))
+    _, weights, batch_stats = functional.split_model(model)
+    path = tmp_path_factory.mktemp("source") / "source.npz"
+    checkpoint.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
+    return str(path), weights
+
+
+def tiny_config(data_dir, source_path, method, **overrides):
+    config = default.get_config()
+    config.method = method
+    config.densities = DENSITIES
+    config.model.update(width=1 / 16, stem="cifar", num_classes=10, init_from=source_path)
+    config.source.enabled = False
+    config.data.update(data_dir=data_dir, train_limit=64, test_limit=64, batch_size=32, eval_batch_size=64)
+    config.prompt.update(input_size=16, output_size=16, pad_size=2)
+    for section, field in (("stage1", "epochs"), ("stage2", "epochs"), ("hydra", "prune_epochs"),
+                           ("hydra", "finetune_epochs"), ("bip", "epochs"), ("finetune", "epochs"),
+                           ("finetune", "dense_epochs"), ("structured", "warmup_epochs"),
+                           ("structured", "prune_epochs"), ("structured", "finetune_epochs"), ("slim", "epochs")):
+        config[section][field] = 1
+    config.oneshot.update(batches=1, synflow_iterations=2)
+    config.checkpoint.update(every_steps=1000, max_to_keep=50)
+    config.compilation_cache_dir = "none"
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def _kept(masks) -> tuple[int, int]:
+    leaves = jax.tree.leaves(masks)
+    return sum(int(np.count_nonzero(m)) for m in leaves), sum(m.size for m in leaves)
+
+
+def _masks(workdir, density):
+    return checkpoint.load_arrays(train.unit_folder(pathlib.Path(workdir), density) / "masks.npz")
+
+
+def _run(fashion_data_dir, source, tmp_path, method, **overrides):
+    config = tiny_config(fashion_data_dir, source[0], method, **overrides)
+    workdir = tmp_path / method
+    results = train.run(config, workdir)
+    assert json.loads((workdir / train.RESULTS_JSON).read_text()) == results
+    return workdir, results
+
+
+@pytest.mark.parametrize("method", ["vpns", "hydra", "bip", "omp", "snip", "grasp", "synflow", "omp_vp"])
+def test_global_methods_keep_exactly_k(fashion_data_dir, source, tmp_path, method):
+    workdir, results = _run(fashion_data_dir, source, tmp_path, method)
+    rows = {r["density"]: r for r in results if r["density"] in DENSITIES}
+    assert set(rows) == set(DENSITIES) and all(r["method"] == method for r in results)
+    for density in DENSITIES:
+        kept, total = _kept(_masks(workdir, density))
+        assert kept == total - int((1 - density) * total)
+        assert rows[density]["sparsity"] == round(1 - kept / total, 6)
+        assert 0.0 <= rows[density]["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["random", "random_vp"])
+def test_random_keeps_exactly_d_of_every_layer(fashion_data_dir, source, tmp_path, method):
+    workdir, _ = _run(fashion_data_dir, source, tmp_path, method)
+    for density in DENSITIES:
+        for mask in jax.tree.leaves(_masks(workdir, density)):
+            assert np.count_nonzero(mask) == mask.size - int((1 - density) * mask.size)
+
+
+def test_lth_rounds_prune_a_fifth_of_the_rest(fashion_data_dir, source, tmp_path):
+    workdir, results = _run(fashion_data_dir, source, tmp_path, "lth")
+    rounds = [r for r in results if r.get("round", 0) > 0]
+    nominal = methods.lth_densities(min(DENSITIES), 0.2)
+    assert [r["density"] for r in rounds] == nominal
+    np.testing.assert_allclose(nominal, [0.8 ** r for r in range(1, len(nominal) + 1)])
+    assert nominal[-1] <= min(DENSITIES) < nominal[-2]
+    total = _kept(_masks(workdir, 1.0))[1]
+    expected = oneshot.lth_schedule(total, len(rounds))
+    previous = _masks(workdir, 1.0)
+    for r, count in zip(rounds, expected):
+        masks = _masks(workdir, r["density"])
+        assert _kept(masks)[0] == count
+        # A pruned entry stays pruned.
+        for old, new in zip(jax.tree.leaves(previous), jax.tree.leaves(masks)):
+            assert not np.any((old == 0) & (new == 1))
+        previous = masks
+
+
+def test_omp_rewinds_to_the_source_weights(fashion_data_dir, source, tmp_path, monkeypatch):
+    """The masked finetune starts from the source weights, masked by the dense finetune's magnitudes."""
+    starts = {}
+    start_unit = train.Run._start_unit
+
+    def spy(self, index):
+        state = start_unit(self, index)
+        starts[index] = jax.device_get((state.weights, state.masks))
+        return state
+
+    monkeypatch.setattr(train.Run, "_start_unit", spy)
+    workdir, _ = _run(fashion_data_dir, source, tmp_path, "omp", **{"stage2.weights": _sgd(0.05)})
+    finetuned = checkpoint.load_arrays(train.unit_folder(workdir, 1.0) / "weights.npz")
+    _, source_weights = source
+    assert not np.array_equal(finetuned["conv1"]["kernel"], source_weights["conv1"]["kernel"])
+    for index, density in enumerate(DENSITIES, start=1):
+        weights, masks = starts[index]
+        for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(source_weights)):
+            np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+        importance = oneshot.magnitude_importance(finetuned, functional.leaf_kinds(
+            create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0))))
+        expected = oneshot.keep_largest(importance, oneshot.keep_counts(importance, density))
+        for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(a, b)
+
+
+def _sgd(lr):
+    from configs import base
+
+    return base.optimizer("sgd", lr)
+
+
+def test_dense_prunes_nothing(fashion_data_dir, source, tmp_path):
+    _, results = _run(fashion_data_dir, source, tmp_path, "dense")
+    assert [(r["density"], r["sparsity"], r["speedup"]) for r in results] == [(1.0, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize("method", ["vpns", "slim"])
+def test_channel_methods_prune_exactly_k_channels(fashion_data_dir, source, tmp_path, method):
+    workdir, results = _run(fashion_data_dir, source, tmp_path, method, **{"mask.granularity": "channel"})
+    groups = structured.channel_groups("resnet18", source[1])
+    for row in results:
+        if row["density"] not in DENSITIES:
+            continue
+        masks = _masks(workdir, row["density"])
+        pruned = sum(int((m == 0).sum()) for m in masks.values())
+        assert pruned == structured.channel_prune_counts(groups, row["density"], 0.25)
+        assert row["speedup"] > 1.0 and row["channel_sparsity"] == round(pruned / sum(g.num_channels for g in groups), 6)
+
+
+def test_transfer_finetunes_the_found_masks_on_another_task(fashion_data_dir, source, tmp_path):
+    found, _ = _run(fashion_data_dir, source, tmp_path, "vpns")
+    config = tiny_config(fashion_data_dir, source[0], "vpns")
+    config.data.classes = (0, 1, 2, 3, 4)  # the other half of Fashion-MNIST
+    config.transfer.masks_from = str(found)
+    results = train.run(config, tmp_path / "transfer")
+    for row in results:
+        transferred = _masks(tmp_path / "transfer", row["density"])
+        for a, b in zip(jax.tree.leaves(transferred), jax.tree.leaves(_masks(found, row["density"]))):
+            np.testing.assert_array_equal(a, b)
