@@ -1,0 +1,229 @@
+"""The experiment tools on hand-written cell workdirs: no training, no subprocesses."""
+
+import json
+import pathlib
+import shlex
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import plots, sweep, table
+from vpns_jax import checkpoint
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")
+LTH_ROUNDS = [0.8**r for r in range(1, 15)]  # 0.8 ... 0.044
+
+
+def _cell(root, method, seed, rows, masks_at=()):
+    """A fake workdir: results.json from (density, accuracy) pairs and a masks.npz per density in ``masks_at``."""
+    workdir = sweep.cell_workdir(root, method, seed)
+    workdir.mkdir(parents=True)
+    results = [{"density": d, "sparsity": 1 - d, "model_sparsity": 1 - d, "test_accuracy": acc,
+                "test_loss": 0.3, "wall_time_s": 1.0, "method": method} for d, acc in rows]
+    (workdir / "results.json").write_text(json.dumps(results))
+    for density in masks_at:
+        kept = (np.arange(36) % 10 < 10 * density).reshape(3, 3, 2, 2).astype(np.float32)
+        masks = {"conv1": {"kernel": np.ones((3, 3, 3, 4))}, "layer1": {0: {"conv1": {"kernel": kept}}},
+                 "fc": {"kernel": np.zeros((4, 5))}}
+        checkpoint.save_arrays(workdir / "subnetworks" / f"density_{density}" / "masks.npz", masks)
+    return workdir
+
+
+@pytest.fixture
+def small_sweep(tmp_path):
+    """vpns at seeds 7 and 9, one LTH run (seed 7, rounds 0.8^r) and one dense model."""
+    _cell(tmp_path, "vpns", 7, [(0.5, 0.93), (0.1, 0.90)], masks_at=(0.5, 0.1))
+    _cell(tmp_path, "vpns", 9, [(0.5, 0.95), (0.1, 0.92)])
+    _cell(tmp_path, "lth", 7, [(d, 0.90 - 0.005 * r) for r, d in enumerate(LTH_ROUNDS[:11], 1)],
+          masks_at=LTH_ROUNDS[8:11])
+    _cell(tmp_path, "dense", 7, [(1.0, 0.96)])
+    return tmp_path
+
+
+def test_mean_and_sample_std_over_seeds(tmp_path):
+    for seed, accuracy in ((7, 0.90), (9, 0.92), (17, 0.94)):
+        _cell(tmp_path, "hydra", seed, [(0.5, 0.95), (0.1, accuracy)])
+    rows = table.collect(tmp_path)
+    assert [(r["method"], r["seed"], r["density"]) for r in rows][:2] == [("hydra", 7, 0.5), ("hydra", 7, 0.1)]
+    assert rows[0]["workdir"] == str(tmp_path / "hydra" / "seed_7")
+    summary = table.summarize(rows, [0.5, 0.1])
+    cell = summary.cells[("hydra", 0.1)]
+    assert cell.mean == pytest.approx(92.0) and cell.std == pytest.approx(2.0)
+    assert cell.n == 3 and cell.seeds == (7, 9, 17) and not cell.nearest
+    assert table.format_cell(cell, 3) == "92.00(2.00)"
+    assert table.format_cell(summary.cells[("hydra", 0.5)], 3) == "95.00(0.00)"
+
+
+def test_lth_takes_its_nearest_round_within_a_factor_1_25(small_sweep):
+    summary = table.summarize(table.collect(small_sweep), [0.5, 0.1, 0.05])
+    at_half, at_tenth, at_twentieth = (summary.cells[("lth", d)] for d in (0.5, 0.1, 0.05))
+    assert at_half.used_densities == pytest.approx([0.512]) and at_half.nearest
+    assert at_tenth.used_densities == pytest.approx([0.8**10]) and at_tenth.mean == pytest.approx(85.0)
+    # Its last round is 0.8^11 = 0.086, a factor 1.72 from 0.05: no value rather than a wrong one.
+    assert at_twentieth.mean is None and at_twentieth.n == 0
+    assert table.format_cell(at_tenth, 1) == "85.00(-)†"
+    assert table.format_cell(at_twentieth, 1) == "n/a"
+    # A row at the exact density is never marked, and the dense model serves every column.
+    assert not summary.cells[("vpns", 0.1)].nearest
+    assert summary.cells[("dense", 0.05)].mean == pytest.approx(96.0)
+
+
+def test_markdown_is_laid_out_like_the_paper(small_sweep):
+    summary = table.summarize(table.collect(small_sweep), [0.5, 0.1])
+    assert table.format_markdown(summary) == (
+        "| Sparsity (%) | 50 | 90 |\n"
+        "| :-- | --: | --: |\n"
+        "| dense | 96.00(-) [n=1] | 96.00(-) [n=1] |\n"
+        "| lth | 88.50(-)† [n=1] | 85.00(-)† [n=1] |\n"
+        "| vpns | 94.00(1.41) | 91.00(1.41) |\n"
+        "\n"
+        "Test accuracy (%), mean(sample std) over 2 seeds (7, 9); '-': one seed.\n"
+        "† LTH at its round density 0.8^r nearest the column (any method: the nearest density it ran, "
+        "within a factor 1.25): lth at 0.512 for 50; lth at 0.1074 for 90.\n"
+    )
+    assert table.ranking(summary, 0.1) == [("vpns", pytest.approx(91.0)), ("lth", pytest.approx(85.0))]
+    assert table.ranking(summary, 0.1, include_dense=True)[0][0] == "dense"
+    with pytest.raises(ValueError, match="not a column"):
+        table.ranking(summary, 0.2)
+
+
+def test_csv_has_one_row_per_method_and_density(small_sweep):
+    summary = table.summarize(table.collect(small_sweep), [0.5, 0.1], methods=["vpns", "lth"])
+    assert table.format_csv(summary) == (
+        "method,density,sparsity_pct,mean_accuracy_pct,std_accuracy_pct,n,seeds,used_density,nearest\n"
+        "vpns,0.5,50,94.0000,1.4142,2,7 9,0.5,false\n"
+        "vpns,0.1,90,91.0000,1.4142,2,7 9,0.1,false\n"
+        "lth,0.5,50,88.5000,,1,7,0.512,true\n"
+        "lth,0.1,90,85.0000,,1,7,0.1074,true\n"
+    )
+
+
+def test_table_cli_writes_markdown_and_csv(small_sweep, capsys):
+    assert table.main([f"--root={small_sweep}", "--densities=0.5,0.1", f"--out={small_sweep / 'table'}"]) == 0
+    printed = capsys.readouterr().out
+    markdown = (small_sweep / "table.md").read_text()
+    assert markdown.startswith(table.format_markdown(table.summarize(table.collect(small_sweep), [0.5, 0.1])))
+    assert "- sparsity 90 %: vpns 91.00 > lth 85.00" in markdown and "| vpns | 94.00(1.41)" in printed
+    assert (small_sweep / "table.csv").read_text().count("\n") == 7
+
+
+def test_plots_write_png_files(small_sweep, tmp_path):
+    summary = table.summarize(table.collect(small_sweep), [0.5, 0.1])
+    path = tmp_path / "figures" / "accuracy.png"
+    plots.plot_accuracy_vs_sparsity(summary, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    masks = checkpoint.load_arrays(small_sweep / "vpns" / "seed_7" / "subnetworks" / "density_0.1" / "masks.npz")
+    densities = plots.layer_densities(masks)
+    assert densities == {"conv1": 1.0, "layer1/0/conv1": pytest.approx(4 / 36), "fc": 0.0}
+    assert list(densities) == ["conv1", "layer1/0/conv1", "fc"]  # the dense head after the convs
+    layer_path = tmp_path / "layers.png"
+    plots.plot_layer_densities(masks, layer_path, "vpns at density 0.1")
+    assert layer_path.stat().st_size > 1000
+
+    out = tmp_path / "cli"
+    assert plots.main([f"--root={small_sweep}", f"--out={out}", "--densities=0.5,0.1"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["accuracy_vs_sparsity.png", "layer_density_lth.png", "layer_density_vpns.png"]
+    assert all(p.stat().st_size > 1000 for p in out.iterdir())
+    assert plots.nearest_subnetwork(small_sweep / "lth" / "seed_7", 0.1)[0] == pytest.approx(0.8**10)
+
+
+def _expected_command(root, method, seed, *extra):
+    return [sys.executable, "-m", "vpns_jax.main", f"--config={DEFAULT_CONFIG}",
+            f"--workdir={root}/{method}/seed_{seed}", f"--config.method={method}", f"--config.seed={seed}",
+            "--config.densities=(0.5, 0.1)", "--config.source.epochs=1", *extra]
+
+
+def test_sweep_dry_run_prints_commands_that_share_the_source_model(tmp_path, capsys):
+    argv = [f"--config={DEFAULT_CONFIG}", "--methods=vpns,hydra", "--densities=0.5,0.1", "--seeds=7,9",
+            f"--root={tmp_path}", "--set", "source.epochs=1", "--dry_run"]
+    assert sweep.main(argv) == 0
+    printed = capsys.readouterr().out
+    shared = ["--config.source.enabled=False", f"--config.model.init_from={tmp_path}/vpns/seed_7/source_model.npz"]
+    expected = [
+        _expected_command(tmp_path, "vpns", 7),
+        _expected_command(tmp_path, "vpns", 9, *shared),
+        _expected_command(tmp_path, "hydra", 7, *shared),
+        _expected_command(tmp_path, "hydra", 9, *shared),
+    ]
+    commands = [shlex.split(line) for line in printed.splitlines() if line.startswith("  ")]
+    assert commands == expected
+    assert "source model: pretrained by vpns seed 7" in printed
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+    # An existing source model: no pretraining, so no cell is rewritten to share one.
+    cells = sweep.plan(DEFAULT_CONFIG, ["vpns"], [7, 9], [0.5, 0.1], tmp_path, {"source.epochs": "1"},
+                       share_source=sweep.pretrains_source(
+                           sweep.load_config(DEFAULT_CONFIG),
+                           {"source.enabled": "False", "model.init_from": "/models/resnet18.npz"}))
+    assert [list(c.command) for c in cells] == [_expected_command(tmp_path, "vpns", s) for s in (7, 9)]
+
+
+def test_sweep_skips_complete_cells_and_goes_on_after_a_failure(tmp_path, capsys, monkeypatch):
+    first = _cell(tmp_path, "vpns", 7, [(0.5, 0.93), (0.1, 0.90)])
+    (first / "source_model.npz").write_bytes(b"weights")
+    _cell(tmp_path, "vpns", 9, [(0.5, 0.93)])  # 0.1 missing: rerun (the trainer resumes)
+    ran = []
+
+    def fake_run(cell):
+        ran.append((cell.method, cell.seed))
+        return (1, "Traceback ...\nValueError: boom") if cell.method == "hydra" and cell.seed == 7 else (0, "")
+
+    monkeypatch.setattr(sweep, "run_cell", fake_run)
+    argv = [f"--config={DEFAULT_CONFIG}", "--methods=vpns,hydra", "--densities=0.5,0.1", "--seeds=7,9",
+            f"--root={tmp_path}", "--set", "source.epochs=1"]
+    assert sweep.main(argv) == 1
+    printed = capsys.readouterr().out
+    assert ran == [("vpns", 9), ("hydra", 7), ("hydra", 9)]
+    assert "vpns seed 7: complete, skipped" in printed and "ValueError: boom" in printed
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [c["status"] for c in manifest["cells"]] == ["skipped", "done", "failed", "done"]
+    assert manifest["cells"][1]["command"] == _expected_command(
+        tmp_path, "vpns", 9, "--config.source.enabled=False",
+        f"--config.model.init_from={tmp_path}/vpns/seed_7/source_model.npz")
+    assert manifest["source_cell"] == {"method": "vpns", "seed": 7} and manifest["densities"] == [0.5, 0.1]
+    assert "experiments.sweep" in (tmp_path / "command.txt").read_text()
+
+    # The source cell stays the same when a rerun lists the methods in another order.
+    ran.clear()
+    assert sweep.main([*argv[:1], "--methods=hydra,vpns", *argv[2:]]) == 1
+    assert json.loads((tmp_path / "manifest.json").read_text())["source_cell"] == {"method": "vpns", "seed": 7}
+
+
+def test_cells_without_the_shared_source_model_are_blocked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "run_cell", lambda cell: (1, "pretraining failed"))
+    assert sweep.main([f"--config={DEFAULT_CONFIG}", "--methods=vpns", "--densities=0.5", "--seeds=7,9",
+                       f"--root={tmp_path}"]) == 1
+    assert [c["status"] for c in json.loads((tmp_path / "manifest.json").read_text())["cells"]] == [
+        "failed", "blocked"]
+    assert "BLOCKED" in capsys.readouterr().out
+
+
+def test_completeness_rules(tmp_path):
+    vpns = _cell(tmp_path, "vpns", 7, [(0.5, 0.9), (0.1, 0.9)])
+    assert sweep.is_complete(vpns, "vpns", [0.5, 0.1])
+    assert not sweep.is_complete(vpns, "vpns", [0.5, 0.1, 0.05])
+    assert not sweep.is_complete(tmp_path / "missing", "vpns", [0.5])
+    lth = _cell(tmp_path, "lth", 7, [(d, 0.9) for d in LTH_ROUNDS])
+    assert sweep.is_complete(lth, "lth", [0.5, 0.05])  # its last round 0.044 is below 0.05
+    assert not sweep.is_complete(lth, "lth", [0.5, 0.02])
+    assert sweep.is_complete(_cell(tmp_path, "dense", 7, [(1.0, 0.96)]), "dense", [0.5, 0.1])
+
+
+def test_overrides_refuse_the_sweeps_own_keys():
+    assert sweep.parse_overrides(["config.source.epochs=1", "data.classes=(5,6)"]) == {
+        "source.epochs": "1", "data.classes": "(5,6)"}
+    with pytest.raises(ValueError, match="--seeds"):
+        sweep.parse_overrides(["seed=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        sweep.parse_overrides(["source.epochs"])
+    assert sweep.format_densities([0.5]) == "(0.5,)"
+
+
+def test_source_file_name_matches_the_trainer():
+    from vpns_jax import source_model
+
+    assert sweep.SOURCE_FILE == source_model.SOURCE_FILE
