@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHRUNK = [
     "--config.model.width=0.0625", "--config.densities=(0.5,0.1)",
@@ -33,7 +35,8 @@ def _command(workdir, data_dir, cache, *extra):
 
 
 def _env(devices=1):
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
 
 
 def _results(workdir):
