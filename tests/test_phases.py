@@ -8,26 +8,14 @@ from flax import nnx
 
 from vpns_jax import label_mapping, masking, optim, prompts, steps
 from vpns_jax.models import create_model, functional
+from tests.test_steps import _adam_counts, _copy  # shared helpers of the step tests
 
 SIZE, BATCH = 16, 8
-
-
-def _copy(tree):
-    return jax.tree.map(lambda x: x.copy(), tree)
 
 
 def _identical(a, b) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
                                                                             strict=True))
-
-
-def _counts(opt_state):
-    counts = {}
-    for label, inner in opt_state.inner_states.items():
-        for leaf in jax.tree.leaves(inner, is_leaf=lambda x: hasattr(x, "count") and hasattr(x, "mu")):
-            if hasattr(leaf, "mu"):
-                counts[label] = int(leaf.count)
-    return counts
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +52,7 @@ def test_one_stream_score_phase_steps_once_per_iteration_and_freezes_the_rest(pa
     for _ in range(3):
         state, metrics = steps.train_iteration(state, batches[:1], spec=spec, stage=1)
     assert set(metrics) == {"loss_plain", "accuracy_plain"}
-    assert _counts(state.opt_state) == {"scores": 3}
+    assert _adam_counts(state.opt_state) == {"scores": 3}
     assert _identical(before.weights, state.weights) and _identical(before.prompt, state.prompt)
     assert not _identical(before.scores, state.scores)
     with pytest.raises(ValueError, match="takes 1 batches"):
