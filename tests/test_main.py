@@ -66,9 +66,11 @@ def test_shrunk_default_runs_end_to_end(uninterrupted):
         # int((1 - d) * N) of the ~44k prunable entries: sparsity 1 - d to within 1/N.
         assert row["sparsity"] == pytest.approx(1 - row["density"], abs=5e-5)
         assert 0.0 <= row["test_accuracy"] <= 1.0 and np.isfinite(row["test_loss"])
-    assert "density  sparsity  test acc" in result.stdout
+    assert "method  density  sparsity  test acc" in result.stdout
     csv_lines = (workdir / "results.csv").read_text().splitlines()
-    assert csv_lines[0] == "density,sparsity,model_sparsity,test_accuracy,test_loss,wall_time_s" and len(csv_lines) == 3
+    assert csv_lines[0] == ("method,density,round,sparsity,channel_sparsity,model_sparsity,test_accuracy,test_loss,"
+                            "macs,speedup,wall_time_s") and len(csv_lines) == 3
+    assert all(row["method"] == "vpns" and row["macs"] > 0 and row["speedup"] > 1 for row in rows)
     for name in ("masks", "weights", "batch_stats", "prompt", "label_map"):
         assert (workdir / "subnetworks" / "density_0.1" / f"{name}.npz").is_file()
     assert (workdir / "source_model.npz").is_file() and (workdir / "config.json").is_file()
