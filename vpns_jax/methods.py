@@ -15,10 +15,9 @@ later units are its rounds, each pruning 20 % of what the previous one kept
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-from vpns_jax import config_checks, optim, steps
+from vpns_jax import config_checks, oneshot, optim, steps
 
 # How each method gets its masks.
 LEARNED = "learned"  # scores trained with straight-through masks (vpns, hydra, bip)
@@ -90,7 +89,7 @@ def get_method(name: str) -> Method:
 
 def lth_densities(smallest: float, fraction: float) -> list[float]:
     """Nominal round densities (1 - fraction)^r, r = 1.., down to the first at or below ``smallest``."""
-    rounds = max(1, math.ceil(math.log(smallest) / math.log(1.0 - fraction) - 1e-9))
+    rounds = max(1, oneshot.lth_rounds_for(smallest, fraction))
     return [(1.0 - fraction) ** r for r in range(1, rounds + 1)]
 
 

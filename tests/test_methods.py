@@ -1,0 +1,90 @@
+"""Method plans: stages, phases, epochs and units of every method, from the offline default config."""
+
+import numpy as np
+import pytest
+
+from configs import default
+from vpns_jax import config_checks, methods, steps
+
+
+def _plan(method, **fields):
+    config = default.get_config()
+    config.method = method
+    for key, value in fields.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return methods.make_plan(config)
+
+
+def test_vpns_is_two_stream_scores_then_weights_per_density():
+    plan = _plan("vpns")
+    assert plan.phases == steps.VPNS_PHASES
+    assert [u.stages for u in plan.units] == [(1, 2)] * 4
+    assert [u.density for u in plan.units] == [0.5, 0.1, 0.05, 0.02]
+    assert plan.epochs == {1: 3, 2: 3} and set(plan.groups[1]) == {"scores", "prompt"}
+
+
+def test_hydra_trains_scores_then_weights_on_one_stream_without_prompt():
+    plan = _plan("hydra")
+    assert plan.phases == {1: steps.Phase(("scores",), "one"), 2: steps.Phase(("weights",), "one")}
+    assert plan.epochs == {1: 6, 2: 6} and set(plan.groups[2]) == {"weights", "bn"}
+
+
+def test_bip_is_one_bilevel_stage():
+    plan = _plan("bip")
+    assert plan.phases == {1: steps.Phase(("weights", "scores"), "bilevel")}
+    assert [u.stages for u in plan.units] == [(1,)] * 4 and set(plan.groups[1]) == {"weights", "bn", "scores"}
+
+
+@pytest.mark.parametrize("method", ["omp", "lth"])
+def test_omp_and_lth_start_with_one_dense_unit(method):
+    plan = _plan(method)
+    assert plan.units[0] == methods.Unit(1.0, (0,), dense=True)
+    assert plan.epochs == {0: 12, 2: 12} and plan.phases[0] == plan.phases[2] == steps.Phase(("weights",), "one")
+
+
+def test_lth_units_are_rounds_down_past_the_smallest_density():
+    plan = _plan("lth")
+    rounds = plan.units[1:]
+    assert [u.round for u in rounds] == list(range(1, 19))  # 0.8^18 = 0.018 is the first <= 0.02
+    np.testing.assert_allclose([u.density for u in rounds], [0.8 ** r for r in range(1, 19)])
+
+
+def test_x_plus_vp_finetunes_with_the_prompt_on_two_streams():
+    for method in ("omp_vp", "lth_vp", "random_vp"):
+        plan = _plan(method)
+        assert plan.phases[2] == steps.Phase(("weights", "prompt"), "two")
+        assert "prompt" in plan.groups[2]
+
+
+def test_one_shot_methods_only_finetune():
+    for method in ("random", "snip", "grasp", "synflow"):
+        plan = _plan(method)
+        assert list(plan.phases) == [2] and [u.stages for u in plan.units] == [(2,)] * 4
+    assert [(u.density, u.dense) for u in _plan("dense").units] == [(1.0, True)]
+
+
+def test_structured_plans():
+    plan = _plan("vpns", **{"mask.granularity": "channel"})
+    assert [u.stages for u in plan.units] == [(0, 1, 2)] * 4 and plan.epochs == {0: 1, 1: 1, 2: 6}
+    assert plan.groups[1]["scores"].clip_value == 0.25 and plan.groups[1]["scores"].learning_rate == 1.0
+    slim = _plan("slim", **{"mask.granularity": "channel"})
+    assert slim.phases[0].bn_l1 == 1e-4 and slim.units[0].dense and len(slim.units) == 5
+
+
+def test_transfer_plans_only_the_finetune():
+    plan = _plan("vpns", **{"transfer.masks_from": "workdir/a"})
+    assert plan.phases == {2: steps.Phase(("weights", "prompt"), "two")}
+    assert [u.stages for u in plan.units] == [(2,)] * 4
+    assert _plan("hydra", **{"transfer.masks_from": "workdir/a"}).phases == {2: steps.Phase(("weights",), "one")}
+
+
+@pytest.mark.parametrize("method, fields, message", [
+    ("hydra", {"mask.granularity": "channel"}, "not available for method 'hydra'"),
+    ("slim", {}, "not available for method 'slim'"),
+    ("random", {"transfer.masks_from": "workdir/a"}, "does not find a mask to transfer"),
+    ("magic", {}, "config.method='magic' is unknown"),
+])
+def test_bad_combinations_are_one_line_config_errors(method, fields, message):
+    with pytest.raises(config_checks.ConfigError, match=message):
+        _plan(method, **fields)
