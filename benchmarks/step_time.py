@@ -1,16 +1,21 @@
-"""Time one VPNs stage-1 and stage-2 iteration next to one dense training step.
+"""Time VPNs' stage-1 and stage-2 iterations and the eval step next to a dense training step, and next to PyTorch.
 
-    python benchmarks/step_time.py [--width 1] [--stem cifar] [--size 32] [--batch 128] [--repeats 3]
+    python benchmarks/step_time.py [--width 1] [--settings 32:cifar:128,64:imagenet:128,224:imagenet:32]
+                                   [--repeats 3] [--no_torch]
 
-Prints, per step kind, the compile time (first call minus a steady call) and the
-median wall time of ``--repeats`` steady calls on this machine's default device.
-Stage iterations are two optimiser sub-steps (prompted clean batch, plain
-augmented batch), so about twice a dense step is the floor.
+Prints, per input setting and step kind, the compile time (first call minus a
+steady call), the median wall time of ``--repeats`` steady calls on this
+machine's default device, images/s, XLA's estimate of the program's peak memory,
+and, where torch is installed, the PyTorch reference's median
+(benchmarks/torch_reference.py, the authors' semantics) and the ratio PyTorch
+time / JAX time. Stage iterations are two optimiser sub-steps (prompted clean
+batch, plain augmented batch), so about twice a dense step is the floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -37,8 +42,18 @@ def time_call(fn, repeats: int) -> tuple[float, float]:
     return first - median, median
 
 
+def peak_bytes(lowered) -> int:
+    """XLA's compile-time estimate of a program's peak memory: arguments + outputs + temporaries - aliased."""
+    stats = lowered.compile().memory_analysis()
+    if stats is None:
+        return 0
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+            - stats.alias_size_in_bytes)
+
+
 def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: int):
-    """(model, a closure running one dense SGD step on a fixed random batch, that batch)."""
+    """(model, a closure running one dense SGD step on a fixed random batch, that batch, a function giving the
+    step's peak bytes; call it after timing, as lowering ahead of time would hide the compile time)."""
     model = create_model(model_name, num_classes=10, width=width, stem=stem, rngs=nnx.Rngs(0))
     graphdef, weights, batch_stats = functional.split_model(model)
     rng = np.random.default_rng(0)
@@ -48,39 +63,33 @@ def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: 
     # Copies: the step donates its state, and callers may keep using the model's arrays.
     state = dense.init_dense_state(jax.tree.map(jnp.copy, weights), jax.tree.map(jnp.copy, batch_stats), tx,
                                    label_map=label_mapping.identity_mapping(10), rng=jax.random.PRNGKey(0))
+    def peak():
+        return peak_bytes(dense.dense_train_step.lower(state, batch, graphdef=graphdef, tx=tx))
 
     def call():
         nonlocal state
         state, metrics = dense.dense_train_step(state, batch, graphdef=graphdef, tx=tx)
         return metrics
 
-    return model, call, batch
+    return model, call, batch, peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--stem", default="cifar")
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--density", type=float, default=0.1)
-    args = parser.parse_args()
-
-    model, dense_call, batch = dense_step(args.model, args.width, args.stem, args.size, args.batch)
+def jax_rows(model_name: str, width: float, stem: str, size: int, batch_size: int, repeats: int,
+             density: float) -> list[tuple[str, float, float, float, int]]:
+    """(name, compile s, median s, images/s, peak bytes) of the dense step, threshold, stage iterations, eval."""
+    model, dense_call, batch, dense_peak = dense_step(model_name, width, stem, size, batch_size)
     graphdef, weights, batch_stats = functional.split_model(model)
     scores = masking.init_scores(weights, functional.leaf_kinds(model))
-    label_map = label_mapping.identity_mapping(10)
-
-    prompt_spec = prompts.PromptSpec("pad", input_size=args.size, output_size=args.size, pad_size=max(1, args.size // 8))
+    # The authors' 16 px frame at 224 px, scaled (as benchmarks/torch_reference.prompt_pad).
+    prompt_spec = prompts.PromptSpec("pad", input_size=size, output_size=size, pad_size=max(1, size * 16 // 224))
     prompt = prompts.init_prompt(prompt_spec)
     spec = steps.make_step_spec(model, prompt_spec, prompt_params=prompt, scores=scores,
                                 stage_groups={1: optim.reference_groups(1), 2: optim.reference_groups(2)},
                                 epochs={1: 30, 2: 30}, iterations_per_epoch=100)
     # Copies: the steps donate their state; the model keeps its own arrays.
-    state = steps.init_state(spec, weights=jax.tree.map(jnp.copy, weights), batch_stats=jax.tree.map(jnp.copy, batch_stats), scores=scores,
-                             prompt=prompt, density=args.density, label_map=label_map, rng=jax.random.PRNGKey(1))
+    state = steps.init_state(spec, weights=jax.tree.map(jnp.copy, weights),
+                             batch_stats=jax.tree.map(jnp.copy, batch_stats), scores=scores, prompt=prompt,
+                             density=density, label_map=label_mapping.identity_mapping(10), rng=jax.random.PRNGKey(1))
 
     def stage_call(stage):
         def call():
@@ -89,19 +98,62 @@ def main() -> None:
             return metrics
         return call
 
+    def stage_peak(stage):
+        return peak_bytes(steps.train_iteration.lower(state, (batch, batch), spec=spec, stage=stage))
+
     n_scores = sum(s.size for s in jax.tree.leaves(scores))
-    mask_fn = jax.jit(lambda s: masking.thresholds(s, masking.prune_counts(scores, args.density)))
-    rows = [("dense train step", *time_call(dense_call, args.repeats))]
-    rows.append((f"threshold ({n_scores:,} scores)", *time_call(lambda: mask_fn(scores), args.repeats)))
-    rows.append(("VPNs stage-1 iteration", *time_call(stage_call(1), args.repeats)))
+    mask_fn = jax.jit(lambda s: masking.thresholds(s, masking.prune_counts(scores, density)))
+    # Each row is timed first (its compile included), then its program's peak memory is read.
+    rows = [("dense train step", *time_call(dense_call, repeats), batch_size, dense_peak())]
+    rows.append((f"threshold ({n_scores:,} scores)", *time_call(lambda: mask_fn(scores), repeats), 0,
+                 peak_bytes(mask_fn.lower(scores))))
+    rows.append(("VPNs stage-1 iteration", *time_call(stage_call(1), repeats), 2 * batch_size, stage_peak(1)))
     state = steps.start_stage(spec, state, 2)
-    rows.append(("VPNs stage-2 iteration", *time_call(stage_call(2), args.repeats)))
-    print(f"{args.model} width {args.width} {args.stem} stem {args.size}x{args.size} batch {args.batch}, "
-          f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    print(f"{'step':<34}{'compile s':>10}{'median s':>10}{'images/s':>10}")
-    for name, compile_s, median in rows:
-        images = args.batch * (2 if name.startswith("VPNs") else 1) / median if "threshold" not in name else float("nan")
-        print(f"{name:<34}{compile_s:>10.2f}{median:>10.3f}{images:>10.1f}")
+    rows.append(("VPNs stage-2 iteration", *time_call(stage_call(2), repeats), 2 * batch_size, stage_peak(2)))
+    rows.append(("eval step", *time_call(lambda: steps.eval_step(state, batch, spec=spec), repeats), batch_size,
+                 peak_bytes(steps._eval_step.lower(state, batch, model=spec.masked_model, with_prompt=False))))
+    return [(name, compile_s, median, images / median if images else float("nan"), peak)
+            for name, compile_s, median, images, peak in rows]
+
+
+def torch_medians(width: float, stem: str, size: int, batch_size: int, repeats: int, density: float) -> dict:
+    """Median seconds of the PyTorch reference's rows (benchmarks/torch_reference.py), or {} without torch."""
+    try:
+        import torch  # noqa: PLC0415 - optional: torch is a benchmark-only dependency
+
+        import torch_reference  # noqa: PLC0415 - needs torch
+    except ImportError:
+        return {}
+    torch.set_num_threads(os.cpu_count() or 1)  # the same cores XLA:CPU uses
+    return torch_reference.medians(width=width, stem=stem, size=size, batch=batch_size, repeats=repeats,
+                                   density=density)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--settings", default="32:cifar:128,64:imagenet:128,224:imagenet:32",
+                        help="comma-separated size:stem:batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    args = parser.parse_args()
+    print(f"{args.model} width {args.width}, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    for setting in args.settings.split(","):
+        size, stem, batch_size = setting.split(":")
+        size, batch_size = int(size), int(batch_size)
+        rows = jax_rows(args.model, args.width, stem, size, batch_size, args.repeats, args.density)
+        torch_rows = {} if args.no_torch else torch_medians(args.width, stem, size, batch_size, args.repeats,
+                                                            args.density)
+        print(f"\n{stem} stem {size}x{size} batch {batch_size}")
+        print(f"{'step':<34}{'compile s':>10}{'median s':>10}{'images/s':>10}{'peak MiB':>10}"
+              f"{'torch s':>10}{'torch/jax':>10}")
+        for name, compile_s, median, images, peak in rows:
+            key = name.split(" (")[0]
+            torch_s = torch_rows.get(key, float("nan"))
+            print(f"{name:<34}{compile_s:>10.2f}{median:>10.3f}{images:>10.1f}{peak / 2**20:>10.1f}"
+                  f"{torch_s:>10.3f}{torch_s / median:>10.2f}")
 
 
 if __name__ == "__main__":
