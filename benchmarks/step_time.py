@@ -1,7 +1,7 @@
 """Time VPNs' stage-1 and stage-2 iterations and the eval step next to a dense training step, and next to PyTorch.
 
     python benchmarks/step_time.py [--width 1] [--settings 32:cifar:128,64:imagenet:128,224:imagenet:32]
-                                   [--repeats 3] [--no_torch]
+                                   [--repeats 3] [--no_torch] [--data_parallel]
 
 Prints, per input setting and step kind, the compile time (first call minus a
 steady call), the median wall time of ``--repeats`` steady calls on this
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vpns_jax import dense, label_mapping, masking, optim, prompts, steps
+from vpns_jax import dense, label_mapping, masking, optim, parallel, prompts, steps
 from vpns_jax.models import create_model, functional
 
 
@@ -51,18 +51,22 @@ def peak_bytes(lowered) -> int:
             - stats.alias_size_in_bytes)
 
 
-def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: int):
+def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: int, mesh=None):
     """(model, a closure running one dense SGD step on a fixed random batch, that batch, a function giving the
     step's peak bytes; call it after timing, as lowering ahead of time would hide the compile time)."""
     model = create_model(model_name, num_classes=10, width=width, stem=stem, rngs=nnx.Rngs(0))
     graphdef, weights, batch_stats = functional.split_model(model)
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.uniform(size=(batch_size, size, size, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+    batch = {"image": rng.uniform(size=(batch_size, size, size, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, batch_size).astype(np.int32)}
+    # With a mesh the batch is split over its devices and the state replicated (data parallelism).
+    batch = parallel.global_batch(batch, mesh) if mesh is not None else jax.tree.map(jnp.asarray, batch)
     tx = optim.group_transform(optim.GroupOptimizer("sgd", 0.01), lambda _: 0.01)
     # Copies: the step donates its state, and callers may keep using the model's arrays.
     state = dense.init_dense_state(jax.tree.map(jnp.copy, weights), jax.tree.map(jnp.copy, batch_stats), tx,
                                    label_map=label_mapping.identity_mapping(10), rng=jax.random.PRNGKey(0))
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
     def peak():
         return peak_bytes(dense.dense_train_step.lower(state, batch, graphdef=graphdef, tx=tx))
 
@@ -75,9 +79,11 @@ def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: 
 
 
 def jax_rows(model_name: str, width: float, stem: str, size: int, batch_size: int, repeats: int,
-             density: float) -> list[tuple[str, float, float, float, int]]:
-    """(name, compile s, median s, images/s, peak bytes) of the dense step, threshold, stage iterations, eval."""
-    model, dense_call, batch, dense_peak = dense_step(model_name, width, stem, size, batch_size)
+             density: float, mesh=None) -> list[tuple[str, float, float, float, int]]:
+    """(name, compile s, median s, images/s, peak bytes) of the dense step, threshold, stage iterations, eval.
+
+    With ``mesh``, batches are split over its devices and the states replicated."""
+    model, dense_call, batch, dense_peak = dense_step(model_name, width, stem, size, batch_size, mesh)
     graphdef, weights, batch_stats = functional.split_model(model)
     scores = masking.init_scores(weights, functional.leaf_kinds(model))
     # The authors' 16 px frame at 224 px, scaled (as benchmarks/torch_reference.prompt_pad).
@@ -90,6 +96,8 @@ def jax_rows(model_name: str, width: float, stem: str, size: int, batch_size: in
     state = steps.init_state(spec, weights=jax.tree.map(jnp.copy, weights),
                              batch_stats=jax.tree.map(jnp.copy, batch_stats), scores=scores, prompt=prompt,
                              density=density, label_map=label_mapping.identity_mapping(10), rng=jax.random.PRNGKey(1))
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
 
     def stage_call(stage):
         def call():
@@ -109,6 +117,8 @@ def jax_rows(model_name: str, width: float, stem: str, size: int, batch_size: in
                  peak_bytes(mask_fn.lower(scores))))
     rows.append(("VPNs stage-1 iteration", *time_call(stage_call(1), repeats), 2 * batch_size, stage_peak(1)))
     state = steps.start_stage(spec, state, 2)
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)  # the new optimiser state starts on one device
     rows.append(("VPNs stage-2 iteration", *time_call(stage_call(2), repeats), 2 * batch_size, stage_peak(2)))
     rows.append(("eval step", *time_call(lambda: steps.eval_step(state, batch, spec=spec), repeats), batch_size,
                  peak_bytes(steps._eval_step.lower(state, batch, model=spec.masked_model, with_prompt=False))))
@@ -138,12 +148,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--data_parallel", action="store_true",
+                        help="split batches over all devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2)")
     args = parser.parse_args()
-    print(f"{args.model} width {args.width}, device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    mesh = parallel.make_mesh() if args.data_parallel else None
+    devices = len(jax.devices()) if args.data_parallel else 1
+    print(f"{args.model} width {args.width}, {devices} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
     for setting in args.settings.split(","):
         size, stem, batch_size = setting.split(":")
         size, batch_size = int(size), int(batch_size)
-        rows = jax_rows(args.model, args.width, stem, size, batch_size, args.repeats, args.density)
+        rows = jax_rows(args.model, args.width, stem, size, batch_size, args.repeats, args.density, mesh)
         torch_rows = {} if args.no_torch else torch_medians(args.width, stem, size, batch_size, args.repeats,
                                                             args.density)
         print(f"\n{stem} stem {size}x{size} batch {batch_size}")
