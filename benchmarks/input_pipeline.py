@@ -62,7 +62,7 @@ def main() -> None:
         step = float("nan")
         if not args.no_step:
             stem = "cifar" if size <= 32 else "imagenet"
-            _, call, _ = dense_step("resnet18", 1.0, stem, size, args.step_batch)
+            _, call, _, _ = dense_step("resnet18", 1.0, stem, size, args.step_batch)
             _, seconds = time_call(call, repeats=2)
             step = args.step_batch / seconds
         print(f"{size:>6}{rates['clean']:>18.0f}{rates['augmented']:>17.0f}{step:>18.1f}")
