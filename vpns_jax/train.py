@@ -203,12 +203,12 @@ class Run:
         return traverse_util.unflatten_dict(
             {path: np.ones(np.shape(flat[path]), np.float32) for path in masking.prunable_paths(self.kinds)})
 
-    def _state(self, unit: methods.Unit, stage: int, masks=None, prompt=None, weights=None) -> steps.TrainState:
-        """A state for ``unit`` ready for ``stage``: the source weights (or ``weights``), the initial scores,
-        a zero prompt (or ``prompt``) and the given masks; replicated over the mesh."""
+    def _state(self, unit: methods.Unit, stage: int, masks=None, prompt=None) -> steps.TrainState:
+        """A state for ``unit`` ready for ``stage``: the source weights, the initial scores, a zero prompt
+        (or ``prompt``) and the given masks; replicated over the mesh."""
         source_weights, batch_stats, scores, zero_prompt = self.initial
         state = steps.init_state(
-            self.spec, weights=_copy(source_weights if weights is None else weights), batch_stats=_copy(batch_stats),
+            self.spec, weights=_copy(source_weights), batch_stats=_copy(batch_stats),
             scores=_copy(scores), prompt=_copy(zero_prompt if prompt is None else prompt), density=unit.density,
             label_map=np.arange(self.num_target), rng=jax.random.PRNGKey(self.config.seed),
             masks=masks, stage=stage,
@@ -254,11 +254,9 @@ class Run:
             # The scores give the masks; a dense warm-up (structured VPNs' stage 0) trains unmasked.
             masks = None if "scores" in self.plan.phases[first].trains else self._ones_masks()
             return self._label_map(self._state(unit, first, masks=masks))
-        dense = self._label_map(self._state(unit, first, masks=self._ones_masks()))
         if unit.dense:
-            return dense
-        # One-shot masks; SNIP and GraSP read the dense network's label mapping.
-        masks = self._one_shot_masks(unit, index, dense)
+            return self._label_map(self._state(unit, first, masks=self._ones_masks()))
+        masks = self._one_shot_masks(unit, index)
         return self._label_map(self._state(unit, first, masks=masks))
 
     def _previous(self, index: int) -> tuple[dict, dict]:
@@ -266,7 +264,7 @@ class Run:
         folder = unit_folder(self.workdir, self.plan.units[index].density)
         return checkpoint.load_arrays(folder / "weights.npz"), checkpoint.load_arrays(folder / "masks.npz")
 
-    def _one_shot_masks(self, unit: methods.Unit, index: int, dense: steps.TrainState):
+    def _one_shot_masks(self, unit: methods.Unit, index: int):
         config, kinds, method = self.config, self.kinds, self.plan.method
         weights, batch_stats = self.initial[0], self.initial[1]
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), index)
@@ -292,7 +290,8 @@ class Run:
             size = config.prompt.input_size
             return oneshot.synflow_masks(apply_fn, weights, batch_stats, kinds, (size, size, 3), unit.density,
                                          iterations=config.oneshot.synflow_iterations)
-        label_map = dense.label_map
+        # SNIP and GraSP score the loss through the dense network's label mapping.
+        label_map = self._label_map(self._state(unit, unit.stages[0], masks=self._ones_masks())).label_map
 
         def loss_fn(w, batch, temperature):
             logits, _ = functional.apply_model(graphdef, w, batch_stats, prompts.normalize(batch["image"]), train=True)
@@ -351,11 +350,12 @@ class Run:
                 position.stage, position.epoch, position.batch = unit.stages[i + 1], 0, 0
                 position.elapsed = time.perf_counter() - started
                 self._save(ckpt, state, position)
-        result = self._evaluate(state, unit)
+        found = self._found(state)
+        result = self._evaluate(state, unit, found)
         result["wall_time_s"] = round(time.perf_counter() - started, 2)
         writer.write(position.global_step, {k: v for k, v in result.items() if k not in ("density", "method")},
                      phase="result", density=unit.density)
-        self._save_subnetwork(state, unit.density)
+        self._save_subnetwork(state, unit.density, found)
         next_position = Position(unit=position.unit + 1, global_step=position.global_step,
                                  results=position.results + [result])
         # Saved with this unit's state: the next unit builds its own at its start, the shapes may differ.
@@ -409,13 +409,16 @@ class Run:
         return {f"lr_{name}": float(optim.epoch_cosine_schedule(group.learning_rate, epochs, 1)(min(epoch, epochs - 1)))
                 for name, group in self.plan.groups[stage].items()}
 
-    def _kernel_masks(self, pattern):
-        """Host 0/1 masks of every prunable kernel, from ``steps.effective_weights``' pattern (channel masks
-        spread over the kernels they gate)."""
-        flat = traverse_util.flatten_dict(jax.device_get(pattern))
-        return traverse_util.unflatten_dict({path: flat[path] for path in masking.prunable_paths(self.kinds)})
+    def _found(self, state: steps.TrainState) -> dict[str, Any]:
+        """The trained subnetwork on the host: its masks, effective (masked) weights and 0/1 masks of every
+        prunable kernel (channel masks spread over the kernels they gate)."""
+        masks = jax.device_get(steps.current_masks(self.spec, state))
+        effective, pattern = jax.device_get(steps.effective_weights(self.spec, state))
+        flat = traverse_util.flatten_dict(pattern)
+        kernel_masks = traverse_util.unflatten_dict({path: flat[path] for path in masking.prunable_paths(self.kinds)})
+        return {"masks": masks, "effective": effective, "kernel_masks": kernel_masks}
 
-    def _evaluate(self, state: steps.TrainState, unit: methods.Unit) -> dict[str, Any]:
+    def _evaluate(self, state: steps.TrainState, unit: methods.Unit, found: dict[str, Any]) -> dict[str, Any]:
         with_prompt = self.config.eval.with_prompt and self.uses_prompt
         totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
         for batch in self.test_stream.epoch_batches():
@@ -423,10 +426,9 @@ class Run:
                                                  with_prompt=with_prompt))
             for key in totals:
                 totals[key] += out[key].item()
-        effective, pattern = jax.device_get(steps.effective_weights(self.spec, state))
-        report = masking.sparsity_report(effective, self._kernel_masks(pattern))
+        report = masking.sparsity_report(found["effective"], found["kernel_masks"])
         size = self.config.prompt.input_size
-        counted = macs.count_macs(self.spec.graphdef, effective, jax.device_get(state.batch_stats), size)
+        counted = macs.count_macs(self.spec.graphdef, found["effective"], jax.device_get(state.batch_stats), size)
         result = {
             "method": self.plan.method.name,
             "density": unit.density,
@@ -440,28 +442,26 @@ class Run:
         if self.plan.method.masks == "lth":
             result["round"] = unit.round
         if self.config.mask.granularity == "channel":
-            result["channel_sparsity"] = round(structured.channel_sparsity(steps.current_masks(self.spec, state)), 6)
+            result["channel_sparsity"] = round(structured.channel_sparsity(found["masks"]), 6)
         return result
 
-    def _save_subnetwork(self, state: steps.TrainState, density: float) -> None:
+    def _save_subnetwork(self, state: steps.TrainState, density: float, found: dict[str, Any]) -> None:
         if jax.process_index() != 0:
             return
         folder = unit_folder(self.workdir, density)
         folder.mkdir(parents=True, exist_ok=True)
-        host = jax.device_get({"masks": steps.current_masks(self.spec, state), "weights": state.weights,
-                               "batch_stats": state.batch_stats, "prompt": state.prompt,
-                               "label_map": {"label_map": state.label_map}})
+        host = {"masks": found["masks"], **jax.device_get({
+            "weights": state.weights, "batch_stats": state.batch_stats, "prompt": state.prompt,
+            "label_map": {"label_map": state.label_map}})}
         for name, tree in host.items():
             checkpoint.save_arrays(folder / f"{name}.npz", tree)
         config = self.config
         # Channel masks also zero BatchNorm outputs: the export holds the gated weights, so it needs no channel logic.
-        weights, pattern = jax.device_get(steps.effective_weights(self.spec, state))
-        kernel_masks = self._kernel_masks(pattern)
         # overwrite: a run killed after this save but before its checkpoint redoes the unit's save.
         export.export_subnetwork(
             folder / "subnetwork.npz", model_name=config.model.name, num_classes=config.model.num_classes,
-            width=config.model.width, stem=config.model.stem, weights=weights,
-            batch_stats=host["batch_stats"], masks=kernel_masks, prompt_spec=self.prompt_spec,
+            width=config.model.width, stem=config.model.stem, weights=found["effective"],
+            batch_stats=host["batch_stats"], masks=found["kernel_masks"], prompt_spec=self.prompt_spec,
             prompt=host["prompt"], label_map=host["label_map"]["label_map"],
             eval_with_prompt=config.eval.with_prompt and self.uses_prompt, class_names=self.class_names,
             rng=jax.device_get(state.rng), overwrite=True,
