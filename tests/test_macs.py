@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from vpns_jax import macs, structured
-from vpns_jax.models import create_model, functional
+from vpns_jax.models import create_model, functional, layers
 
 
 def _ones_network(name: str, width: float, num_classes: int):
@@ -60,3 +60,22 @@ def test_dense_resnet18_matches_torchvision_and_channel_masks_lower_it_by_hand()
     # Unstructured zeros count too: 100 stem entries at 112x112 outputs.
     weights["conv1"]["kernel"].reshape(-1)[:100] = 0.0
     assert report.total - macs.count_macs(graphdef, weights, batch_stats, 224).total == 100 * 112 * 112
+
+
+def test_convs_on_tiny_maps_count_the_same_through_im2col(monkeypatch):
+    # At 32 px the ImageNet stem leaves 2 and 1 px maps, whose 3x3 convs run as im2col matmuls.
+    model = create_model("resnet18", num_classes=10, width=1 / 16, rngs=nnx.Rngs(0))
+    graphdef, weights, batch_stats = functional.split_model(model)
+
+    def convs_traced() -> int:
+        forward = lambda w: functional.apply_model(graphdef, w, batch_stats, jnp.zeros((1, 32, 32, 3)), train=False)
+        return str(jax.make_jaxpr(forward)(weights)).count("conv_general_dilated")
+
+    through_im2col, im2col_convs = macs.count_macs(graphdef, weights, batch_stats, 32), convs_traced()
+    monkeypatch.setattr(layers, "IM2COL_MAX_MAP", 0)
+    as_convs, plain_convs = macs.count_macs(graphdef, weights, batch_stats, 32), convs_traced()
+    assert plain_convs == 20 and im2col_convs < plain_convs
+    assert [(lm.name, lm.kind, lm.output_positions, lm.nnz) for lm in through_im2col.layers] == [
+        (lm.name, lm.kind, lm.output_positions, lm.nnz) for lm in as_convs.layers
+    ]
+    assert through_im2col.total == as_convs.total

@@ -102,6 +102,10 @@ def _kernel_uses(jaxpr: jax.extend.core.Jaxpr, var_paths: dict[Any, Path], found
             if not isinstance(rhs, jax.extend.core.Literal) and rhs in var_paths:
                 found.append((var_paths[rhs], eqn.primitive.name, eqn.outvars[0].aval.shape))
             continue
+        if eqn.primitive.name == "reshape" and eqn.invars[0] in var_paths:
+            # layers.conv2d_im2col contracts a reshaped kernel: still that leaf's use.
+            var_paths[eqn.outvars[0]] = var_paths[eqn.invars[0]]
+            continue
         for param in eqn.params.values():
             sub = getattr(param, "jaxpr", param)
             if isinstance(sub, jax.extend.core.Jaxpr):
@@ -142,14 +146,14 @@ def count_macs(
 
     leaves = dict(zip(paths, (leaf for _, leaf in flat)))
     layers = []
-    for path, primitive, shape in found:
+    for path, _, shape in found:
         kernel = leaves[path]
         # Output positions per image: everything but the batch and the output-channel axes.
         positions = math.prod(shape[1:-1])
         layers.append(
             LayerMacs(
                 name=".".join(str(p) for p in (path[:-1] if path[-1] == "kernel" else path)),
-                kind="conv" if primitive == "conv_general_dilated" else "dense",
+                kind="conv" if np.ndim(kernel) == 4 else "dense",
                 output_positions=positions,
                 nnz=int(np.count_nonzero(np.asarray(kernel))),
                 size=int(np.size(kernel)),

@@ -71,6 +71,30 @@ def test_conv2d_matches_numpy() -> None:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("size", "stride", "padding"), [(1, 1, 1), (2, 1, 1), (4, 2, 1), (3, 1, 0), (4, 1, 2)])
+def test_im2col_conv_matches_lax_conv_values_and_gradients(size, stride, padding) -> None:
+    rng = np.random.default_rng(size)
+    x = jnp.asarray(rng.standard_normal((2, size, size, 5)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 5, 4)), jnp.float32)
+
+    def lax_conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), ((padding, padding), (padding, padding)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    # Maps of at most IM2COL_MAX_MAP px take the im2col path inside conv2d.
+    assert size <= layers.IM2COL_MAX_MAP
+    want = _np_conv2d(np.asarray(x, np.float64), np.asarray(k, np.float64), stride, padding)
+    np.testing.assert_allclose(layers.conv2d(x, k, stride, padding), want, rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    got = jax.vjp(lambda x, k: layers.conv2d(x, k, stride, padding), x, k)[1](cotangent)
+    ref = jax.vjp(lax_conv, x, k)[1](cotangent)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    # The compiled forward and backward hold no convolution at all.
+    hlo = jax.jit(jax.grad(lambda x, k: layers.conv2d(x, k, stride, padding).sum(), (0, 1))).lower(x, k)
+    assert "convolution" not in hlo.compile().as_text()
+
+
 def test_conv2d_module_bias_and_shapes() -> None:
     conv = layers.Conv2d(3, 5, 3, stride=2, padding=1, use_bias=True, rngs=nnx.Rngs(0))
     assert conv.kernel[...].shape == (3, 3, 3, 5)
