@@ -27,11 +27,15 @@ Params = dict[Any, Any]
 THRESHOLD_SCOPES = ("global", "layer")
 PRUNABLE_KINDS = (functional.CONV_KERNEL, functional.DENSE_KERNEL)
 
-# Bit patterns of non-negative float32 values sort like the values, so an exact
-# k-th smallest is a binary search over [0, bits(+inf)]: 31 counting passes, no sort.
-_INF_BITS = 0x7F800000
-_SEARCH_ROUNDS = 31
-
+# Bit patterns of non-negative float32 values sort like the values, so an exact k-th smallest is a search over
+# int32 candidates that only counts entries <= a candidate: no sort of the scores. A pass over every score costs
+# about as much for 16 candidates as for one (XLA:CPU fuses them into one variadic reduction that is memory
+# bound), so each round counts _PIVOTS candidates and narrows the bracket 16-fold; a sorted strided sample
+# places the first round's candidates near the answer (Floyd and Rivest's selection).
+_PIVOTS = 15
+_SAMPLE_SIZE = 1 << 14
+_SAMPLE_SIGMAS = 4.0
+_MAX_ROUNDS = 8  # 16**8 > 2**31: bit-range splitting alone finishes in time
 
 def prunable_paths(kinds: Params) -> list[tuple[Any, ...]]:
     """Paths (in the weights dict) of every conv and dense kernel."""
@@ -82,31 +86,109 @@ def _groups(num_leaves: int, scope: str) -> list[int]:
     raise ValueError(f"threshold scope {scope!r} is unknown: use one of {THRESHOLD_SCOPES}")
 
 
+def _sample_pivots(bits: list[jax.Array], groups: Sequence[int], group: int, k: jax.Array) -> jax.Array:
+    """_PIVOTS candidate bit patterns around the k-th smallest of ``group``: quantiles of a strided sample,
+    evenly spaced over _SAMPLE_SIGMAS binomial standard deviations either side of the sample rank of k."""
+    members = [b for b, g in zip(bits, groups) if g == group]
+    total = sum(b.size for b in members)
+    stride = max(1, total // _SAMPLE_SIZE)
+    sample = jnp.sort(jnp.concatenate([b.reshape(-1)[::stride] for b in members]))
+    size = sample.shape[0]
+    rank = k.astype(jnp.float32) * size / total
+    spread = _SAMPLE_SIGMAS * jnp.sqrt(rank * (1.0 - rank / size)) + 1.0
+    offsets = jnp.linspace(-1.0, 1.0, _PIVOTS)
+    positions = jnp.clip(rank + offsets * spread, 0, size - 1).astype(jnp.int32)
+    return sample[positions]
+
+
+def _reduce_flat(operands: tuple[jax.Array, ...], inits: tuple[int, ...], combine) -> tuple[jax.Array, ...]:
+    """One variadic reduction of same-shaped int32 arrays to scalars; ``combine`` merges two tuples."""
+    flat = tuple(a.reshape(-1) for a in operands)
+    return jax.lax.reduce(flat, tuple(jnp.int32(i) for i in inits), combine, (0,))
+
+
+def _count_at_most(bits: list[jax.Array], groups: Sequence[int], num_groups: int, pivots: jax.Array) -> jax.Array:
+    """(groups, pivots) counts of entries <= each group's pivots, one variadic reduction per leaf."""
+    per_group = jnp.zeros((num_groups, pivots.shape[1]), jnp.int32)
+    for b, g in zip(bits, groups):
+        operands = tuple((b <= pivots[g, i]).astype(jnp.int32) for i in range(pivots.shape[1]))
+        counts = _reduce_flat(operands, (0,) * len(operands), lambda x, y: tuple(u + v for u, v in zip(x, y)))
+        per_group = per_group.at[g].add(jnp.stack(counts))
+    return per_group
+
+
 def kth_smallest(values: Sequence[jax.Array], groups: Sequence[int], ks: jax.Array) -> jax.Array:
     """Exact k-th smallest (1-based) of the non-negative ``values`` in each group.
 
     ``groups[i]`` is the group of ``values[i]``; ``ks`` holds one k >= 1 per group.
-    A binary search on float32 bit patterns: each round counts entries <= the
-    candidate, so the cost is O(N) per round and nothing is sorted.
+    Each group keeps a bracket of bit patterns lo < hi with count(<= lo) < k <= count(<= hi).
+    A round counts the entries <= each of _PIVOTS candidates in one pass and keeps the
+    tightest bracket: the first round's candidates are quantiles of a strided sample,
+    later ones split the bracket's bit range evenly, so at most 8 rounds finish any
+    input. The search stops once the k-th entry is the smallest or largest entry of
+    its bracket, and one min or max pass reads it off.
     """
     num_groups = ks.shape[0]
     bits = [jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32) for v in values]
+    ks = jnp.asarray(ks, jnp.int32)
     group_index = jnp.asarray(groups, dtype=jnp.int32)
 
-    def count_at_most(candidate: jax.Array) -> jax.Array:
-        per_leaf = jnp.stack([jnp.sum(b <= candidate[g], dtype=jnp.int32) for b, g in zip(bits, groups)])
-        return jnp.zeros(num_groups, jnp.int32).at[group_index].add(per_leaf)
+    def per_group_extremes(per_leaf: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
+        smallest, largest = (jnp.stack(column) for column in zip(*per_leaf))
+        big = jnp.iinfo(jnp.int32).max
+        return (jnp.full(num_groups, big, jnp.int32).at[group_index].min(smallest),
+                jnp.full(num_groups, -1, jnp.int32).at[group_index].max(largest))
 
-    def search_round(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        enough = count_at_most(mid) >= ks
-        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+    def min_max(smaller: jax.Array, larger: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _reduce_flat((smaller, larger), (jnp.iinfo(jnp.int32).max, -1),
+                            lambda x, y: (jnp.minimum(x[0], y[0]), jnp.maximum(x[1], y[1])))
 
-    lo = jnp.zeros(num_groups, jnp.int32)
-    hi = jnp.full(num_groups, _INF_BITS, jnp.int32)
-    lo, _ = jax.lax.fori_loop(0, _SEARCH_ROUNDS, search_round, (lo, hi))
-    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+    def finished(bracket) -> jax.Array:
+        lo, hi, c_lo, c_hi = bracket
+        return (c_lo == ks - 1) | (c_hi == ks) | (hi - lo <= 1)
+
+    def narrow(bracket, pivots: jax.Array):
+        lo, hi, c_lo, c_hi = bracket
+        pivots = jnp.clip(pivots, lo[:, None] + 1, jnp.maximum(hi - 1, lo + 1)[:, None])
+        counts = _count_at_most(bits, groups, num_groups, pivots)
+        enough = counts >= ks[:, None]
+        # The largest pivot short of k raises lo; the smallest pivot reaching k lowers hi.
+        new_lo = jnp.max(jnp.where(enough, -1, pivots), axis=1)
+        new_c_lo = jnp.max(jnp.where(enough, -1, counts), axis=1)
+        new_hi = jnp.min(jnp.where(enough, pivots, jnp.iinfo(jnp.int32).max), axis=1)
+        new_c_hi = jnp.min(jnp.where(enough, counts, jnp.iinfo(jnp.int32).max), axis=1)
+        active = ~finished(bracket)
+        raise_lo, lower_hi = active & (new_lo > lo), active & (new_hi < hi)
+        return (jnp.where(raise_lo, new_lo, lo), jnp.where(lower_hi, new_hi, hi),
+                jnp.where(raise_lo, new_c_lo, c_lo), jnp.where(lower_hi, new_c_hi, c_hi))
+
+    def split_evenly(bracket) -> jax.Array:
+        lo, hi, _, _ = bracket
+        step = jnp.maximum((hi - lo) // (_PIVOTS + 1), 1)
+        return lo[:, None] + step[:, None] * jnp.arange(1, _PIVOTS + 1, dtype=jnp.int32)
+
+    def search_round(state):
+        bracket, rounds = state
+        return narrow(bracket, split_evenly(bracket)), rounds + 1
+
+    def keep_searching(state) -> jax.Array:
+        bracket, rounds = state
+        return jnp.any(~finished(bracket)) & (rounds < _MAX_ROUNDS)
+
+    sizes = jnp.zeros(num_groups, jnp.int32).at[group_index].add(jnp.asarray([b.size for b in bits], jnp.int32))
+    smallest, largest = per_group_extremes([min_max(b, b) for b in bits])
+    bracket = (smallest - 1, largest, jnp.zeros(num_groups, jnp.int32), sizes)
+    sampled = jnp.stack([_sample_pivots(bits, groups, g, ks[g]) for g in range(num_groups)])
+    bracket = narrow(bracket, sampled)
+    bracket, _ = jax.lax.while_loop(keep_searching, search_round, (bracket, 0))
+    lo, hi, c_lo, c_hi = bracket
+    # The k-th entry is the smallest above lo when lo's count is k - 1 (or hi is lo + 1), else the largest up to hi.
+    above_lo, up_to_hi = per_group_extremes([
+        min_max(jnp.where(b > lo[g], b, jnp.iinfo(jnp.int32).max), jnp.where(b <= hi[g], b, -1))
+        for b, g in zip(bits, groups)
+    ])
+    answer = jnp.where((c_lo == ks - 1) | (hi - lo <= 1), above_lo, up_to_hi)
+    return jax.lax.bitcast_convert_type(answer, jnp.float32)
 
 
 def thresholds(scores: Params, ks: jax.Array, scope: str = "global") -> jax.Array:
