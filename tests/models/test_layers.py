@@ -191,6 +191,34 @@ def test_max_pool2d_matches_torch_definition(size: int, window: int, stride: int
     np.testing.assert_array_equal(got, want)
 
 
+def _np_max_pool_grad(x: np.ndarray, g: np.ndarray, window: int, stride: int, padding: int) -> np.ndarray:
+    """torch's rule: each window's upstream gradient goes to its first maximum in row-major order."""
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-np.inf)
+    grad = np.zeros_like(xp, dtype=np.float64)
+    for n in range(x.shape[0]):
+        for c in range(x.shape[3]):
+            for i in range(g.shape[1]):
+                for j in range(g.shape[2]):
+                    patch = xp[n, i * stride : i * stride + window, j * stride : j * stride + window, c]
+                    a, b = np.unravel_index(np.argmax(patch), patch.shape)
+                    grad[n, i * stride + a, j * stride + b, c] += g[n, i, j, c]
+    return grad[:, padding : padding + x.shape[1], padding : padding + x.shape[2], :]
+
+
+@pytest.mark.parametrize(("size", "window", "stride", "padding"), [(7, 3, 2, 1), (8, 3, 2, 1), (5, 2, 2, 0), (3, 3, 1, 1)])
+def test_max_pool2d_gradient_goes_to_the_first_maximum_of_each_window(size, window, stride, padding) -> None:
+    rng = np.random.default_rng(size)
+    # Values on a coarse grid: many windows hold tied maxima.
+    x = (np.round(rng.standard_normal((2, size, size + 1, 3)) * 2) / 2).astype(np.float32)
+    y, vjp = jax.vjp(lambda x: layers.max_pool2d(x, window, stride, padding), jnp.asarray(x))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    want = _np_max_pool_grad(x, g.astype(np.float64), window, stride, padding)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), want, rtol=1e-6, atol=1e-6)
+    # The backward pass holds no scatter (XLA:CPU's select-and-scatter lowering).
+    hlo = jax.jit(jax.grad(lambda x: layers.max_pool2d(x, window, stride, padding).sum())).lower(jnp.asarray(x))
+    assert "scatter" not in hlo.compile().as_text()
+
+
 def test_max_pool2d_defaults_are_resnet_stem() -> None:
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 16, 16, 2)), jnp.float32)
     got = layers.max_pool2d(x)
