@@ -72,7 +72,7 @@ def test_convs_on_tiny_maps_count_the_same_through_im2col(monkeypatch):
         return str(jax.make_jaxpr(forward)(weights)).count("conv_general_dilated")
 
     through_im2col, im2col_convs = macs.count_macs(graphdef, weights, batch_stats, 32), convs_traced()
-    monkeypatch.setattr(layers, "IM2COL_MAX_MAP", 0)
+    monkeypatch.setattr(layers, "runs_as_im2col", lambda map_size, kernel_size: False)
     as_convs, plain_convs = macs.count_macs(graphdef, weights, batch_stats, 32), convs_traced()
     assert plain_convs == 20 and im2col_convs < plain_convs
     assert [(lm.name, lm.kind, lm.output_positions, lm.nnz) for lm in through_im2col.layers] == [

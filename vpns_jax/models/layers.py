@@ -67,19 +67,22 @@ def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.
     )
 
 
-# A k x k conv (k > 1) on a map this small or smaller runs as im2col + one matmul. XLA swaps the operands of a
-# conv whose window exceeds its input map, and XLA:CPU runs that swapped conv (and its input gradient) as a naive
-# loop at about 1 GFLOP/s; on ResNet-18's 2 and 4 px maps the matmul form is exact and many times faster.
-IM2COL_MAX_MAP = 4
+def runs_as_im2col(map_size: tuple[int, int], kernel_size: tuple[int, int]) -> bool:
+    """Whether :func:`conv2d` computes a conv as im2col + matmul: when its window is larger than its input map.
+
+    XLA then swaps the conv's operands, and XLA:CPU runs the swapped conv (and its
+    input gradient) as a naive loop: on ResNet-18's 2 px maps 50x slower than the
+    exact matmul form. On 4 px maps the two are even, on larger maps the conv wins.
+    """
+    return kernel_size[0] > map_size[0] or kernel_size[1] > map_size[1]
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero padding.
 
-    All convolutions in the package go through here. A kernel larger than 1x1
-    on a map of at most ``IM2COL_MAX_MAP`` px goes through :func:`conv2d_im2col`.
+    All convolutions in the package go through here; see :func:`runs_as_im2col`.
     """
-    if kernel.shape[0] * kernel.shape[1] > 1 and min(x.shape[1], x.shape[2]) <= IM2COL_MAX_MAP:
+    if runs_as_im2col(x.shape[1:3], kernel.shape[:2]):
         return conv2d_im2col(x, kernel, stride, padding)
     return jax.lax.conv_general_dilated(
         x,
