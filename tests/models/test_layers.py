@@ -81,8 +81,9 @@ def test_im2col_conv_matches_lax_conv_values_and_gradients(size, stride, padding
         return jax.lax.conv_general_dilated(x, k, (stride, stride), ((padding, padding), (padding, padding)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    # A 3x3 window on a map smaller than 3 px takes the im2col path inside conv2d.
-    assert layers.runs_as_im2col((size, size), (3, 3)) and not layers.runs_as_im2col((3, 3), (3, 3))
+    # A 3x3 window on a map of at most 4 px takes the im2col path inside conv2d; a 1x1 one never does.
+    assert layers.runs_as_im2col((size, size), (3, 3)) and not layers.runs_as_im2col((size, size), (1, 1))
+    assert not layers.runs_as_im2col((layers.IM2COL_MAX_MAP + 1, 8), (3, 3))
     want = _np_conv2d(np.asarray(x, np.float64), np.asarray(k, np.float64), stride, padding)
     np.testing.assert_allclose(layers.conv2d(x, k, stride, padding), want, rtol=1e-5, atol=1e-5)
     cotangent = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
