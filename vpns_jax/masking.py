@@ -12,6 +12,7 @@ iff |s| > tau (ties at tau are pruned); k = 0 keeps everything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -29,13 +30,16 @@ PRUNABLE_KINDS = (functional.CONV_KERNEL, functional.DENSE_KERNEL)
 
 # Bit patterns of non-negative float32 values sort like the values, so an exact k-th smallest is a search over
 # int32 candidates that only counts entries <= a candidate: no sort of the scores. A pass over every score costs
-# about as much for 16 candidates as for one (XLA:CPU fuses them into one variadic reduction that is memory
-# bound), so each round counts _PIVOTS candidates and narrows the bracket 16-fold; a sorted strided sample
+# about as much for 7 candidates as for one (XLA:CPU fuses them into one variadic reduction that is memory
+# bound), so each round counts _PIVOTS candidates and narrows the bracket 8-fold; a sorted strided sample
 # places the first round's candidates near the answer (Floyd and Rivest's selection).
-_PIVOTS = 15
+_PIVOTS = 7
 _SAMPLE_SIZE = 1 << 14
 _SAMPLE_SIGMAS = 4.0
-_MAX_ROUNDS = 8  # 16**8 > 2**31: bit-range splitting alone finishes in time
+_MAX_ROUNDS = 11  # 8**11 > 2**31: bit-range splitting alone finishes in time
+# Leaves smaller than this are concatenated per group (a cheap copy) and reduced as one array: every pass is
+# one reduction per array, and fewer reductions compile faster. Larger leaves are reduced in place.
+_SMALL_LEAF = 1 << 18
 
 def prunable_paths(kinds: Params) -> list[tuple[Any, ...]]:
     """Paths (in the weights dict) of every conv and dense kernel."""
@@ -117,19 +121,29 @@ def _count_at_most(bits: list[jax.Array], groups: Sequence[int], num_groups: int
     return per_group
 
 
-def kth_smallest(values: Sequence[jax.Array], groups: Sequence[int], ks: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="groups")
+def kth_smallest(values: Sequence[jax.Array], groups: tuple[int, ...], ks: jax.Array) -> jax.Array:
     """Exact k-th smallest (1-based) of the non-negative ``values`` in each group.
 
-    ``groups[i]`` is the group of ``values[i]``; ``ks`` holds one k >= 1 per group.
+    ``groups[i]`` is the group of ``values[i]``; ``ks`` holds one k >= 1 per group. Jitted, so eager
+    callers compile the search once per shape.
     Each group keeps a bracket of bit patterns lo < hi with count(<= lo) < k <= count(<= hi).
     A round counts the entries <= each of _PIVOTS candidates in one pass and keeps the
     tightest bracket: the first round's candidates are quantiles of a strided sample,
-    later ones split the bracket's bit range evenly, so at most 8 rounds finish any
+    later ones split the bracket's bit range evenly, so at most 11 rounds finish any
     input. The search stops once the k-th entry is the smallest or largest entry of
     its bracket, and one min or max pass reads it off.
     """
     num_groups = ks.shape[0]
-    bits = [jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32) for v in values]
+    arrays, array_groups = [], []
+    for group in range(num_groups):
+        members = [v.reshape(-1) for v, g in zip(values, groups) if g == group]
+        small = [m for m in members if m.size < _SMALL_LEAF]
+        for array in [m for m in members if m.size >= _SMALL_LEAF] + ([jnp.concatenate(small)] if small else []):
+            arrays.append(array)
+            array_groups.append(group)
+    groups = array_groups
+    bits = [jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32) for a in arrays]
     ks = jnp.asarray(ks, jnp.int32)
     group_index = jnp.asarray(groups, dtype=jnp.int32)
 
@@ -195,7 +209,7 @@ def thresholds(scores: Params, ks: jax.Array, scope: str = "global") -> jax.Arra
     """Per-group threshold tau on |s|: the k-th smallest, or -1 (keep all) where k = 0."""
     magnitudes = [jnp.abs(s) for s in jax.tree.leaves(scores)]
     ks = jnp.asarray(ks, jnp.int32)
-    tau = kth_smallest(magnitudes, _groups(len(magnitudes), scope), jnp.maximum(ks, 1))
+    tau = kth_smallest(magnitudes, tuple(_groups(len(magnitudes), scope)), jnp.maximum(ks, 1))
     return jnp.where(ks >= 1, tau, -1.0)
 
 
