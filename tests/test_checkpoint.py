@@ -1,6 +1,7 @@
 """Checkpoints of real training states, the workdir config guard and .npz array trees."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
-from vpns_jax import checkpoint, optim, steps
+from configs import default
+from vpns_jax import checkpoint, optim, steps, train
 
 KINDS = {"conv": {"kernel": "conv_kernel"}, "bn": {"scale": "bn", "bias": "bn"},
          "layer1": {0: {"kernel": "conv_kernel"}, 1: {"kernel": "conv_kernel"}}}
@@ -221,3 +223,30 @@ def test_arrays_refuse_ambiguous_keys(tmp_path):
     with pytest.raises(TypeError):
         checkpoint.save_arrays(tmp_path / "x.npz", {"o": np.array([object()])})
     assert not list(tmp_path.iterdir())
+
+
+def test_workdir_lock_refuses_a_second_holder_until_released(tmp_path):
+    workdir = tmp_path / "run"
+    with checkpoint.workdir_lock(workdir):
+        assert (workdir / checkpoint.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        # A second open file description conflicts even in this process, as another process's would.
+        with pytest.raises(checkpoint.WorkdirLockedError, match=rf"in use by another run \(process {os.getpid()}"):
+            with checkpoint.workdir_lock(workdir):
+                pass
+    with checkpoint.workdir_lock(workdir):  # released on exit: free again
+        pass
+    assert [p.name for p in workdir.iterdir()] == [checkpoint.LOCK_FILE]
+
+
+def test_a_stale_lock_file_of_a_dead_process_does_not_block(tmp_path):
+    # flock is released by the kernel when its holder dies (SIGKILL included): only the file stays.
+    (tmp_path / checkpoint.LOCK_FILE).write_text("999999\n")
+    with checkpoint.workdir_lock(tmp_path):
+        assert (tmp_path / checkpoint.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_run_on_a_locked_workdir_is_refused_before_touching_it(tmp_path):
+    with checkpoint.workdir_lock(tmp_path):
+        with pytest.raises(checkpoint.WorkdirLockedError, match="wait for it to finish or use another --workdir"):
+            train.run(default.get_config(), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK_FILE]

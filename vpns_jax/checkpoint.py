@@ -4,17 +4,20 @@
   ``CheckpointManager`` with two items: the ``state`` pytree and a JSON
   ``meta`` dict that says where the run is).
 * :func:`guard_workdir` refuses to resume a workdir that holds a run of another config.
+* :func:`workdir_lock` refuses a second run on a workdir that a live run holds.
 * :func:`save_arrays` / :func:`load_arrays` store a nested dict of arrays as one
   ``.npz`` (final masks, weights and prompt per density, the cached source model).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -22,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 _MAX_LISTED_KEYS = 5
 # Integer dict keys (e.g. ResNet's block index) are stored as '#<int>' so that they come back as ints.
 _INT_PREFIX = "#"
@@ -133,6 +137,43 @@ class Checkpointer:
 
 class WorkdirConfigError(ValueError):
     """The workdir holds a run of another config."""
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live run holds the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on ``workdir/.lock`` for the duration; raises :class:`WorkdirLockedError` at once
+    if another run holds it.
+
+    An ``flock`` on the open file, so the kernel releases it when its process ends,
+    killed or not: a stale lock file never blocks a resume. The file holds the
+    holder's pid, for the message. Only process 0 of a multi-process run locks
+    (the processes share the workdir).
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise WorkdirLockedError(
+                f"workdir {workdir} is in use by another run (process {holder}, lock {path}); "
+                "wait for it to finish or use another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -490,5 +490,9 @@ def write_results(workdir: pathlib.Path, results: list[dict[str, Any]]) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """Runs (or resumes) every density of ``config`` in ``workdir``; returns the results rows."""
-    return Run(config, pathlib.Path(workdir)).run()
+    """Runs (or resumes) every density of ``config`` in ``workdir``; returns the results rows.
+
+    A second run on the same workdir while this one is alive is refused (``checkpoint.workdir_lock``).
+    """
+    with checkpoint.workdir_lock(workdir):
+        return Run(config, pathlib.Path(workdir)).run()
