@@ -175,3 +175,10 @@ def test_transfer_finetunes_the_found_masks_on_another_task(runs, fashion_data_d
         transferred = _masks(tmp_path / "transfer", row["density"])
         for a, b in zip(jax.tree.leaves(transferred), jax.tree.leaves(_masks(found, row["density"]))):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_on_a_locked_workdir_is_refused_before_touching_it(fashion_data_dir, source, tmp_path):
+    with checkpoint.workdir_lock(tmp_path):
+        with pytest.raises(checkpoint.WorkdirLockedError, match="wait for it to finish or use another --workdir"):
+            train.run(tiny_config(fashion_data_dir, source[0], "vpns"), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK_FILE]

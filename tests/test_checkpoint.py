@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
-from configs import default
-from vpns_jax import checkpoint, optim, steps, train
+from vpns_jax import checkpoint, optim, steps
 
 KINDS = {"conv": {"kernel": "conv_kernel"}, "bn": {"scale": "bn", "bias": "bn"},
          "layer1": {0: {"kernel": "conv_kernel"}, 1: {"kernel": "conv_kernel"}}}
@@ -245,8 +244,36 @@ def test_a_stale_lock_file_of_a_dead_process_does_not_block(tmp_path):
         assert (tmp_path / checkpoint.LOCK_FILE).read_text() == f"{os.getpid()}\n"
 
 
-def test_run_on_a_locked_workdir_is_refused_before_touching_it(tmp_path):
-    with checkpoint.workdir_lock(tmp_path):
-        with pytest.raises(checkpoint.WorkdirLockedError, match="wait for it to finish or use another --workdir"):
-            train.run(default.get_config(), tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK_FILE]
+def _corrupt(folder):
+    """Overwrites every file under ``folder`` with half its length of garbage (a truncated, scrambled write)."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        path.write_bytes(b"\x13" * (path.stat().st_size // 2))
+
+
+@pytest.mark.parametrize("item", ["state", "meta"])
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, item, caplog):
+    older, newer = _state(1), _state(2)
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+        ckpt.save(10, older, {"position": 10})
+        ckpt.save(20, newer, {"position": 20})
+    _corrupt(tmp_path / "20" / item)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), older)
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+        step, state, meta = ckpt.newest_readable(lambda s: (s, *ckpt.restore(abstract, s)))
+        assert (step, meta) == (10, {"position": 10})
+        _assert_identical_trees(state, older)
+        assert ckpt.all_steps() == [10, 20]  # the unreadable one is reported, not deleted
+    assert "checkpoint step 20" in caplog.text and "unreadable" in caplog.text
+
+
+def test_no_readable_checkpoint_is_a_one_line_error_and_none_is_no_checkpoint(tmp_path):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.newest_readable(ckpt.restore_meta) is None
+        ckpt.save(5, _state(1), {"position": 5})
+    _corrupt(tmp_path / "5" / "meta")
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match=r"no checkpoint in .* reads back whole \(step 5: .*move .* away") as info:
+            ckpt.newest_readable(ckpt.restore_meta)
+    assert "\n" not in str(info.value)

@@ -17,13 +17,15 @@ import json
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
+T = TypeVar("T")
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 _MAX_LISTED_KEYS = 5
@@ -123,6 +125,27 @@ class Checkpointer:
         if expected != got:
             raise ValueError(f"checkpoint step {step} in {self.directory} restored as {got}, expected {expected}")
         return state, restored.meta
+
+    def newest_readable(self, read: Callable[[int], T]) -> T | None:
+        """``read(step)`` of the newest checkpoint it succeeds on; None when there is no checkpoint.
+
+        A checkpoint that fails to read (truncated or corrupted files) is reported
+        as a warning and the one before it is tried; it stays on disk, untouched.
+        When every checkpoint fails, a one-line error names each failure.
+        """
+        problems = []
+        for step in reversed(self.all_steps()):
+            try:
+                return read(step)
+            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+                problem = " ".join(str(error).split())[:300] or type(error).__name__
+                problems.append(f"step {step}: {problem}")
+                logging.warning("checkpoint step %d in %s is unreadable (%s); trying the one before it",
+                                step, self.directory, problem)
+        if problems:
+            raise ValueError(f"no checkpoint in {self.directory} reads back whole ({'; '.join(problems)[:600]}); "
+                             f"move {self.directory} away to start this run afresh")
+        return None
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -140,10 +140,6 @@ class Run:
                     raise config_checks.ConfigError(
                         f"config.densities holds {density}: {error}; raise the density or "
                         "config.structured.channel_max") from None
-        # Only now, with data and model in hand, does the workdir get tied to this config: a run that
-        # fails its checks leaves no config.json behind to refuse the corrected command.
-        workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint.guard_workdir(workdir, config_checks.fingerprint(config))
 
     def _initial_weights(self, writer: metrics.MetricsWriter):
         config = self.config
@@ -175,6 +171,18 @@ class Run:
         )
 
     def run(self) -> list[dict[str, Any]]:
+        """Trains every unit of the plan (resuming from the workdir's checkpoints); the results rows.
+
+        Only here, after every check in ``__init__``, does the workdir get created, locked and tied to this
+        config: a run that fails its checks leaves no config.json behind to refuse the corrected command.
+        """
+        config = self.config
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with checkpoint.workdir_lock(self.workdir):
+            checkpoint.guard_workdir(self.workdir, config_checks.fingerprint(config))
+            return self._run_units()
+
+    def _run_units(self) -> list[dict[str, Any]]:
         config = self.config
         with metrics.MetricsWriter(self.workdir) as writer, checkpoint.Checkpointer(
             self.workdir / "checkpoints", max_to_keep=config.checkpoint.max_to_keep
@@ -184,9 +192,9 @@ class Run:
             prompt = prompts.init_prompt(self.prompt_spec)
             self.spec = self._spec(scores, prompt)
             self.initial = (weights, batch_stats, scores, prompt)
-            latest = ckpt.latest_step()
-            position = Position(**ckpt.restore_meta(latest)) if latest is not None else Position()
-            self.saves = (latest or 0)
+            position, self.resumed = self._resume_point(ckpt)
+            # New saves go after every step on disk, an unreadable newest one included (orbax needs increasing steps).
+            self.saves = max(ckpt.all_steps(), default=0)
             while position.unit < len(self.plan.units):
                 position = self._unit(position, ckpt, writer)
         if jax.process_index() == 0:
@@ -221,12 +229,26 @@ class Run:
         fixed = "scores" not in self.plan.phases[stage].trains
         return self._state(unit, stage, masks=self._ones_masks() if fixed else None)
 
-    def _restore(self, ckpt: checkpoint.Checkpointer, unit: methods.Unit, stage: int) -> steps.TrainState:
+    def _restore(self, ckpt: checkpoint.Checkpointer, unit: methods.Unit, stage: int, step: int) -> steps.TrainState:
         like = self._template(unit, stage)
         replicated = parallel.replicated(self.mesh)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), like)
-        state, _ = ckpt.restore(abstract)
+        state, _ = ckpt.restore(abstract, step)
         return state
+
+    def _resume_point(self, ckpt: checkpoint.Checkpointer) -> tuple[Position, steps.TrainState | None]:
+        """(position, its saved state or None) from the newest checkpoint that reads back whole."""
+
+        def read(step: int) -> tuple[Position, steps.TrainState | None]:
+            position = Position(**ckpt.restore_meta(step))
+            if not position.label_mapped:
+                return position, None
+            unit = self.plan.units[position.unit]
+            stage = position.stage if position.stage >= 0 else unit.stages[0]
+            return position, self._restore(ckpt, unit, stage, step)
+
+        found = ckpt.newest_readable(read)
+        return found if found is not None else (Position(), None)
 
     def _save(self, ckpt: checkpoint.Checkpointer, state, position: Position) -> None:
         self.saves += 1
@@ -334,7 +356,7 @@ class Run:
         if position.stage < 0:
             position.stage = unit.stages[0]
         if position.label_mapped:
-            state = self._restore(ckpt, unit, position.stage)
+            state, self.resumed = self.resumed, None  # read by _resume_point; a unit resumes at most once
         else:
             state = self._start_unit(position.unit)
             position.label_mapped = True
@@ -494,5 +516,4 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[
 
     A second run on the same workdir while this one is alive is refused (``checkpoint.workdir_lock``).
     """
-    with checkpoint.workdir_lock(workdir):
-        return Run(config, pathlib.Path(workdir)).run()
+    return Run(config, pathlib.Path(workdir)).run()
