@@ -41,6 +41,7 @@ _MAX_ROUNDS = 11  # 8**11 > 2**31: bit-range splitting alone finishes in time
 # one reduction per array, and fewer reductions compile faster. Larger leaves are reduced in place.
 _SMALL_LEAF = 1 << 18
 
+
 def prunable_paths(kinds: Params) -> list[tuple[Any, ...]]:
     """Paths (in the weights dict) of every conv and dense kernel."""
     flat = traverse_util.flatten_dict(kinds)
@@ -96,7 +97,7 @@ def _sample_pivots(bits: list[jax.Array], groups: Sequence[int], group: int, k: 
     members = [b for b, g in zip(bits, groups) if g == group]
     total = sum(b.size for b in members)
     stride = max(1, total // _SAMPLE_SIZE)
-    sample = jnp.sort(jnp.concatenate([b.reshape(-1)[::stride] for b in members]))
+    sample = jnp.sort(jnp.concatenate([b[::stride] for b in members]))
     size = sample.shape[0]
     rank = k.astype(jnp.float32) * size / total
     spread = _SAMPLE_SIGMAS * jnp.sqrt(rank * (1.0 - rank / size)) + 1.0
@@ -106,13 +107,12 @@ def _sample_pivots(bits: list[jax.Array], groups: Sequence[int], group: int, k: 
 
 
 def _reduce_flat(operands: tuple[jax.Array, ...], inits: tuple[int, ...], combine) -> tuple[jax.Array, ...]:
-    """One variadic reduction of same-shaped int32 arrays to scalars; ``combine`` merges two tuples."""
-    flat = tuple(a.reshape(-1) for a in operands)
-    return jax.lax.reduce(flat, tuple(jnp.int32(i) for i in inits), combine, (0,))
+    """One variadic reduction of same-shaped flat int32 arrays to scalars; ``combine`` merges two tuples."""
+    return jax.lax.reduce(operands, tuple(jnp.int32(i) for i in inits), combine, (0,))
 
 
 def _count_at_most(bits: list[jax.Array], groups: Sequence[int], num_groups: int, pivots: jax.Array) -> jax.Array:
-    """(groups, pivots) counts of entries <= each group's pivots, one variadic reduction per leaf."""
+    """(groups, pivots) counts of entries <= each group's pivots, one variadic reduction per flat array."""
     per_group = jnp.zeros((num_groups, pivots.shape[1]), jnp.int32)
     for b, g in zip(bits, groups):
         operands = tuple((b <= pivots[g, i]).astype(jnp.int32) for i in range(pivots.shape[1]))

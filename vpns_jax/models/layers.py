@@ -79,7 +79,7 @@ def runs_as_im2col(map_size: tuple[int, int], kernel_size: tuple[int, int]) -> b
     output map), XLA swaps the conv's operands, and XLA:CPU runs the swapped conv as
     a naive loop: on ResNet-18's 2 px maps 50x slower than the exact matmul form.
     Measured on whole ImageNet-stem steps at 64 px, including the 4 px maps (the
-    stride-2 conv from 4 to 2 px among them) makes the stage-1 iteration 1.6x faster;
+    stride-2 conv from 4 to 2 px among them) makes the stage-1 iteration 1.5x faster;
     on larger maps the conv is faster.
     """
     return kernel_size[0] * kernel_size[1] > 1 and min(map_size) <= IM2COL_MAX_MAP
