@@ -130,5 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.max_to_keep = 3
 
     config.log_every_steps = 50
+    # A step whose loss or update is NaN/Inf never reaches the state; then 'stop' the run (its checkpoints
+    # hold the state from before that step) or 'skip' the batch and go on (vpns_jax.health).
+    config.on_nonfinite = "stop"
     config.compilation_cache_dir = ""  # '' = ~/.cache/vpns_jax/xla; 'none' disables the persistent cache
     return config

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from vpns_jax import checkpoint, methods, oneshot, structured, train
+from vpns_jax import checkpoint, health, methods, oneshot, structured, train
 from vpns_jax.models import create_model, functional
 
 DENSITIES = (0.5, 0.2)
@@ -182,3 +182,24 @@ def test_a_run_on_a_locked_workdir_is_refused_before_touching_it(fashion_data_di
         with pytest.raises(checkpoint.WorkdirLockedError, match="wait for it to finish or use another --workdir"):
             train.run(tiny_config(fashion_data_dir, source[0], "vpns"), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK_FILE]
+
+
+def test_a_nan_step_stops_the_run_and_skip_resumes_past_it(fashion_data_dir, source, tmp_path):
+    config = tiny_config(fashion_data_dir, source[0], "vpns", **{"checkpoint.every_steps": 1})
+    # SGD at lr 1e38: step 1 moves the prompt by 1e38 * grad (finite, |grad| << 1); at step 2 the weight decay
+    # term alone, 1e38 * 1e-4 * prompt, overflows to inf.
+    config.stage1.prompt.update(optimizer="sgd", lr=1e38)
+    with pytest.raises(health.NonFiniteLossError, match=r"NaN/Inf at density 0\.5, stage 1, step 2 \(epoch 0, "
+                                                        r"batch 1\); the run stopped"):
+        train.run(config, tmp_path)
+    with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
+        meta = ckpt.restore_meta()
+        assert (meta["unit"], meta["stage"], meta["global_step"]) == (0, 1, 1)  # from before the bad step
+    assert not (tmp_path / train.RESULTS_JSON).exists()
+
+    config.on_nonfinite = "skip"  # not part of the fingerprint: the same workdir resumes
+    rows = train.run(config, tmp_path)
+    assert [row["density"] for row in rows] == list(DENSITIES) and all(np.isfinite(r["test_loss"]) for r in rows)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Step 2 of each density's stage 1 (global steps 2 and 6) went NaN and was skipped.
+    assert [(r["density"], r["step"]) for r in records if "skipped_batches" in r] == [(0.5, 2), (0.2, 6)]

@@ -185,6 +185,7 @@ BAD = [
     ({"checkpoint.max_to_keep": 0}, "checkpoint.max_to_keep", "0"),
     ({"log_every_steps": 0}, "log_every_steps", "0"),
     ({"eval.with_prompt": None}, "eval.with_prompt", "None"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite", "'ignore'"),
 ]
 
 
@@ -266,7 +267,7 @@ def test_missing_field_is_named():
 @pytest.mark.parametrize("updates", [
     {"checkpoint.every_steps": 7}, {"checkpoint.max_to_keep": 1}, {"log_every_steps": 1},
     {"data.num_threads": 16}, {"data.auto_prepare": False}, {"data.data_dir": "/elsewhere"},
-    {"compilation_cache_dir": "none"},
+    {"compilation_cache_dir": "none"}, {"on_nonfinite": "skip"},
 ])
 def test_fingerprint_ignores_what_does_not_change_results(updates):
     assert config_checks.fingerprint(_set(load("default.py"), updates)) == config_checks.fingerprint(load("default.py"))

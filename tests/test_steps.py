@@ -132,6 +132,21 @@ def test_each_stage_compiles_once(run, setup):
     assert steps.train_iteration._cache_size() - run["cache_before"] == 2
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_nan_batch_leaves_the_state_bit_identical_but_for_its_step(run, setup, stage):
+    spec, _, batch = setup
+    state = steps.start_stage(spec, _copy(run["final"]), 2) if stage == 2 else _copy(run["stage1"][-1][1])
+    before = _copy(state)
+    poisoned = {"image": batch["image"].at[3, 5, 5, 0].set(jnp.nan), "label": batch["label"]}
+    # The NaN in the plain batch (sub-step b): sub-step a's finite update is dropped with it.
+    state, metrics = steps.train_iteration(state, (batch, poisoned), spec=spec, stage=stage)
+    # The loss itself may stay finite (XLA's ReLU can map NaN to 0); the NaN gradients are caught all the same.
+    assert not bool(metrics["finite"]) and np.isfinite(float(metrics["loss_prompted"]))
+    assert int(state.step) == int(before.step) + 1
+    _assert_bit_identical(state.replace(step=before.step), before)
+    assert bool(run["stage1"][0][2]["finite"]) and bool(run["stage2"][-1][2]["finite"])
+
+
 def test_eval_step_counts_and_prompt_switch(run, setup):
     spec, _, batch = setup
     state = run["final"]

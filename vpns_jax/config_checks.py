@@ -20,7 +20,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vpns_jax import masking, models, optim, prompts
+from vpns_jax import health, masking, models, optim, prompts
 from vpns_jax.data import registry
 
 STEMS = ("imagenet", "cifar")
@@ -42,6 +42,8 @@ NON_RESULT_FIELDS = (
     "data.auto_prepare",
     "data.data_dir",
     "compilation_cache_dir",
+    # Changes nothing until a step goes NaN/Inf; a run stopped by one resumes with 'skip'.
+    "on_nonfinite",
 )
 
 
@@ -255,6 +257,7 @@ def validate(config: Any, *, num_devices: int) -> None:
     _check_int_at_least(config, "checkpoint.every_steps", 1, "iterations between checkpoints")
     _check_int_at_least(config, "checkpoint.max_to_keep", 1, "checkpoints kept on disk")
     _check_int_at_least(config, "log_every_steps", 1)
+    _check_choice(config, "on_nonfinite", health.ON_NONFINITE)
 
 
 def group_optimizer(cfg: Any) -> optim.GroupOptimizer:

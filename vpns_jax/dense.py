@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from vpns_jax import label_mapping, prompts
+from vpns_jax import health, label_mapping, prompts
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]
@@ -50,7 +50,8 @@ def init_dense_state(
 def dense_train_step(
     state: DenseState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation
 ) -> tuple[DenseState, dict[str, jax.Array]]:
-    """One SGD/Adam step on normalised images (already at the model's input size)."""
+    """One SGD/Adam step on normalised images (already at the model's input size); a step whose loss or new
+    weights are not finite leaves the state as it was but for ``step`` (``health.keep_if_finite``)."""
     dropout_key = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(weights):
@@ -63,10 +64,7 @@ def dense_train_step(
 
     (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.weights)
     updates, opt_state = tx.update(grads, state.opt_state, state.weights)
-    state = state.replace(
-        step=state.step + 1,
-        weights=optax.apply_updates(state.weights, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
-    return state, {"loss": loss, "accuracy": accuracy}
+    new = state.replace(weights=optax.apply_updates(state.weights, updates), batch_stats=batch_stats,
+                        opt_state=opt_state)
+    new, finite = health.keep_if_finite(new, state, {"loss": loss}, new.weights)
+    return new.replace(step=state.step + 1), {"loss": loss, "accuracy": accuracy, health.FINITE: finite}

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
-from vpns_jax import checkpoint, config_checks, dense, label_mapping, metrics, optim, parallel, pretrained
+from vpns_jax import checkpoint, config_checks, dense, health, label_mapping, metrics, optim, parallel, pretrained
 from vpns_jax.data import pipeline, registry
 from vpns_jax.models import functional
 
@@ -110,15 +110,22 @@ def pretrain(
             start = meta["step"]
         stream.set_state({"epoch": start // steps_per_epoch, "batch": start % steps_per_epoch})
         bar = metrics.progress(total, "source pretraining", initial=start)
+        check = health.FiniteCheck(config.on_nonfinite, hint="lower config.source.optimizer.lr",
+                                   on_skip=lambda where: writer.write(done, {"skipped_batches": check.skipped},
+                                                                      phase="source"))
         for step in range(start, total):
             batch = parallel.global_batch(next(stream), mesh)
             state, step_metrics = dense.dense_train_step(state, batch, graphdef=graphdef, tx=tx)
+            check.push(step_metrics[health.FINITE], f"source pretraining, step {step + 1} (epoch "
+                       f"{step // steps_per_epoch}, batch {step % steps_per_epoch})")
             bar.update(1)
             done = step + 1
             if done % config.log_every_steps == 0 or done == total:
                 writer.write(done, jax.device_get(step_metrics), phase="source")
             if done % config.checkpoint.every_steps == 0 and done < total:
+                check.flush()
                 ckpt.save(done, state, {"step": done})
+        check.flush()
         bar.close()
     weights, batch_stats = jax.device_get((state.weights, state.batch_stats))
     if jax.process_index() == 0:

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx, struct, traverse_util
 
-from vpns_jax import label_mapping, masking, optim, prompts, structured
+from vpns_jax import health, label_mapping, masking, optim, prompts, structured
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]
@@ -388,10 +388,14 @@ def train_iteration(
     'two': (prompted clean batch, plain augmented batch); 'one': (augmented
     batch,); 'bilevel': (weight batch, score batch). ``state`` is donated: its
     buffers are reused for the result, so keep no other reference to them.
+    An iteration whose losses or updated parameters are not all finite leaves
+    the state as it was but for ``step`` (``health.keep_if_finite``); the
+    metrics' ``finite`` flag says which happened.
     """
     phase = spec.phases[stage]
     if len(batches) != phase.num_batches:
         raise ValueError(f"stage {stage} ({phase.streams!r} streams) takes {phase.num_batches} batches, got {len(batches)}")
+    before = state
     key = jax.random.fold_in(jax.random.fold_in(state.rng, stage), state.step)
     key_a, key_b = jax.random.split(key)
     if phase.streams == "two":
@@ -404,6 +408,8 @@ def train_iteration(
         metrics = {"loss_plain": loss, "accuracy_plain": accuracy}
     else:
         state, metrics = _bilevel_iteration(spec, state, batches[0], batches[1], stage=stage, key=key_a)
+    losses = {name: value for name, value in metrics.items() if name.startswith("loss")}
+    state, metrics[health.FINITE] = health.keep_if_finite(state, before, losses, trainable(state, phase))
     return state.replace(step=state.step + 1), metrics
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
-from vpns_jax import (checkpoint, config_checks, export, label_mapping, macs, masking, methods, metrics, oneshot, optim,
+from vpns_jax import (checkpoint, config_checks, export, health, label_mapping, macs, masking, methods, metrics, oneshot, optim,
                       parallel, prompts, source_model, steps, structured)
 from vpns_jax.data import pipeline, prepare, registry
 from vpns_jax.models import create_model, functional
@@ -405,9 +405,15 @@ class Run:
                                initial=position.epoch * per_epoch + position.batch)
         images, tick = 0, time.perf_counter()
         num_batches = self.plan.phases[stage].num_batches
+        check = health.FiniteCheck(
+            config.on_nonfinite, hint="lower this stage's learning rates",
+            on_skip=lambda where: writer.write(position.global_step, {"skipped_batches": check.skipped},
+                                               density=unit.density, stage=stage))
         while position.epoch < epochs:
             batches = tuple(parallel.global_batch(b, self.mesh) for b in self._batches(stage))
             state, step_metrics = steps.train_iteration(state, batches, spec=self.spec, stage=stage)
+            check.push(step_metrics[health.FINITE], f"density {unit.density:.6g}, stage {stage}, step "
+                       f"{position.global_step + 1} (epoch {position.epoch}, batch {position.batch})")
             images += num_batches * config.data.batch_size
             position.global_step += 1
             position.batch += 1
@@ -421,8 +427,10 @@ class Run:
                 writer.write(position.global_step, values, density=unit.density, stage=stage)
                 images, tick = 0, time.perf_counter()
             if position.global_step % config.checkpoint.every_steps == 0 and position.epoch < epochs:
+                check.flush()  # a stopped run keeps the checkpoint from before its bad step as the latest
                 position.elapsed = time.perf_counter() - started
                 self._save(ckpt, state, position)
+        check.flush()
         bar.close()
         return state
 

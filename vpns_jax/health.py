@@ -1,0 +1,87 @@
+"""Training health: a step whose loss or update is NaN/Inf never reaches the state, and the run stops or skips.
+
+On the device (inside the jitted steps), :func:`keep_if_finite` keeps the state
+from before a step whose losses or updated parameters are not all finite, and
+reports the step as not ``finite``. On the host, :class:`FiniteCheck` reads that
+flag one step late, so the host never waits on the device between two
+dispatches, and either stops the run with :class:`NonFiniteLossError` or logs a
+skipped batch (``config.on_nonfinite``: 'stop' or 'skip'). Because a bad step
+never changes the state, every checkpoint holds a finite state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+ON_NONFINITE = ("stop", "skip")
+FINITE = "finite"  # the metrics key of the step's flag
+State = TypeVar("State")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step's loss or update was NaN/Inf and the run is set to stop."""
+
+
+def all_finite(*trees: Any) -> jax.Array:
+    """A scalar bool: every floating-point entry of ``trees`` is finite."""
+    leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.bool_(True)
+
+
+def keep_if_finite(new: State, old: State, losses: Mapping[str, jax.Array], updated: Any) -> tuple[State, jax.Array]:
+    """``(new, True)`` when ``losses`` and the ``updated`` parameters are finite, else ``(old, False)``.
+
+    ``new`` and ``old`` have one tree structure; a frozen leaf (the same array in
+    both) costs nothing, and the select fuses into the optimiser's update.
+    """
+    finite = all_finite(losses, updated)
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old), finite
+
+
+class FiniteCheck:
+    """Reads each step's ``finite`` flag one step late and acts on a bad one.
+
+    ``push(flag, where)`` hands over the flag of the step just dispatched with a
+    description of it (e.g. 'density 0.1, stage 1, step 12 (epoch 0, batch 11)')
+    and checks the step before; ``flush()`` checks the last one (call it before a
+    checkpoint save and at the end of a stage). On a bad step it raises
+    :class:`NonFiniteLossError` ('stop') or calls ``on_skip(where)`` ('skip').
+    """
+
+    def __init__(self, on_nonfinite: str, hint: str, on_skip: Callable[[str], None] | None = None):
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite {on_nonfinite!r} is unknown: use one of {ON_NONFINITE}")
+        self.on_nonfinite = on_nonfinite
+        self.hint = hint
+        self.on_skip = on_skip
+        self.skipped = 0
+        self._pending: tuple[jax.Array, str] | None = None
+
+    def push(self, flag: jax.Array, where: str) -> None:
+        """Records the new step's flag and checks the previous step's."""
+        self.flush()
+        self._pending = (flag, where)
+
+    def flush(self) -> None:
+        """Checks the step recorded last, waiting for it to finish."""
+        if self._pending is None:
+            return
+        flag, where = self._pending
+        self._pending = None
+        if bool(jax.device_get(flag)):
+            return
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"the loss or an update became NaN/Inf at {where}; the run stopped and its checkpoints hold the state "
+                f"from before that step: {self.hint}, or set --config.on_nonfinite=skip to skip such batches"
+            )
+        self.skipped += 1
+        logging.warning("skipped a batch whose loss or update was NaN/Inf at %s (%d skipped so far)", where,
+                        self.skipped)
+        if self.on_skip is not None:
+            self.on_skip(where)
