@@ -178,10 +178,33 @@ def test_guard_workdir_refuses_another_config_and_changes_nothing(tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert message == (f"workdir {tmp_path} holds a run of a different config "
-                       "(differs in: extra, model.width, stage1.epochs); use another --workdir")
+                       "(differs in: extra, model.width, stage1.epochs); use another --workdir, or pass "
+                       f"--replace_workdir to move that run into {tmp_path / 'replaced'}/ and start afresh")
     assert isinstance(info.value, ValueError)
     assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_replace_moves_the_other_run_aside_whole_and_starts_afresh(tmp_path):
+    checkpoint.guard_workdir(tmp_path, {"seed": 0})
+    (tmp_path / "checkpoints" / "7").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "7" / "state").write_bytes(b"old state")
+    (tmp_path / "results.json").write_text("[1]")
+    (tmp_path / checkpoint.LOCK_FILE).write_text("123\n")
+    checkpoint.guard_workdir(tmp_path, {"seed": 0}, replace=True)  # the same config: nothing moves
+    assert (tmp_path / "results.json").exists()
+    checkpoint.guard_workdir(tmp_path, {"seed": 1}, replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LOCK_FILE, "config.json", "replaced"]
+    assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 1}
+    (moved,) = (tmp_path / "replaced").iterdir()
+    assert json.loads((moved / "config.json").read_text()) == {"seed": 0}
+    assert (moved / "checkpoints" / "7" / "state").read_bytes() == b"old state"
+    assert (moved / "results.json").read_text() == "[1]"
+    # A second replacement keeps the first one: each gets its own folder.
+    (tmp_path / "config.json").write_text("{not json")
+    checkpoint.guard_workdir(tmp_path, {"seed": 2}, replace=True)
+    assert len(list((tmp_path / "replaced").iterdir())) == 2
+    assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 2}
 
 
 def test_guard_workdir_lists_at_most_five_keys(tmp_path):

@@ -17,6 +17,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -24,10 +25,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 T = TypeVar("T")
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
+REPLACED_DIR = "replaced"  # where --replace_workdir moves a run of another config
 _MAX_LISTED_KEYS = 5
 # Integer dict keys (e.g. ResNet's block index) are stored as '#<int>' so that they come back as ints.
 _INT_PREFIX = "#"
@@ -224,14 +227,25 @@ def write_atomically(path: pathlib.Path, write) -> None:
         raise
 
 
-def guard_workdir(workdir: str | os.PathLike, fingerprint: Mapping[str, Any]) -> None:
+def guard_workdir(workdir: str | os.PathLike, fingerprint: Mapping[str, Any], *, replace: bool = False) -> None:
     """Ties ``workdir`` to the run config ``fingerprint`` (a JSON-serialisable nested dict).
 
     The first run writes ``workdir/config.json`` (process 0 only); a later run
-    with a different fingerprint raises :class:`WorkdirConfigError` naming the
-    differing dotted keys. Nothing is ever overwritten or deleted.
+    with a different fingerprint (or an unreadable config.json) raises
+    :class:`WorkdirConfigError` naming the differing dotted keys. With
+    ``replace``, that run is moved into ``workdir/replaced/<time>/`` instead and
+    the new fingerprint written; process 0 decides and acts, the others wait for
+    it. Nothing is ever overwritten or deleted.
     """
-    workdir = pathlib.Path(workdir)
+    if not replace:
+        _guard(pathlib.Path(workdir), fingerprint, replace=False)
+        return
+    if jax.process_index() == 0:
+        _guard(pathlib.Path(workdir), fingerprint, replace=True)
+    multihost_utils.sync_global_devices("workdir guarded")
+
+
+def _guard(workdir: pathlib.Path, fingerprint: Mapping[str, Any], *, replace: bool) -> None:
     path = workdir / CONFIG_FILE
     # Normalised as JSON sees it (tuples -> lists, keys -> strings) so that equal configs compare equal.
     text = json.dumps(fingerprint, sort_keys=True, indent=2)
@@ -240,14 +254,18 @@ def guard_workdir(workdir: str | os.PathLike, fingerprint: Mapping[str, Any]) ->
         if jax.process_index() == 0:
             write_atomically(path, lambda file: file.write((text + "\n").encode()))
         return
+    hint = f"use another --workdir, or pass --replace_workdir to move that run into {workdir / REPLACED_DIR}/ and " \
+           "start afresh"
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise WorkdirConfigError(
-            f"workdir {workdir} has an unreadable {CONFIG_FILE} ({error}); use another --workdir"
-        ) from error
+        if replace:
+            return _replace_run(workdir, text)
+        raise WorkdirConfigError(f"workdir {workdir} has an unreadable {CONFIG_FILE} ({error}); {hint}") from error
     if stored == current:
         return
+    if replace:
+        return _replace_run(workdir, text)
     flat_stored, flat_current = _flatten(stored), _flatten(current)
     differing = sorted(
         key for key in flat_stored.keys() | flat_current.keys() if flat_stored.get(key, ...) != flat_current.get(key, ...)
@@ -255,9 +273,22 @@ def guard_workdir(workdir: str | os.PathLike, fingerprint: Mapping[str, Any]) ->
     listed = ", ".join(differing[:_MAX_LISTED_KEYS])
     if len(differing) > _MAX_LISTED_KEYS:
         listed += f" and {len(differing) - _MAX_LISTED_KEYS} more"
-    raise WorkdirConfigError(
-        f"workdir {workdir} holds a run of a different config (differs in: {listed}); use another --workdir"
-    )
+    raise WorkdirConfigError(f"workdir {workdir} holds a run of a different config (differs in: {listed}); {hint}")
+
+
+def _replace_run(workdir: pathlib.Path, text: str) -> None:
+    """Moves everything in ``workdir`` but the lock and earlier replaced runs into a new ``replaced/<time>-*``
+    folder, then writes ``text`` as the config."""
+    archive = workdir / REPLACED_DIR
+    archive.mkdir(exist_ok=True)
+    target = pathlib.Path(tempfile.mkdtemp(dir=archive, prefix=time.strftime("%Y%m%d-%H%M%S-")))
+    # config.json moves last: a run killed half-way still holds the old config, so the next run with the
+    # flag moves the rest.
+    for entry in sorted(workdir.iterdir(), key=lambda entry: entry.name == CONFIG_FILE):
+        if entry.name not in (LOCK_FILE, REPLACED_DIR):
+            os.replace(entry, target / entry.name)
+    logging.warning("moved the run of another config out of %s into %s", workdir, target)
+    write_atomically(workdir / CONFIG_FILE, lambda file: file.write((text + "\n").encode()))
 
 
 def _encode_key(key: Any) -> str:

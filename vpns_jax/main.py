@@ -7,6 +7,9 @@ use only ones you trust. For several processes (hosts), pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or let
 ``jax.distributed.initialize`` find them on a managed cluster with
 ``--distributed``).
+
+Every failure, from a mistyped flag to a corrupted checkpoint, is one line on
+stderr and exit status 2 (with its traceback first under ``--verbose``).
 """
 
 from __future__ import annotations
@@ -14,52 +17,120 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 import vpns_jax
 from vpns_jax import cli
 
 REPO = pathlib.Path(vpns_jax.__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "default.py"
+HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-help")
 # Config files import their shared base as `configs.base`.
 sys.path.insert(0, str(REPO))
 
-config_flags.DEFINE_config_file("config", str(REPO / "configs" / "default.py"), "Config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Output folder (default: workdir/<config file name>).")
-flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the cluster's own settings.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-process runs.")
-flags.DEFINE_integer("process_id", None, "This process's index, for multi-process runs.")
-FLAGS = flags.FLAGS
+
+class CommandLineError(ValueError):
+    """The command line cannot be parsed: an unknown flag, a bad value, a missing or broken config file."""
 
 
-def _initialize_distributed() -> None:
+def define_flags(argv: list[str]) -> flags.FlagValues:
+    """This command's flags, on a fresh ``FlagValues`` (so that a process can parse several command lines).
+
+    ml_collections reads the ``--config.a.b`` overrides from ``argv`` itself when the config file loads.
+    """
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, run as code).",
+                                    flag_values=values, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Output folder (default: workdir/<config file name>).", flag_values=values)
+    flags.DEFINE_bool("replace_workdir", False,
+                      "When the workdir holds a run of another config, move that run into WORKDIR/replaced/<time>/ "
+                      "and start afresh (nothing is deleted).", flag_values=values)
+    flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.", flag_values=values)
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the cluster's own settings.",
+                      flag_values=values)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.",
+                        flag_values=values)
+    flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-process runs.", flag_values=values)
+    flags.DEFINE_integer("process_id", None, "This process's index, for multi-process runs.", flag_values=values)
+    return values
+
+
+def _config_path(argv: list[str]) -> str:
+    """The config file ``argv`` names (the last ``--config=``/``--config PATH``), else the default."""
+    path = str(DEFAULT_CONFIG)
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            path = arg.split("=", 1)[1]
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            path = argv[i + 1]
+    return path
+
+
+def _innermost_text(error: BaseException) -> str:
+    """The message of ``error``, unwrapped from the KeyError/AttributeError nesting ml_collections raises."""
+    text: object = error
+    while isinstance(text, BaseException) and len(text.args) == 1:
+        text = text.args[0]
+    return str(text)
+
+
+def parse_flags(argv: list[str]) -> flags.FlagValues:
+    """The parsed flags of ``argv`` (program name first); :class:`CommandLineError` names what is wrong."""
+    config_path = _config_path(argv)
+    if not pathlib.Path(config_path).is_file():
+        raise CommandLineError(f"config file {config_path} does not exist: give --config=configs/<name>.py "
+                               "(the files in configs/) or a path to your own")
+    try:
+        values = define_flags(argv)  # loads the default config file already
+        rest = values(argv)
+        values.config  # noqa: B018 - loads the config file (and its overrides) now, inside this try
+    except flags.Error as error:
+        raise CommandLineError(f"{error} (see --helpfull)") from error
+    except (AttributeError, KeyError) as error:
+        raise CommandLineError(f"an override names a field that {config_path} does not have: "
+                               f"{_innermost_text(error)}") from error
+    except Exception as error:  # noqa: BLE001 - running the config file can raise anything
+        raise CommandLineError(f"config file {config_path} does not load: {type(error).__name__}: "
+                               f"{_innermost_text(error)}") from error
+    if len(rest) > 1:
+        raise CommandLineError(f"unexpected arguments {' '.join(rest[1:])!r}: flags take the form --name=value")
+    if values.coordinator_address and (values.num_processes is None or values.process_id is None):
+        raise CommandLineError("--coordinator_address needs --num_processes and --process_id as well")
+    return values
+
+
+def _initialize_distributed(values: flags.FlagValues) -> None:
     import jax
 
-    if FLAGS.coordinator_address:
+    if values.coordinator_address:
         # Only CPU collectives read this; set before any backend starts, as initialize() requires.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    elif FLAGS.distributed:
+        jax.distributed.initialize(coordinator_address=values.coordinator_address,
+                                   num_processes=values.num_processes, process_id=values.process_id)
+    elif values.distributed:
         jax.distributed.initialize()
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.verbose:
-        logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save and read at INFO
+def command(argv: list[str]) -> int:
+    """Runs the command line ``argv`` (program name first); returns the exit status (0, or 2 after a one-line
+    error on stderr)."""
+    verbose = any(arg in ("--verbose", "-verbose", "--verbose=true", "--verbose=True") for arg in argv)
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(define_flags(argv).get_help())
+        return 0
     try:
-        _initialize_distributed()
+        values = parse_flags(argv)
+        if not values.verbose:
+            logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save and read at INFO
+        _initialize_distributed(values)
         from vpns_jax import train
 
-        config_path = pathlib.Path(FLAGS["config"].config_filename)
-        workdir = FLAGS.workdir or str(pathlib.Path("workdir") / config_path.stem)
-        results = train.run(FLAGS.config, workdir)
+        config_path = pathlib.Path(values["config"].config_filename)
+        workdir = values.workdir or str(pathlib.Path("workdir") / config_path.stem)
+        results = train.run(values.config, workdir, replace_workdir=values.replace_workdir)
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line unless --verbose
-        return cli.report_error(error, verbose=FLAGS.verbose)
+        return cli.report_error(error, verbose=verbose)
     import jax
 
     if jax.process_index() == 0:
@@ -69,7 +140,9 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    app.run(lambda argv: sys.exit(main(argv)))
+    """The console entry point: ``command(sys.argv)`` as the exit status."""
+    logging.use_absl_handler()
+    sys.exit(command(sys.argv))
 
 
 if __name__ == "__main__":

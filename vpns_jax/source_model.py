@@ -9,6 +9,7 @@ workdir. Pretraining checkpoints as it goes, so a killed run resumes it.
 from __future__ import annotations
 
 import pathlib
+import zipfile
 from typing import Any
 
 import jax
@@ -41,14 +42,21 @@ def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params)
             ".pth/.pt/.safetensors/.npz state dict"
         )
     suffix = path.suffix.lower()
-    if suffix in pretrained.SUFFIXES and (suffix != ".npz" or pretrained.is_torchvision_npz(path)):
+    try:
+        torchvision = suffix in pretrained.SUFFIXES and (suffix != ".npz" or pretrained.is_torchvision_npz(path))
+        if torchvision:
+            state_dict = pretrained.read_state_dict(path)
+        else:
+            loaded = checkpoint.load_arrays(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"model.init_from {path} cannot be read ({error}): it is truncated or not a weights file; "
+                         "download or convert it again") from None
+    if torchvision:
         try:
-            loaded = dict(zip(("weights", "batch_stats"),
-                              pretrained.from_torchvision(pretrained.read_state_dict(path), weights, batch_stats)))
+            loaded = dict(zip(("weights", "batch_stats"), pretrained.from_torchvision(state_dict, weights, batch_stats)))
         except ValueError as error:
             raise ValueError(f"{path} (a torchvision state dict): {error}") from None
     else:
-        loaded = checkpoint.load_arrays(path)
         problems = []
         for part, expected in (("weights", weights), ("batch_stats", batch_stats)):
             problems += _mismatches(part, expected, loaded.get(part, {}))
@@ -57,6 +65,11 @@ def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params)
             raise ValueError(
                 f"{path} does not fit the model ({shown}): check model.name, width, stem and num_classes"
             )
+    bad = [".".join(map(str, path)) for path, leaf in traverse_util.flatten_dict(loaded).items()
+           if not np.isfinite(leaf).all()]
+    if bad:
+        raise ValueError(f"{path} holds NaN/Inf values (in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}):"
+                         " the file is damaged or comes from a diverged training; use another")
     cast = lambda tree, like: jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), tree, like)  # noqa: E731
     return cast(loaded["weights"], weights), cast(loaded["batch_stats"], batch_stats)
 

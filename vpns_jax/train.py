@@ -88,9 +88,10 @@ def unit_folder(workdir: pathlib.Path, density: float) -> pathlib.Path:
 class Run:
     """One ``run(config, workdir)``: the fixed ingredients, built once, and the loop over the plan's units."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path, *, replace_workdir: bool = False):
         self.config = config
         self.workdir = workdir
+        self.replace_workdir = replace_workdir
         self.mesh = parallel.make_mesh()
         config_checks.validate(config, num_devices=self.mesh.devices.size)
         self.plan = methods.make_plan(config)
@@ -125,6 +126,8 @@ class Run:
         self.model = create_model(config.model.name, num_classes=config.model.num_classes, width=config.model.width,
                                   stem=config.model.stem, rngs=nnx.Rngs(config.seed))
         self.kinds = functional.leaf_kinds(self.model)
+        # Read (and checked) now, so that a bad weights file leaves no workdir behind.
+        self.pretrained = self._pretrained_weights()
         self.prompt_spec = prompts.PromptSpec(**config.prompt.to_dict())
         self.uses_prompt = any("prompt" in phase.trains for phase in self.plan.phases.values())
         self.iterations_per_epoch = self.clean.batches_per_epoch
@@ -141,18 +144,24 @@ class Run:
                         f"config.densities holds {density}: {error}; raise the density or "
                         "config.structured.channel_max") from None
 
-    def _initial_weights(self, writer: metrics.MetricsWriter):
+    def _pretrained_weights(self) -> tuple[dict, dict] | None:
+        """(weights, batch_stats) of ``model.init_from``; None when the source model is pretrained here."""
         config = self.config
-        _, weights, batch_stats = functional.split_model(self.model)
         if config.model.init_from:
+            _, weights, batch_stats = functional.split_model(self.model)
             return source_model.load_weights(config.model.init_from, weights, batch_stats)
         if config.source.enabled:
-            return source_model.pretrain(config, self.workdir, self.model, self.mesh, writer)
+            return None
         raise config_checks.ConfigError(
             "model.init_from is empty and source.enabled is False: VPNs prunes a pretrained model; give "
             "--config.model.init_from=PATH (a torchvision .pth/.safetensors state dict or a vpns_jax .npz) or enable "
             "source pretraining"
         )
+
+    def _initial_weights(self, writer: metrics.MetricsWriter):
+        if self.pretrained is not None:
+            return self.pretrained
+        return source_model.pretrain(self.config, self.workdir, self.model, self.mesh, writer)
 
     def _initial_scores(self, weights) -> dict:
         if self.plan.method.masks != methods.LEARNED or self.config.transfer.masks_from:
@@ -179,7 +188,7 @@ class Run:
         config = self.config
         self.workdir.mkdir(parents=True, exist_ok=True)
         with checkpoint.workdir_lock(self.workdir):
-            checkpoint.guard_workdir(self.workdir, config_checks.fingerprint(config))
+            checkpoint.guard_workdir(self.workdir, config_checks.fingerprint(config), replace=self.replace_workdir)
             return self._run_units()
 
     def _run_units(self) -> list[dict[str, Any]]:
@@ -519,9 +528,12 @@ def write_results(workdir: pathlib.Path, results: list[dict[str, Any]]) -> None:
         checkpoint.write_atomically(workdir / name, lambda file, content=content: file.write(content.encode()))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+        replace_workdir: bool = False) -> list[dict[str, Any]]:
     """Runs (or resumes) every density of ``config`` in ``workdir``; returns the results rows.
 
-    A second run on the same workdir while this one is alive is refused (``checkpoint.workdir_lock``).
+    A second run on the same workdir while this one is alive is refused (``checkpoint.workdir_lock``). A
+    workdir holding a run of another config is refused too, unless ``replace_workdir``: then that run is moved
+    into ``workdir/replaced/`` and this one starts afresh (``checkpoint.guard_workdir``).
     """
-    return Run(config, pathlib.Path(workdir)).run()
+    return Run(config, pathlib.Path(workdir), replace_workdir=replace_workdir).run()
