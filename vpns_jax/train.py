@@ -76,6 +76,16 @@ def _ensure_prepared(name: str, data_dir: str | None, auto_prepare: bool) -> Non
     multihost_utils.sync_global_devices(f"prepared {name}")
 
 
+def _nonempty(subset, config: ml_collections.ConfigDict, split: str):
+    """``subset``, or a one-line error when the split holds no example of the configured classes."""
+    if len(subset) == 0:
+        raise ValueError(
+            f"the {split} split of {config.data.name!r} has no examples of config.data.classes="
+            f"{tuple(config.data.classes) or 'all'}: choose classes it has, or prepare the dataset again "
+            "(python -m vpns_jax.data.prepare)")
+    return subset
+
+
 def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
@@ -95,6 +105,14 @@ class Run:
         self.mesh = parallel.make_mesh()
         config_checks.validate(config, num_devices=self.mesh.devices.size)
         self.plan = methods.make_plan(config)
+        if config.transfer.masks_from:
+            source = pathlib.Path(config.transfer.masks_from)
+            missing = [d for d in config.densities if not (unit_folder(source, d) / "masks.npz").is_file()]
+            if missing:
+                raise config_checks.ConfigError(
+                    f"config.transfer.masks_from={config.transfer.masks_from!r} has no finished subnetwork for "
+                    f"densities {missing} (no {unit_folder(source, missing[0]) / 'masks.npz'}): run them there "
+                    "first, or list only the densities it has")
         enable_compilation_cache(config.compilation_cache_dir)
         data_dir = config.data.data_dir or None
         names = [config.data.name] + ([config.source.dataset] if config.source.enabled else [])
@@ -102,10 +120,10 @@ class Run:
             _ensure_prepared(name, data_dir, config.data.auto_prepare)
         data_spec = registry.get_dataset_spec(config.data.name)
         self.num_target = len(config.data.classes) or data_spec.num_classes  # validate() checked it fits the head
-        train = pipeline.open_subset(config.data.name, data_spec.train_split, data_dir,
-                                     classes=config.data.classes, limit=config.data.train_limit)
-        test = pipeline.open_subset(config.data.name, data_spec.test_split, data_dir,
-                                    classes=config.data.classes, limit=config.data.test_limit)
+        train, test = (_nonempty(pipeline.open_subset(config.data.name, split, data_dir, classes=config.data.classes,
+                                                      limit=limit), config, split)
+                       for split, limit in ((data_spec.train_split, config.data.train_limit),
+                                            (data_spec.test_split, config.data.test_limit)))
         size = config.prompt.input_size
         self.clean, self.augmented = pipeline.training_streams(
             train, global_batch_size=config.data.batch_size, image_size=size, seed=config.seed,
