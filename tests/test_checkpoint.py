@@ -116,10 +116,12 @@ def test_empty_directory_has_no_latest(tmp_path):
             ckpt.restore_meta()
 
 
-def test_a_save_killed_before_finalising_is_not_latest(tmp_path, monkeypatch):
-    """A save that dies after writing its data but before orbax's rename leaves the previous step as latest."""
+@pytest.mark.parametrize("keep", [1, 3])
+def test_a_save_killed_before_finalising_is_not_latest(tmp_path, monkeypatch, keep):
+    """A save that dies after writing its data but before orbax's rename leaves the previous step as latest;
+    with max_to_keep=1 too, where that step is the only good one (old steps go only after a finalised save)."""
     first, second = _state(1, seed=0), _state(1, seed=3)
-    with checkpoint.Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=keep) as ckpt:
         ckpt.save(1, first, {"position": 1})
 
     class Killed(BaseException):
@@ -129,7 +131,7 @@ def test_a_save_killed_before_finalising_is_not_latest(tmp_path, monkeypatch):
         raise Killed
 
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", die)
-    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=3)
+    ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=keep)
     with pytest.raises(Killed):
         ckpt.save(2, second, {"position": 2})
     monkeypatch.undo()
@@ -138,7 +140,7 @@ def test_a_save_killed_before_finalising_is_not_latest(tmp_path, monkeypatch):
     assert leftovers == ["2.orbax-checkpoint-tmp"]
     assert any((tmp_path / leftovers[0]).rglob("*"))
 
-    with checkpoint.Checkpointer(tmp_path, max_to_keep=3) as resumed:
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=keep) as resumed:
         assert resumed.latest_step() == 1
         assert resumed.all_steps() == [1]
         restored, meta = resumed.restore(jax.eval_shape(lambda: first))
@@ -289,6 +291,26 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path
         _assert_identical_trees(state, older)
         assert ckpt.all_steps() == [10, 20]  # the unreadable one is reported, not deleted
     assert "checkpoint step 20" in caplog.text and "unreadable" in caplog.text
+
+
+def test_saving_past_an_unreadable_newest_keeps_a_readable_one_at_every_moment(tmp_path):
+    states = {step: _state(1, seed=step) for step in (1, 2, 3, 4)}
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        ckpt.save(1, states[1], {"position": 1})
+        ckpt.save(2, states[2], {"position": 2})
+    _corrupt(tmp_path / "2" / "state")
+    abstract = jax.eval_shape(lambda: states[1])
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        read = lambda s: (s, *ckpt.restore(abstract, s))  # noqa: E731
+        assert ckpt.newest_readable(read)[0] == 1
+        # The run goes on from step 1 and saves after the unreadable step 2: orbax drops step 1 only once
+        # step 3 is complete, and step 3 reads back.
+        for step in (3, 4):
+            ckpt.save(step, states[step], {"position": step})
+            found, state, _ = ckpt.newest_readable(read)
+            assert found == step
+            _assert_identical_trees(state, states[step])
+        assert ckpt.all_steps() == [3, 4]
 
 
 def test_no_readable_checkpoint_is_a_one_line_error_and_none_is_no_checkpoint(tmp_path):
