@@ -35,6 +35,7 @@ def as_jax(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--width", type=float, default=0.25, help="ResNet-18 channel width multiplier")
     parser.add_argument("--pretrain_steps", type=int, default=200)
     parser.add_argument("--iterations", type=int, default=60, help="iterations per stage")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -45,7 +46,7 @@ def main() -> None:
     prepare.prepare("fashion_mnist", data_dir=args.data_dir)  # once, from Debian's files; a no-op afterwards
 
     # 1. A dense source model, pretrained on classes 0-4.
-    model = create_model("resnet18", num_classes=5, width=0.25, stem="imagenet", rngs=nnx.Rngs(0))
+    model = create_model("resnet18", num_classes=5, width=args.width, stem="imagenet", rngs=nnx.Rngs(0))
     graphdef, weights, batch_stats = functional.split_model(model)
     source = pipeline.BatchStream(pipeline.open_subset("fashion_mnist", "train", args.data_dir, classes=range(0, 5)), view="augmented",
                                   global_batch_size=args.batch_size, image_size=SIZE, seed=0)

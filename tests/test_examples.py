@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_functional_loop_example_runs(fashion_data_dir):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "functional_loop.py"), "--density", "0.1",
+        [sys.executable, str(ROOT / "experiments" / "functional_loop.py"), "--density", "0.1", "--width", "0.0625",
          "--pretrain_steps", "4", "--iterations", "3", "--batch_size", "32",
          "--train_images", "128", "--test_images", "96", "--data_dir", fashion_data_dir],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
