@@ -47,14 +47,6 @@ class Env:
         replaced = {flag.split("=")[0] for flag in extra}
         return ["vpns_jax.main", *(flag for flag in base if flag.split("=")[0] not in replaced), *extra]
 
-    def weights_file(self, name: str, change: Callable[[dict], None]) -> pathlib.Path:
-        """The source model's arrays, changed by ``change``, saved as ``name``."""
-        tree = checkpoint.load_arrays(self.source)
-        change(tree)
-        path = self.tmp / name
-        checkpoint.save_arrays(path, tree)
-        return path
-
     def run_of_this_config(self, *extra: str) -> None:
         """A workdir tied to this command line's config, as a finished earlier run leaves it."""
         config = main.parse_flags(self.argv(*extra)).config
@@ -140,17 +132,22 @@ def _locked(env: Env) -> list[str]:
     return env.argv()
 
 
-def _set(path: str, value) -> Callable[[dict], None]:
-    def change(tree: dict) -> None:
+def _changed_weights(path: str, value: Callable | None) -> Callable[[Env], list[str]]:
+    """A case's ``make``: the source model's arrays with the leaf at ``path`` replaced by ``value(old leaf)``
+    (removed when ``value`` is None), as ``model.init_from``."""
+    def make(env: Env) -> list[str]:
+        tree = checkpoint.load_arrays(env.source)
         *parents, leaf = path.split("/")
         node = tree
         for part in parents:
-            node = node[int(part[1:]) if part.startswith("#") else part]
+            node = node[part]
         if value is None:
             del node[leaf]
         else:
             node[leaf] = value(node.get(leaf))
-    return change
+        checkpoint.save_arrays(env.tmp / "weights.npz", tree)
+        return env.argv(f"--config.model.init_from={env.tmp / 'weights.npz'}")
+    return make
 
 
 CASES = [
@@ -194,17 +191,12 @@ CASES = [
     # Pretrained weights.
     Case("weights file missing", lambda e: e.argv(f"--config.model.init_from={e.tmp / 'w.npz'}"),
          "w.npz does not exist"),
-    Case("weights with a tensor missing", lambda e: e.argv(
-        f"--config.model.init_from={e.weights_file('m.npz', _set('weights/fc/bias', None))}"),
-         "missing weights/fc.bias"),
-    Case("weights with an extra tensor", lambda e: e.argv(
-        f"--config.model.init_from={e.weights_file('x.npz', _set('weights/fc/extra', lambda _: np.ones(3)))}"),
+    Case("weights with a tensor missing", _changed_weights("weights/fc/bias", None), "missing weights/fc.bias"),
+    Case("weights with an extra tensor", _changed_weights("weights/fc/extra", lambda _: np.ones(3)),
          "extra weights/fc.extra"),
-    Case("weights of the wrong shape", lambda e: e.argv(
-        f"--config.model.init_from={e.weights_file('s.npz', _set('weights/fc/bias', lambda b: np.ones(7)))}"),
+    Case("weights of the wrong shape", _changed_weights("weights/fc/bias", lambda _: np.ones(7)),
          "weights/fc.bias has shape (7,), the model needs (5,)"),
-    Case("weights with NaN", lambda e: e.argv(
-        f"--config.model.init_from={e.weights_file('n.npz', _set('weights/fc/bias', lambda b: b * np.nan))}"),
+    Case("weights with NaN", _changed_weights("weights/fc/bias", lambda bias: bias * np.nan),
          "holds NaN/Inf values (in weights.fc.bias)"),
     Case("truncated weights file", _truncated_weights, "cut.npz cannot be read"),
     Case("weights file with pickled objects", _pickled_weights, "pickled.npz cannot be read"),
