@@ -36,16 +36,13 @@ class Env:
         return self.tmp / "work"
 
     def argv(self, *extra: str) -> list[str]:
-        """A tiny, otherwise valid main command line with ``extra`` flags added or put in place of its own
-        (absl joins repeated tuple-valued overrides rather than taking the last)."""
-        base = [f"--workdir={self.workdir}", f"--config.data.data_dir={self.data_dir}",
+        """A tiny, otherwise valid main command line, then ``extra`` (a repeated override takes its last value)."""
+        return ["vpns_jax.main", f"--workdir={self.workdir}", f"--config.data.data_dir={self.data_dir}",
                 "--config.model.width=0.0625", "--config.model.stem=cifar", f"--config.model.init_from={self.source}",
                 "--config.source.enabled=False", "--config.compilation_cache_dir=none", "--config.densities=(0.5,)",
                 "--config.data.train_limit=64", "--config.data.test_limit=64", "--config.data.batch_size=32",
                 "--config.data.eval_batch_size=64", "--config.prompt.input_size=16",
-                "--config.prompt.output_size=16", "--config.prompt.pad_size=2"]
-        replaced = {flag.split("=")[0] for flag in extra}
-        return ["vpns_jax.main", *(flag for flag in base if flag.split("=")[0] not in replaced), *extra]
+                "--config.prompt.output_size=16", "--config.prompt.pad_size=2", *extra]
 
     def run_of_this_config(self, *extra: str) -> None:
         """A workdir tied to this command line's config, as a finished earlier run leaves it."""

@@ -75,8 +75,18 @@ def _innermost_text(error: BaseException) -> str:
     return str(text)
 
 
+def _last_override_wins(argv: list[str]) -> list[str]:
+    """``argv`` with only the last ``--config.a.b=value`` of each field: absl would join repeated overrides
+    of a tuple field (``densities``) into one tuple instead of taking the last, as it does for the others."""
+    last = {arg.split("=", 1)[0]: i for i, arg in enumerate(argv) if arg.startswith("--config.") and "=" in arg}
+    return [arg for i, arg in enumerate(argv)
+            if not (arg.startswith("--config.") and "=" in arg) or last[arg.split("=", 1)[0]] == i]
+
+
 def parse_flags(argv: list[str]) -> flags.FlagValues:
-    """The parsed flags of ``argv`` (program name first); :class:`CommandLineError` names what is wrong."""
+    """The parsed flags of ``argv`` (program name first; a repeated ``--config.`` override takes its last
+    value); :class:`CommandLineError` names what is wrong."""
+    argv = _last_override_wins(argv)
     config_path = _config_path(argv)
     if not pathlib.Path(config_path).is_file():
         raise CommandLineError(f"config file {config_path} does not exist: give --config=configs/<name>.py "
