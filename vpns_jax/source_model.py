@@ -53,7 +53,8 @@ def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params)
                          "download or convert it again") from None
     if torchvision:
         try:
-            loaded = dict(zip(("weights", "batch_stats"), pretrained.from_torchvision(state_dict, weights, batch_stats)))
+            mapped = pretrained.from_torchvision(state_dict, weights, batch_stats)
+            loaded = dict(zip(("weights", "batch_stats"), mapped))
         except ValueError as error:
             raise ValueError(f"{path} (a torchvision state dict): {error}") from None
     else:

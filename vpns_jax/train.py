@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
-from vpns_jax import (checkpoint, config_checks, export, health, label_mapping, macs, masking, methods, metrics, oneshot, optim,
-                      parallel, prompts, source_model, steps, structured)
+from vpns_jax import (checkpoint, config_checks, export, health, label_mapping, macs, masking, methods, metrics,
+                      oneshot, optim, parallel, prompts, source_model, steps, structured)
 from vpns_jax.data import pipeline, prepare, registry
 from vpns_jax.models import create_model, functional
 
