@@ -1,11 +1,15 @@
-"""A sweep's results as the paper's accuracy table: methods x sparsity, mean(std) over seeds.
+"""A sweep's results as the paper's accuracy table: methods x sparsity, mean(std) and 95 % interval over seeds.
 
     python -m experiments.table --root=experiments/results/sweep --densities=0.5,0.2,0.1,0.05 \\
         --out=experiments/results/sweep/table
 
 writes ``OUT.md`` and ``OUT.csv`` and prints the markdown and the ranking of the
 methods at each column. Columns are labelled by sparsity in % (density 0.1 ->
-'90'); cells are test accuracy in % as mean(sample std, ddof=1) over seeds.
+'90'); cells are test accuracy in % as mean(sample std, ddof=1) [95 % Student-t
+interval] over seeds. A second table gives each method minus VPNs, paired by
+seed (the same seed is the same data order and initial state), with the
+interval of the mean difference and the paired t-test p-value; 'n.s.' marks a
+difference that is not significant at 5 % (or rests on one seed).
 A method without a row at a column's exact density (LTH, whose rounds sit at
 0.8^r) takes the row nearest in log ratio if it is within a factor 1.25, and the
 cell is marked with a dagger and footnoted.
@@ -24,9 +28,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from experiments import sweep
+from experiments import stats, sweep
 from vpns_jax import cli
 
+REFERENCE = "vpns"  # the method the differences are taken from
 # Farthest a row's density may be from a column's (either way) to stand in for it.
 NEAREST_FACTOR = 1.25
 MARK = "†"
@@ -46,10 +51,20 @@ class Cell:
     seeds: tuple[int, ...]
     used_densities: tuple[float, ...]  # per seed, the density of the row taken
     nearest: bool  # some row was taken at a density other than the column's
+    accuracies: tuple[float, ...] = ()  # per seed, in %
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def estimate(self) -> stats.Estimate | None:
+        """Mean, std and 95 % interval over the seeds; None without a value."""
+        return stats.estimate(self.accuracies) if self.accuracies else None
+
+    def by_seed(self) -> dict[int, float]:
+        """Accuracy (%) of each seed."""
+        return dict(zip(self.seeds, self.accuracies))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,15 +142,20 @@ def summarize(rows: Sequence[dict[str, Any]], densities: Sequence[float],
                 seeds=tuple(seed for seed, _, _ in picked),
                 used_densities=tuple(float(row["density"]) for _, row, _ in picked),
                 nearest=any(nearest for _, _, nearest in picked),
+                accuracies=tuple(accuracies),
             )
     return Summary(methods=methods, densities=tuple(densities), cells=cells)
 
 
 def format_cell(cell: Cell, seeds_expected: int) -> str:
-    """'92.00(2.00)'; '92.00(-)' with one seed, '†' at a nearby density, ' [n=2]' below ``seeds_expected`` seeds."""
+    """'92.00(2.00) [87.03, 96.97]' (mean, sample std, 95 % interval); '92.00(-)' with one seed, '†' at a nearby
+    density, ' [n=2]' below ``seeds_expected`` seeds."""
     if cell.mean is None:
         return "n/a"
     text = f"{cell.mean:.2f}({'-' if cell.std is None else f'{cell.std:.2f}'})"
+    interval = cell.estimate
+    if interval.low is not None:
+        text += f" [{interval.low:.2f}, {interval.high:.2f}]"
     if cell.nearest:
         text += MARK
     if cell.n < seeds_expected:
@@ -162,7 +182,7 @@ def format_markdown(summary: Summary) -> str:
         cells = [format_cell(summary.cells[(method, d)], len(seeds)) for d in summary.densities]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     plural = "seed" if len(seeds) == 1 else "seeds"
-    lines += ["", f"Test accuracy (%), mean(sample std) over {len(seeds)} {plural} "
+    lines += ["", f"Test accuracy (%), mean(sample std) [95 % t interval] over {len(seeds)} {plural} "
                   f"({', '.join(map(str, seeds))}); '-': one seed."]
     marked = [summary.cells[(m, d)] for m in summary.methods for d in summary.densities
               if summary.cells[(m, d)].nearest]
@@ -173,8 +193,38 @@ def format_markdown(summary: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("method", "density", "sparsity_pct", "mean_accuracy_pct", "std_accuracy_pct", "n", "seeds",
-              "used_density", "nearest")
+def differences(summary: Summary, reference: str = REFERENCE) -> dict[tuple[str, float], stats.PairedDifference]:
+    """Each other method minus ``reference`` at each column, paired by seed (cells without a common seed are
+    left out)."""
+    out = {}
+    for method in summary.methods:
+        for density in summary.densities:
+            cell, ref = summary.cells[(method, density)], summary.cells.get((reference, density))
+            if method != reference and ref is not None and set(cell.seeds) & set(ref.seeds):
+                out[(method, density)] = stats.paired_difference(cell.by_seed(), ref.by_seed())
+    return out
+
+
+def format_differences(summary: Summary, reference: str = REFERENCE) -> str:
+    """Markdown: each method minus ``reference`` per column, '+1.20 [+0.40, +2.00] p=0.012' or '... n.s.'."""
+    paired = differences(summary, reference)
+    lines = [
+        f"| Minus {reference} | " + " | ".join(sparsity_label(d) for d in summary.densities) + " |",
+        "| :-- | " + " | ".join("--:" for _ in summary.densities) + " |",
+    ]
+    for method in summary.methods:
+        if method != reference:
+            cells = [stats.format_difference(paired[(method, d)]) if (method, d) in paired else "n/a"
+                     for d in summary.densities]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", f"Test accuracy difference (percentage points) from {reference}, paired by seed: mean [95 % t "
+                  "interval] and the paired t-test p-value; n.s.: not significant at 5 % (always with one seed)."]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("method", "density", "sparsity_pct", "mean_accuracy_pct", "std_accuracy_pct", "ci_low_pct",
+              "ci_high_pct", "n", "seeds", "used_density", "nearest", "minus_vpns_pct", "minus_vpns_low",
+              "minus_vpns_high", "minus_vpns_p")
 
 
 def format_csv(summary: Summary) -> str:
@@ -182,13 +232,19 @@ def format_csv(summary: Summary) -> str:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(CSV_FIELDS)
+    paired = differences(summary)
+    number = lambda value, digits=4: "" if value is None else f"{value:.{digits}f}"  # noqa: E731
     for method in summary.methods:
         for density in summary.densities:
             cell = summary.cells[(method, density)]
+            interval = cell.estimate
+            diff = paired.get((method, density))
             writer.writerow([
-                method, f"{density:g}", sparsity_label(density),
-                "" if cell.mean is None else f"{cell.mean:.4f}", "" if cell.std is None else f"{cell.std:.4f}",
+                method, f"{density:g}", sparsity_label(density), number(cell.mean), number(cell.std),
+                number(interval and interval.low), number(interval and interval.high),
                 cell.n, " ".join(map(str, cell.seeds)), _used(cell), str(cell.nearest).lower(),
+                number(diff and diff.difference.mean), number(diff and diff.difference.low),
+                number(diff and diff.difference.high), "" if diff is None or diff.p_value is None else f"{diff.p_value:.4g}",
             ])
     return text.getvalue()
 
@@ -244,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.root) / "table"
     md_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if REFERENCE in summary.methods and len(summary.methods) > 1:
+        markdown += "\n" + format_differences(summary)
     md_path.write_text(markdown + "\nRanking by mean accuracy:\n\n" + rankings)
     csv_path.write_text(format_csv(summary))
     print(markdown)

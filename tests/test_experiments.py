@@ -52,8 +52,9 @@ def test_mean_and_sample_std_over_seeds(tmp_path):
     cell = summary.cells[("hydra", 0.1)]
     assert cell.mean == pytest.approx(92.0) and cell.std == pytest.approx(2.0)
     assert cell.n == 3 and cell.seeds == (7, 9, 17) and not cell.nearest
-    assert table.format_cell(cell, 3) == "92.00(2.00)"
-    assert table.format_cell(summary.cells[("hydra", 0.5)], 3) == "95.00(0.00)"
+    # 95 % interval: 92 -+ t(0.975, df=2) * 2 / sqrt(3) = 92 -+ 4.3026527 * 1.1547005 = 92 -+ 4.9683.
+    assert table.format_cell(cell, 3) == "92.00(2.00) [87.03, 96.97]"
+    assert table.format_cell(summary.cells[("hydra", 0.5)], 3) == "95.00(0.00) [95.00, 95.00]"
 
 
 def test_lth_takes_its_nearest_round_within_a_factor_1_25(small_sweep):
@@ -77,9 +78,10 @@ def test_markdown_is_laid_out_like_the_paper(small_sweep):
         "| :-- | --: | --: |\n"
         "| dense | 96.00(-) [n=1] | 96.00(-) [n=1] |\n"
         "| lth | 88.50(-)† [n=1] | 85.00(-)† [n=1] |\n"
-        "| vpns | 94.00(1.41) | 91.00(1.41) |\n"
+        # Two seeds: 94 -+ t(0.975, df=1) * sqrt(2) / sqrt(2) = 94 -+ 12.7062.
+        "| vpns | 94.00(1.41) [81.29, 106.71] | 91.00(1.41) [78.29, 103.71] |\n"
         "\n"
-        "Test accuracy (%), mean(sample std) over 2 seeds (7, 9); '-': one seed.\n"
+        "Test accuracy (%), mean(sample std) [95 % t interval] over 2 seeds (7, 9); '-': one seed.\n"
         "† LTH at its round density 0.8^r nearest the column (any method: the nearest density it ran, "
         "within a factor 1.25): lth at 0.512 for 50; lth at 0.1074 for 90.\n"
     )
@@ -92,11 +94,13 @@ def test_markdown_is_laid_out_like_the_paper(small_sweep):
 def test_csv_has_one_row_per_method_and_density(small_sweep):
     summary = table.summarize(table.collect(small_sweep), [0.5, 0.1], methods=["vpns", "lth"])
     assert table.format_csv(summary) == (
-        "method,density,sparsity_pct,mean_accuracy_pct,std_accuracy_pct,n,seeds,used_density,nearest\n"
-        "vpns,0.5,50,94.0000,1.4142,2,7 9,0.5,false\n"
-        "vpns,0.1,90,91.0000,1.4142,2,7 9,0.1,false\n"
-        "lth,0.5,50,88.5000,,1,7,0.512,true\n"
-        "lth,0.1,90,85.0000,,1,7,0.1074,true\n"
+        "method,density,sparsity_pct,mean_accuracy_pct,std_accuracy_pct,ci_low_pct,ci_high_pct,n,seeds,"
+        "used_density,nearest,minus_vpns_pct,minus_vpns_low,minus_vpns_high,minus_vpns_p\n"
+        "vpns,0.5,50,94.0000,1.4142,81.2938,106.7062,2,7 9,0.5,false,,,,\n"
+        "vpns,0.1,90,91.0000,1.4142,78.2938,103.7062,2,7 9,0.1,false,,,,\n"
+        # LTH ran seed 7 only: its differences from vpns's seed 7 (93 and 90) have no interval.
+        "lth,0.5,50,88.5000,,,,1,7,0.512,true,-4.5000,,,\n"
+        "lth,0.1,90,85.0000,,,,1,7,0.1074,true,-5.0000,,,\n"
     )
 
 
@@ -106,7 +110,22 @@ def test_table_cli_writes_markdown_and_csv(small_sweep, capsys):
     markdown = (small_sweep / "table.md").read_text()
     assert markdown.startswith(table.format_markdown(table.summarize(table.collect(small_sweep), [0.5, 0.1])))
     assert "- sparsity 90 %: vpns 91.00 > lth 85.00" in markdown and "| vpns | 94.00(1.41)" in printed
+    assert "| Minus vpns | 50 | 90 |" in markdown and "| lth | -4.50 n.s. | -5.00 n.s. |" in markdown
     assert (small_sweep / "table.csv").read_text().count("\n") == 7
+
+
+def test_differences_from_vpns_are_paired_by_seed(tmp_path):
+    # vpns at seeds 7, 9, 17; hydra at the same seeds 1, 2 and 3 points lower, plus a seed vpns lacks.
+    for seed, accuracy in ((7, 0.90), (9, 0.92), (17, 0.94)):
+        _cell(tmp_path, "vpns", seed, [(0.1, accuracy)])
+    for seed, accuracy in ((7, 0.89), (9, 0.90), (17, 0.91), (21, 0.50)):
+        _cell(tmp_path, "hydra", seed, [(0.1, accuracy)])
+    summary = table.summarize(table.collect(tmp_path), [0.1])
+    (difference,) = table.differences(summary).values()
+    # Differences -1, -2, -3: mean -2, std 1, t = -2 sqrt(3) on 2 degrees of freedom: p = 1 - sqrt(12/14).
+    assert difference.seeds == (7, 9, 17) and difference.difference.mean == pytest.approx(-2.0)
+    assert difference.p_value == pytest.approx(1 - (12 / 14) ** 0.5, rel=1e-6)
+    assert table.format_differences(summary).splitlines()[2] == "| hydra | -2.00 [-4.48, +0.48] p=0.074 n.s. |"
 
 
 def test_plots_write_png_files(small_sweep, tmp_path):
