@@ -82,6 +82,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.stage2.bn = optimizer("sgd", 0.01)  # BatchNorm affine
     config.stage2.prompt = optimizer("sgd", 0.01)
 
+    # Ablations of unstructured VPNs (all else unchanged: optimisers, schedules, epochs). prompt_stages: the
+    # stages that learn a prompt, (1, 2) as the paper, () for none (the state keeps the export format's zero
+    # frame, never differentiated); streams: 'two' (prompted clean batch + plain augmented batch, the paper),
+    # 'prompted' (the clean batch only, prompted in prompt_stages) or 'plain' (the augmented batch only).
+    config.vpns = ml_collections.ConfigDict()
+    config.vpns.prompt_stages = (1, 2)
+    config.vpns.streams = "two"
+
     # Baselines (vpns-method.md section 6). Their weights, BatchNorm and "+ VP" prompt groups are stage2's.
     config.hydra = ml_collections.ConfigDict()
     config.hydra.prune_epochs = 60

@@ -24,6 +24,37 @@ def test_vpns_is_two_stream_scores_then_weights_per_density():
     assert plan.epochs == {1: 3, 2: 3} and set(plan.groups[1]) == {"scores", "prompt"}
 
 
+@pytest.mark.parametrize("prompt_stages, streams, phases", [
+    # No prompt: the same two streams, optimisers and schedules; the clean batch goes in unprompted.
+    ((), "two", {1: steps.Phase(("scores",), "two"), 2: steps.Phase(("weights",), "two")}),
+    ((1,), "two", {1: steps.Phase(("scores", "prompt"), "two"), 2: steps.Phase(("weights",), "two")}),
+    ((2,), "two", {1: steps.Phase(("scores",), "two"), 2: steps.Phase(("weights", "prompt"), "two")}),
+    ((1, 2), "prompted", {1: steps.Phase(("scores", "prompt"), "clean"), 2: steps.Phase(("weights", "prompt"), "clean")}),
+    ((), "plain", {1: steps.Phase(("scores",), "one"), 2: steps.Phase(("weights",), "one")}),
+])
+def test_vpns_ablations_change_only_the_prompt_stages_and_streams(prompt_stages, streams, phases):
+    plan = _plan("vpns", **{"vpns.prompt_stages": prompt_stages, "vpns.streams": streams})
+    assert plan.phases == phases and plan.epochs == {1: 3, 2: 3}
+    assert set(plan.groups[1]) == {"scores"} | ({"prompt"} if 1 in prompt_stages else set())
+    assert set(plan.groups[2]) == {"weights", "bn"} | ({"prompt"} if 2 in prompt_stages else set())
+    assert plan.groups[1]["scores"] == _plan("vpns").groups[1]["scores"]  # the same optimiser as VPNs'
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"vpns.streams": "three"}, "config.vpns.streams='three' is unknown"),
+    ({"vpns.prompt_stages": (1, 3)}, "config.vpns.prompt_stages=(1, 3) must list stages 1 and/or 2"),
+    ({"vpns.streams": "plain"}, "never shows the prompt to the network"),
+])
+def test_bad_vpns_ablations_are_config_errors(fields, message):
+    with pytest.raises(config_checks.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _plan("vpns", **fields)
+
+
+def test_vpns_ablations_are_refused_for_other_methods():
+    with pytest.raises(config_checks.ConfigError, match="ablates unstructured VPNs' mask search only"):
+        _plan("hydra", **{"vpns.prompt_stages": ()})
+
+
 def test_hydra_trains_scores_then_weights_on_one_stream_without_prompt():
     plan = _plan("hydra")
     assert plan.phases == {1: steps.Phase(("scores",), "one"), 2: steps.Phase(("weights",), "one")}

@@ -104,3 +104,34 @@ def test_bn_l1_adds_lambda_sign_gamma_to_the_scale_gradient(parts):
         state, _ = steps.train_iteration(state, batches[:1], spec=spec, stage=0)
         out[l1] = np.asarray(state.weights["bn1"]["scale"])
     np.testing.assert_allclose(out[0.01] - out[0.0], -0.1 * 0.01 * np.sign(gamma), atol=1e-6)
+
+
+def test_the_clean_stream_alone_steps_scores_and_prompt_once_per_iteration(parts):
+    batches = parts[-1]
+    phases = {1: steps.Phase(("scores", "prompt"), "clean")}
+    groups = {1: {"scores": optim.GroupOptimizer("adam", 0.01), "prompt": optim.GroupOptimizer("adam", 0.01)}}
+    spec, state = _spec_and_state(parts, phases, groups)
+    before = _copy(state)
+    for _ in range(3):
+        state, metrics = steps.train_iteration(state, batches[:1], spec=spec, stage=1)
+    assert set(metrics) == {"loss_prompted", "accuracy_prompted", "finite"}
+    assert _adam_counts(state.opt_state) == {"scores": 3, "prompt": 3}
+    assert _identical(before.weights, state.weights) and not _identical(before.prompt, state.prompt)
+
+
+def test_vpns_without_prompt_matches_vpns_with_a_zero_frozen_prompt_step_for_step(parts):
+    batches = parts[-1]
+    adam = {"scores": optim.GroupOptimizer("adam", 0.01), "prompt": optim.GroupOptimizer("adam", 0.01)}
+    vpns_spec, vpns = _spec_and_state(parts, {1: steps.Phase(("scores", "prompt"), "two")}, {1: adam})
+    bare_spec, bare = _spec_and_state(parts, {1: steps.Phase(("scores",), "two")}, {1: {"scores": adam["scores"]}})
+    zero = _copy(vpns.prompt)
+    assert set(bare.opt_state.inner_states) == {"scores"}  # no prompt optimiser state at all
+    for _ in range(3):
+        vpns, vpns_metrics = steps.train_iteration(vpns.replace(prompt=_copy(zero)), batches, spec=vpns_spec, stage=1)
+        bare, bare_metrics = steps.train_iteration(bare, batches, spec=bare_spec, stage=1)
+        # A zero pad prompt adds exactly 0 to every pixel in [0, 1]: the same inputs, losses and score steps.
+        assert float(bare_metrics["loss_prompted"]) == float(vpns_metrics["loss_prompted"])
+        assert float(bare_metrics["loss_plain"]) == float(vpns_metrics["loss_plain"])
+        assert _identical(bare.scores, vpns.scores) and _identical(bare.batch_stats, vpns.batch_stats)
+        assert _identical(bare.opt_state.inner_states["scores"], vpns.opt_state.inner_states["scores"])
+    assert _identical(bare.prompt, zero)  # never updated

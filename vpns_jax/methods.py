@@ -19,6 +19,9 @@ from typing import Any
 
 from vpns_jax import config_checks, oneshot, optim, steps
 
+# config.vpns.streams -> the phases' streams: both batches, the (prompted) clean batch alone, the plain one alone.
+VPNS_STREAMS = {"two": "two", "prompted": "clean", "plain": "one"}
+DEFAULT_ABLATION = ((1, 2), "two")  # config.vpns of the paper's VPNs
 # How each method gets its masks.
 LEARNED = "learned"  # scores trained with straight-through masks (vpns, hydra, bip)
 ONE_SHOT = ("magnitude", "lth", "random", "snip", "grasp", "synflow", "slim")
@@ -117,6 +120,12 @@ def make_plan(config: Any) -> Plan:
     group = config_checks.group_optimizer
     densities = tuple(float(d) for d in config.densities)
     finetune_epochs = config.finetune.epochs
+    ablation = _vpns_ablation(config)
+    if ablation != DEFAULT_ABLATION and (method.name != "vpns" or granularity != "weight"
+                                         or config.transfer.masks_from):
+        raise config_checks.ConfigError(
+            f"config.vpns (prompt_stages={ablation[0]!r}, streams={ablation[1]!r}) ablates unstructured VPNs' "
+            "mask search only: use it with method 'vpns', mask.granularity 'weight' and no transfer")
     if config.transfer.masks_from:
         # The masks (and prompt) come from another run: only the finetune stage runs here.
         if method.masks != LEARNED and method.name not in ("omp", "omp_vp"):
@@ -131,9 +140,13 @@ def make_plan(config: Any) -> Plan:
     if granularity == "channel":
         return _channel_plan(config, method, densities)
     if method.name == "vpns":
-        phases = dict(steps.VPNS_PHASES)
-        groups = {1: {"scores": group(config.stage1.scores), "prompt": group(config.stage1.prompt)},
-                  2: _weights_groups(config, True)}
+        prompt_stages, streams = ablation
+        phases = {stage: steps.Phase((trained,) + (("prompt",) if stage in prompt_stages else ()),
+                                     VPNS_STREAMS[streams])
+                  for stage, trained in ((1, "scores"), (2, "weights"))}
+        groups = {1: {"scores": group(config.stage1.scores)}, 2: _weights_groups(config, 2 in prompt_stages)}
+        if 1 in prompt_stages:
+            groups[1]["prompt"] = group(config.stage1.prompt)
         epochs = {1: config.stage1.epochs, 2: config.stage2.epochs}
         units = tuple(Unit(d, (1, 2)) for d in densities)
     elif method.name == "hydra":
@@ -165,6 +178,22 @@ def make_plan(config: Any) -> Plan:
         else:
             units = tuple(Unit(d, (2,)) for d in densities)
     return Plan(method, phases, groups, epochs, units)
+
+
+def _vpns_ablation(config: Any) -> tuple[tuple[int, ...], str]:
+    """``config.vpns``'s (prompt stages, streams), checked."""
+    prompt_stages, streams = tuple(config.vpns.prompt_stages), config.vpns.streams
+    if streams not in VPNS_STREAMS:
+        raise config_checks.ConfigError(
+            f"config.vpns.streams={streams!r} is unknown: use one of {', '.join(map(repr, VPNS_STREAMS))}")
+    if not set(prompt_stages) <= {1, 2} or len(set(prompt_stages)) != len(prompt_stages):
+        raise config_checks.ConfigError(
+            f"config.vpns.prompt_stages={prompt_stages!r} must list stages 1 and/or 2 once each, e.g. (1, 2) or ()")
+    if streams == "plain" and prompt_stages:
+        raise config_checks.ConfigError(
+            f"config.vpns.streams='plain' never shows the prompt to the network, but config.vpns.prompt_stages="
+            f"{prompt_stages!r}: set config.vpns.prompt_stages=() with it")
+    return prompt_stages, streams
 
 
 def _channel_plan(config: Any, method: Method, densities: tuple[float, ...]) -> Plan:

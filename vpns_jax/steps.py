@@ -40,7 +40,7 @@ EVAL_SEED = 0x7FFFFFFF
 Batch = dict[str, jax.Array]  # {'image': (B, H, W, 3) float in [0, 1], 'label': (B,) int}
 
 
-STREAMS = ("two", "one", "bilevel")
+STREAMS = ("two", "one", "clean", "bilevel")
 GRANULARITIES = ("weight", "channel")
 
 
@@ -50,9 +50,11 @@ class Phase:
 
     ``streams``: 'two' = VPNs' prompted clean batch then plain augmented batch
     (the prompt, if trained, steps only on the first); 'one' = one plain
-    augmented batch; 'bilevel' = BiP: a weight step on the first batch, then an
-    implicit-gradient score step on the second. ``bn_l1`` adds an L1 penalty on
-    BatchNorm scales (Network Slimming's sparsity training).
+    augmented batch; 'clean' = the clean batch alone, through the prompt if the
+    phase trains one (VPNs' one-stream ablation); 'bilevel' = BiP: a weight
+    step on the first batch, then an implicit-gradient score step on the
+    second. ``bn_l1`` adds an L1 penalty on BatchNorm scales (Network
+    Slimming's sparsity training).
     """
 
     trains: tuple[str, ...]
@@ -71,7 +73,7 @@ class Phase:
     @property
     def num_batches(self) -> int:
         """Batches one iteration takes."""
-        return 1 if self.streams == "one" else 2
+        return 1 if self.streams in ("one", "clean") else 2
 
     @property
     def updates_per_iteration(self) -> dict[str, int]:
@@ -386,8 +388,9 @@ def train_iteration(
     """One iteration of ``stage`` on ``phase.num_batches`` batches.
 
     'two': (prompted clean batch, plain augmented batch); 'one': (augmented
-    batch,); 'bilevel': (weight batch, score batch). ``state`` is donated: its
-    buffers are reused for the result, so keep no other reference to them.
+    batch,); 'clean': (clean batch,); 'bilevel': (weight batch, score batch).
+    ``state`` is donated: its buffers are reused for the result, so keep no
+    other reference to them.
     An iteration whose losses or updated parameters are not all finite leaves
     the state as it was but for ``step`` (``health.keep_if_finite``); the
     metrics' ``finite`` flag says which happened.
@@ -406,6 +409,11 @@ def train_iteration(
     elif phase.streams == "one":
         state, loss, accuracy = _sub_step(spec, state, batches[0], stage=stage, prompted=False, key=key_a)
         metrics = {"loss_plain": loss, "accuracy_plain": accuracy}
+    elif phase.streams == "clean":
+        prompted = "prompt" in phase.trains
+        state, loss, accuracy = _sub_step(spec, state, batches[0], stage=stage, prompted=prompted, key=key_a)
+        name = "prompted" if prompted else "clean"
+        metrics = {f"loss_{name}": loss, f"accuracy_{name}": accuracy}
     else:
         state, metrics = _bilevel_iteration(spec, state, batches[0], batches[1], stage=stage, key=key_a)
     losses = {name: value for name, value in metrics.items() if name.startswith("loss")}

@@ -417,6 +417,8 @@ class Run:
             return (next(self.clean), next(self.augmented))
         if streams == "one":
             return (next(self.augmented),)
+        if streams == "clean":
+            return (next(self.clean),)
         return (next(self.augmented), next(self.second))
 
     def _train_stage(self, state, position: Position, unit: methods.Unit, stage: int, started: float,
