@@ -244,7 +244,8 @@ def format_csv(summary: Summary) -> str:
                 number(interval and interval.low), number(interval and interval.high),
                 cell.n, " ".join(map(str, cell.seeds)), _used(cell), str(cell.nearest).lower(),
                 number(diff and diff.difference.mean), number(diff and diff.difference.low),
-                number(diff and diff.difference.high), "" if diff is None or diff.p_value is None else f"{diff.p_value:.4g}",
+                number(diff and diff.difference.high),
+                "" if diff is None or diff.p_value is None else f"{diff.p_value:.4g}",
             ])
     return text.getvalue()
 

@@ -29,7 +29,8 @@ def test_vpns_is_two_stream_scores_then_weights_per_density():
     ((), "two", {1: steps.Phase(("scores",), "two"), 2: steps.Phase(("weights",), "two")}),
     ((1,), "two", {1: steps.Phase(("scores", "prompt"), "two"), 2: steps.Phase(("weights",), "two")}),
     ((2,), "two", {1: steps.Phase(("scores",), "two"), 2: steps.Phase(("weights", "prompt"), "two")}),
-    ((1, 2), "prompted", {1: steps.Phase(("scores", "prompt"), "clean"), 2: steps.Phase(("weights", "prompt"), "clean")}),
+    ((1, 2), "prompted", {1: steps.Phase(("scores", "prompt"), "clean"),
+                          2: steps.Phase(("weights", "prompt"), "clean")}),
     ((), "plain", {1: steps.Phase(("scores",), "one"), 2: steps.Phase(("weights",), "one")}),
 ])
 def test_vpns_ablations_change_only_the_prompt_stages_and_streams(prompt_stages, streams, phases):
