@@ -132,6 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.with_prompt = False  # the authors evaluate without the prompt
+    # Also test after every N-th epoch of each stage (0: only at the end), for time-to-accuracy: each epoch's
+    # record in metrics.jsonl then holds the test metrics beside its training seconds and optimiser steps.
+    config.eval.every_epochs = 0
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 500  # iterations between checkpoints (and at every stage end)

@@ -198,8 +198,17 @@ def test_a_nan_step_stops_the_run_and_skip_resumes_past_it(fashion_data_dir, sou
     assert not (tmp_path / train.RESULTS_JSON).exists()
 
     config.on_nonfinite = "skip"  # not part of the fingerprint: the same workdir resumes
+    config.eval.every_epochs = 1  # nor is this
     rows = train.run(config, tmp_path)
     assert [row["density"] for row in rows] == list(DENSITIES) and all(np.isfinite(r["test_loss"]) for r in rows)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # Step 2 of each density's stage 1 (global steps 2 and 6) went NaN and was skipped.
     assert [(r["density"], r["step"]) for r in records if "skipped_batches" in r] == [(0.5, 2), (0.2, 6)]
+    # Every epoch that ended in the resumed run was tested (density 0.5's stage 1 resumed after its step 1):
+    # one epoch of 2 two-stream iterations per stage, the optimiser steps counted over the unit.
+    epochs = [r for r in records if r.get("phase") == "epoch"]
+    tested = [(r["density"], r["stage"], r["optimizer_steps"]) for r in epochs if "test_accuracy" in r]
+    assert tested == [(0.5, 1, 4), (0.5, 2, 8), (0.2, 1, 4), (0.2, 2, 8)]
+    final = {row["density"]: row["test_accuracy"] for row in rows}
+    last = [r for r in epochs if "test_accuracy" in r and r["stage"] == 2]
+    assert [r["test_accuracy"] for r in last] == [final[0.5], final[0.2]]  # the end of stage 2 is the final model

@@ -186,6 +186,7 @@ BAD = [
     ({"log_every_steps": 0}, "log_every_steps", "0"),
     ({"eval.with_prompt": None}, "eval.with_prompt", "None"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite", "'ignore'"),
+    ({"eval.every_epochs": -1}, "eval.every_epochs", "-1"),
 ]
 
 
@@ -267,7 +268,7 @@ def test_missing_field_is_named():
 @pytest.mark.parametrize("updates", [
     {"checkpoint.every_steps": 7}, {"checkpoint.max_to_keep": 1}, {"log_every_steps": 1},
     {"data.num_threads": 16}, {"data.auto_prepare": False}, {"data.data_dir": "/elsewhere"},
-    {"compilation_cache_dir": "none"}, {"on_nonfinite": "skip"},
+    {"compilation_cache_dir": "none"}, {"on_nonfinite": "skip"}, {"eval.every_epochs": 1},
 ])
 def test_fingerprint_ignores_what_does_not_change_results(updates):
     assert config_checks.fingerprint(_set(load("default.py"), updates)) == config_checks.fingerprint(load("default.py"))

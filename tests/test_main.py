@@ -45,7 +45,12 @@ def test_shrunk_default_runs_end_to_end(uninterrupted):
         assert (workdir / "subnetworks" / "density_0.1" / f"{name}.npz").is_file()
     assert (workdir / "source_model.npz").is_file() and (workdir / "config.json").is_file()
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    stage_records = [r for r in records if r.get("stage") == 1]
+    stage_records = [r for r in records if r.get("stage") == 1 and "phase" not in r]
+    epoch_records = [r for r in records if r.get("phase") == "epoch"]
+    # Stage 1 has 2 epochs and stage 2 one, per density; optimiser steps: 2 per two-stream iteration, 4 per epoch.
+    assert [(r["density"], r["stage"], r["epoch"], r["optimizer_steps"]) for r in epoch_records] == [
+        (0.5, 1, 1, 8), (0.5, 1, 2, 16), (0.5, 2, 1, 24), (0.1, 1, 1, 8), (0.1, 1, 2, 16), (0.1, 2, 1, 24)]
+    assert all(r["epoch_seconds"] > 0 and "test_accuracy" not in r for r in epoch_records)
     assert stage_records and {"loss_prompted", "lr_scores", "lr_prompt", "images_per_s"} <= set(stage_records[0])
     assert list((workdir / "tensorboard").iterdir())
 

@@ -98,3 +98,10 @@ def test_progress_bar(capsys):
     assert "stage 1" in capsys.readouterr().err
     with metrics.progress(0, "nothing") as bar:
         assert bar.disable
+
+
+def test_peak_memory_is_positive_and_never_falls():
+    first = metrics.peak_memory_mb()
+    held = np.ones((4 * 2**20,), np.float32)  # 16 MiB, touched
+    held += 1
+    assert 0 < first <= metrics.peak_memory_mb()

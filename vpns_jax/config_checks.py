@@ -44,6 +44,8 @@ NON_RESULT_FIELDS = (
     "compilation_cache_dir",
     # Changes nothing until a step goes NaN/Inf; a run stopped by one resumes with 'skip'.
     "on_nonfinite",
+    # Extra test evaluations read the state and a separate test stream: the training is the same.
+    "eval.every_epochs",
 )
 
 
@@ -258,6 +260,7 @@ def validate(config: Any, *, num_devices: int) -> None:
     _check_int_at_least(config, "checkpoint.max_to_keep", 1, "checkpoints kept on disk")
     _check_int_at_least(config, "log_every_steps", 1)
     _check_choice(config, "on_nonfinite", health.ON_NONFINITE)
+    _check_int_at_least(config, "eval.every_epochs", 0, "0 = test only at the end")
 
 
 def group_optimizer(cfg: Any) -> optim.GroupOptimizer:

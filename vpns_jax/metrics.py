@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -119,6 +120,15 @@ def progress(total: int, desc: str, *, initial: int = 0) -> tqdm.tqdm:
         dynamic_ncols=True,
         smoothing=0.1,
     )
+
+
+def peak_memory_mb() -> float:
+    """Peak memory so far in MiB: the first local device's peak allocation where the backend reports one (GPU,
+    TPU), else this process's peak resident set (CPU, where arrays live in host memory)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:

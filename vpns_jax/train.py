@@ -50,6 +50,8 @@ class Position:
     batch: int = 0  # the next batch within the epoch
     global_step: int = 0  # training iterations over the whole run
     elapsed: float = 0.0  # wall seconds spent on the current unit before this process started it
+    train_seconds: float = 0.0  # of those, in training iterations of whole epochs (no evaluation, no saving)
+    optimizer_steps: int = 0  # the unit's optimiser steps so far (one per batch: two per two-stream iteration)
     results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -433,6 +435,7 @@ class Run:
         bar = metrics.progress(epochs * per_epoch, f"{self.plan.method.name} density {unit.density:.6g} stage {stage}",
                                initial=position.epoch * per_epoch + position.batch)
         images, tick = 0, time.perf_counter()
+        epoch_started = time.perf_counter()
         num_batches = self.plan.phases[stage].num_batches
         check = health.FiniteCheck(
             config.on_nonfinite, hint="lower this stage's learning rates",
@@ -445,9 +448,11 @@ class Run:
                        f"{position.global_step + 1} (epoch {position.epoch}, batch {position.batch})")
             images += num_batches * config.data.batch_size
             position.global_step += 1
+            position.optimizer_steps += num_batches
             position.batch += 1
             if position.batch == per_epoch:
                 position.epoch, position.batch = position.epoch + 1, 0
+                epoch_started = self._end_epoch(state, position, unit, stage, epoch_started, writer)
             bar.update(1)
             if position.global_step % config.log_every_steps == 0:
                 values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -463,6 +468,22 @@ class Run:
         bar.close()
         return state
 
+    def _end_epoch(self, state: steps.TrainState, position: Position, unit: methods.Unit, stage: int,
+                   epoch_started: float, writer: metrics.MetricsWriter) -> float:
+        """Records the epoch's training time and, every ``eval.every_epochs``, the test metrics; returns the
+        next epoch's start. A resumed epoch counts from the resume (its time before the kill is lost)."""
+        jax.block_until_ready(state)  # the epoch's work, not just its dispatch
+        seconds = time.perf_counter() - epoch_started
+        position.train_seconds += seconds
+        tags = {"density": unit.density, "stage": stage, "phase": "epoch"}
+        record = {"epoch": position.epoch, "epoch_seconds": seconds, "train_seconds": position.train_seconds,
+                  "optimizer_steps": position.optimizer_steps, "peak_memory_mb": metrics.peak_memory_mb()}
+        every = self.config.eval.every_epochs
+        if every and position.epoch % every == 0:
+            record.update(self._test(state))
+        writer.write(position.global_step, record, **tags)
+        return time.perf_counter()
+
     def _learning_rates(self, stage: int, epoch: int) -> dict[str, float]:
         epochs = self.plan.epochs[stage]
         return {f"lr_{name}": float(optim.epoch_cosine_schedule(group.learning_rate, epochs, 1)(min(epoch, epochs - 1)))
@@ -477,7 +498,8 @@ class Run:
         kernel_masks = traverse_util.unflatten_dict({path: flat[path] for path in masking.prunable_paths(self.kinds)})
         return {"masks": masks, "effective": effective, "kernel_masks": kernel_masks}
 
-    def _evaluate(self, state: steps.TrainState, unit: methods.Unit, found: dict[str, Any]) -> dict[str, Any]:
+    def _test(self, state: steps.TrainState) -> dict[str, float]:
+        """Test accuracy and mean loss of ``state`` (through the masks in force, prompted if the config says so)."""
         with_prompt = self.config.eval.with_prompt and self.uses_prompt
         totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
         for batch in self.test_stream.epoch_batches():
@@ -485,6 +507,11 @@ class Run:
                                                  with_prompt=with_prompt))
             for key in totals:
                 totals[key] += out[key].item()
+        return {"test_accuracy": round(totals["correct"] / totals["count"], 6),
+                "test_loss": round(totals["loss_sum"] / totals["count"], 6)}
+
+    def _evaluate(self, state: steps.TrainState, unit: methods.Unit, found: dict[str, Any]) -> dict[str, Any]:
+        tested = self._test(state)
         report = masking.sparsity_report(found["effective"], found["kernel_masks"])
         size = self.config.prompt.input_size
         counted = macs.count_macs(self.spec.graphdef, found["effective"], jax.device_get(state.batch_stats), size)
@@ -493,8 +520,7 @@ class Run:
             "density": unit.density,
             "sparsity": round(report.prunable_sparsity, 6),
             "model_sparsity": round(report.model_sparsity, 6),
-            "test_accuracy": round(totals["correct"] / totals["count"], 6),
-            "test_loss": round(totals["loss_sum"] / totals["count"], 6),
+            **tested,
             "macs": counted.total,
             "speedup": round(counted.speedup, 4),
         }
