@@ -63,14 +63,28 @@ STDERR_TAIL_LINES = 20
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One job of the sweep: a method at a seed, with its workdir and full command line."""
+    """One job of the sweep: a method (or named variant) at a seed, with its workdir and full command line."""
 
-    method: str
+    method: str  # the cell's name: its folder, and the row label of the tables
     seed: int
     workdir: pathlib.Path
     command: tuple[str, ...]
     # The shared source model this cell loads; None when it runs as the config says (maybe pretraining).
     source_from: pathlib.Path | None = None
+    config_method: str = ""  # the config.method it runs when ``method`` names a variant ('' = ``method``)
+
+    @property
+    def runs(self) -> str:
+        """The config.method this cell runs."""
+        return self.config_method or self.method
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A named cell kind: a method with extra config overrides (an ablation of it)."""
+
+    method: str
+    overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def cell_workdir(root: str | os.PathLike, method: str, seed: int) -> pathlib.Path:
@@ -138,12 +152,15 @@ def build_command(config_path: str, workdir: pathlib.Path, method: str, seed: in
 
 def plan(config_path: str, methods: Sequence[str], seeds: Sequence[int], densities: Sequence[float],
          root: str | os.PathLike, overrides: Mapping[str, str], *, share_source: bool,
-         source_cell: tuple[str, int] | None = None) -> list[Cell]:
+         source_cell: tuple[str, int] | None = None, variants: Mapping[str, Variant] | None = None) -> list[Cell]:
     """Every cell of the sweep, methods outer and seeds inner, with its command.
 
-    With ``share_source``, ``source_cell`` (default: the first cell) pretrains the
-    source model and every other cell loads it from that cell's workdir.
+    A name in ``variants`` runs that variant's method with its overrides on top of
+    ``overrides``; any other name is a method. With ``share_source``,
+    ``source_cell`` (default: the first cell) pretrains the source model and every
+    other cell loads it from that cell's workdir.
     """
+    variants = variants or {}
     pairs = [(method, seed) for method in methods for seed in seeds]
     if share_source and source_cell not in pairs:
         source_cell = pairs[0] if pairs else None
@@ -152,8 +169,11 @@ def plan(config_path: str, methods: Sequence[str], seeds: Sequence[int], densiti
     for method, seed in pairs:
         workdir = cell_workdir(root, method, seed)
         source_from = source if source is not None and (method, seed) != source_cell else None
-        command = build_command(config_path, workdir, method, seed, densities, overrides, source_from)
-        cells.append(Cell(method, seed, workdir, tuple(command), source_from))
+        variant = variants.get(method, Variant(method))
+        command = build_command(config_path, workdir, variant.method, seed, densities,
+                                {**overrides, **variant.overrides}, source_from)
+        cells.append(Cell(method, seed, workdir, tuple(command), source_from,
+                          config_method="" if variant.method == method else variant.method))
     return cells
 
 
@@ -226,39 +246,30 @@ def _parser() -> cli.OneLineParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The sweep's command line; returns the exit status (0 when every cell is complete)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    try:
-        config = load_config(args.config)
-        overrides = parse_overrides(args.overrides)
-        methods = _parse_list(args.methods, str)
-        densities = _parse_list(args.densities, float) if args.densities else [float(d) for d in config.densities]
-        seeds = _parse_list(args.seeds, int) if args.seeds else [int(config.seed)]
-        if not methods or not densities or not seeds:
-            raise ValueError("--methods, --densities and --seeds need at least one value each")
-        if any(not 0 < d <= 1 for d in densities):
-            raise ValueError(f"densities are keep ratios in (0, 1], got {densities}")
-    except Exception as error:  # noqa: BLE001 - a bad command line is one line, as in vpns_jax.main
-        return cli.report_error(error, verbose=False)
-    root = pathlib.Path(args.root)
+def run_sweep(config_path: str, methods: Sequence[str], seeds: Sequence[int], densities: Sequence[float],
+              root: str | os.PathLike, overrides: Mapping[str, str], *, command: Sequence[str],
+              variants: Mapping[str, Variant] | None = None, dry_run: bool = False) -> int:
+    """Runs (or resumes, or with ``dry_run`` prints) every cell; writes the manifest and ``command`` (this
+    sweep's own command line) under ``root``; returns 0 when every cell is complete, else 1."""
+    config = load_config(config_path)
+    root = pathlib.Path(root)
     share = pretrains_source(config, overrides)
-    cells = plan(args.config, methods, seeds, densities, root, overrides, share_source=share,
-                 source_cell=_manifest_source_cell(root))
+    cells = plan(config_path, methods, seeds, densities, root, overrides, share_source=share,
+                 source_cell=_manifest_source_cell(root), variants=variants)
     source_cell = next(((c.method, c.seed) for c in cells if c.source_from is None), None) if share else None
     if share:
         print(f"source model: pretrained by {source_cell[0]} seed {source_cell[1]}, shared with every other cell")
 
     records: list[dict[str, Any]] = []
     manifest = {
-        "command": [sys.executable, "-m", "experiments.sweep", *argv],
-        "config": args.config, "methods": methods, "seeds": seeds, "densities": densities,
-        "overrides": overrides,
+        "command": list(command),
+        "config": config_path, "methods": list(methods), "seeds": list(seeds), "densities": list(densities),
+        "overrides": dict(overrides),
+        "variants": {name: dataclasses.asdict(v) for name, v in (variants or {}).items() if name in methods},
         "source_cell": {"method": source_cell[0], "seed": source_cell[1]} if source_cell else None,
         "cells": records,
     }
-    if not args.dry_run:
+    if not dry_run:
         root.mkdir(parents=True, exist_ok=True)
         (root / COMMAND_FILE).write_text(shlex.join(manifest["command"]) + "\n")
 
@@ -268,10 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = {"method": cell.method, "seed": cell.seed, "workdir": str(cell.workdir),
                   "command": list(cell.command), "status": "planned", "wall_s": 0.0}
         records.append(record)
-        if is_complete(cell.workdir, cell.method, densities):
+        if is_complete(cell.workdir, cell.runs, densities):
             record["status"] = "skipped"
             print(f"{label}: complete, skipped ({cell.workdir / RESULTS_FILE})")
-        elif args.dry_run:
+        elif dry_run:
             print(f"{label}: would run\n  {shlex.join(cell.command)}")
         elif cell.source_from is not None and not cell.source_from.exists():
             record["status"] = "blocked"
@@ -291,11 +302,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record["status"] = "failed"
                 failed += 1
                 print(f"{label}: FAILED (exit {returncode}) after {record['wall_s']:.1f} s; stderr tail:\n{tail}")
-        if not args.dry_run:
+        if not dry_run:
             write_json_atomically(root / MANIFEST_FILE, manifest)
     if failed:
         print(f"{failed} of {len(cells)} cells failed or were blocked; see {root / MANIFEST_FILE}")
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The sweep's command line; returns the exit status (0 when every cell is complete)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        overrides = parse_overrides(args.overrides)
+        methods = _parse_list(args.methods, str)
+        densities = _parse_list(args.densities, float) if args.densities else [float(d) for d in config.densities]
+        seeds = _parse_list(args.seeds, int) if args.seeds else [int(config.seed)]
+        if not methods or not densities or not seeds:
+            raise ValueError("--methods, --densities and --seeds need at least one value each")
+        if any(not 0 < d <= 1 for d in densities):
+            raise ValueError(f"densities are keep ratios in (0, 1], got {densities}")
+    except Exception as error:  # noqa: BLE001 - a bad command line is one line, as in vpns_jax.main
+        return cli.report_error(error, verbose=False)
+    return run_sweep(args.config, methods, seeds, densities, args.root, overrides,
+                     command=[sys.executable, "-m", "experiments.sweep", *argv], dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -81,10 +81,11 @@ def sparsity_label(density: float) -> str:
     return f"{round((1 - density) * 100, 4):g}"
 
 
-def collect(root: str | pathlib.Path) -> list[dict[str, Any]]:
+def collect(root: str | pathlib.Path, *, by_folder: bool = False) -> list[dict[str, Any]]:
     """Every results row under ``root`` (``<method>/seed_<s>/results.json``) with method, seed and workdir added.
 
-    A row's own ``method`` field wins over its folder's name.
+    A row's own ``method`` field wins over its folder's name, unless ``by_folder`` (variants of one method,
+    e.g. the ablations, are told apart by their folders).
     """
     rows = []
     for path in pathlib.Path(root).glob("*/seed_*/results.json"):
@@ -94,7 +95,8 @@ def collect(root: str | pathlib.Path) -> list[dict[str, Any]]:
         except ValueError:
             continue
         for row in json.loads(path.read_text()):
-            rows.append({**row, "method": row.get("method") or workdir.parent.name, "seed": seed,
+            method = workdir.parent.name if by_folder else row.get("method") or workdir.parent.name
+            rows.append({**row, "method": method, "seed": seed,
                          "workdir": str(workdir)})
     rows.sort(key=lambda r: (r["method"], r["seed"], -float(r["density"])))
     return rows

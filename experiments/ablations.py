@@ -1,0 +1,109 @@
+"""The ablation suite: what the visual prompt adds to VPNs' sparsification, on the offline default.
+
+    python -m experiments.ablations [--root=experiments/results/ablations] [--seeds=7,9,17] \\
+        [--densities=0.5,0.2,0.1,0.05] [--variants=vpns,no_prompt,...] [--level=0.9] [--dry_run]
+
+Runs every variant of :data:`VARIANTS` at every seed and density through
+``experiments.sweep`` (one resumable workdir per variant and seed, all pruning
+the first cell's source model, every epoch tested for time-to-accuracy), then
+writes under ROOT:
+
+* ``table.md`` / ``table.csv``: test accuracy per variant and sparsity, mean(std)
+  [95 % interval] over seeds, and each variant minus ``vpns`` paired by seed with
+  its interval and paired t-test p-value ('n.s.' where not significant);
+* ``cost.md``: seconds per epoch, peak memory, seconds and optimiser steps until
+  the test accuracy first reaches ``--level`` (``experiments.cost``);
+* ``accuracy_vs_sparsity.png``; ``command.txt`` and ``manifest.json`` (every cell's
+  command and wall time) and ``wall_time.txt``.
+
+A rerun skips finished cells and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+from experiments import cost, plots, sweep, table
+from vpns_jax import cli
+
+V = sweep.Variant
+# Everything but the named change stays VPNs' (configs/default.py): optimisers, schedules, epochs, streams.
+VARIANTS = {
+    "vpns": V("vpns"),
+    "no_prompt": V("vpns", {"vpns.prompt_stages": "()"}),  # the same two streams, the clean one unprompted
+    "prompt_stage1": V("vpns", {"vpns.prompt_stages": "(1,)"}),
+    "prompt_stage2": V("vpns", {"vpns.prompt_stages": "(2,)"}),
+    "prompted_stream": V("vpns", {"vpns.streams": "prompted"}),  # the prompted clean batch alone
+    "plain_stream": V("vpns", {"vpns.streams": "plain", "vpns.prompt_stages": "()"}),  # the augmented batch alone
+    "eval_with_prompt": V("vpns", {"eval.with_prompt": "True"}),
+    "pad_8": V("vpns", {"prompt.pad_size": "8"}),
+    "pad_16": V("vpns", {"prompt.pad_size": "16"}),  # the whole 32 px image is the frame
+    "fix": V("vpns", {"prompt.kind": "fix", "prompt.mask_size": "16"}),  # 115 of 224 px, scaled to 32
+    "random": V("vpns", {"prompt.kind": "random", "prompt.mask_size": "16"}),
+    "expand": V("vpns", {"prompt.kind": "expand", "prompt.input_size": "24"}),  # 24 px image in a 32 px frame
+    "hydra": V("hydra"),
+}
+# Test every epoch: the cost table's time-to-accuracy needs the accuracy along the way.
+OVERRIDES = {"eval.every_epochs": "1"}
+
+
+def _parser() -> cli.OneLineParser:
+    parser = cli.OneLineParser(prog="python -m experiments.ablations", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/default.py", help="Config file (the offline default).")
+    parser.add_argument("--root", default="experiments/results/ablations", help="Folder of the cell workdirs.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, of: {', '.join(VARIANTS)}.")
+    parser.add_argument("--seeds", default="7,9,17", help="Comma-separated seeds.")
+    parser.add_argument("--densities", default="0.5,0.2,0.1,0.05", help="Comma-separated keep ratios (the sweep's).")
+    parser.add_argument("--level", type=float, default=0.9, help="Test accuracy for time-to-accuracy.")
+    parser.add_argument("--dry_run", action="store_true", help="Print the commands; run and write nothing.")
+    return parser
+
+
+def write_reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[float], level: float) -> None:
+    """The accuracy and difference tables, the cost table and the plot of the cells under ``root``."""
+    summary = table.summarize(table.collect(root, by_folder=True), densities, methods=variants)
+    markdown = table.format_markdown(summary)
+    if table.REFERENCE in variants:
+        markdown += "\n" + table.format_differences(summary)
+    (root / "table.md").write_text(markdown)
+    (root / "table.csv").write_text(table.format_csv(summary))
+    runs = cost.collect(root)
+    (root / "cost.md").write_text(cost.format_table({v: runs[v] for v in variants if v in runs}, densities, level))
+    plots.plot_accuracy_vs_sparsity(summary, root / "accuracy_vs_sparsity.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The suite's command line; returns 0 when every cell finished and the reports are written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        variants = [v for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown or not variants:
+            raise ValueError(f"--variants: unknown {unknown or 'none given'}; use some of {', '.join(VARIANTS)}")
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        densities = [float(d) for d in args.densities.split(",") if d.strip()]
+        if not seeds or not densities or any(not 0 < d <= 1 for d in densities):
+            raise ValueError("--seeds and --densities need values; densities are keep ratios in (0, 1]")
+    except ValueError as error:
+        return cli.report_error(error, verbose=False)
+    root = pathlib.Path(args.root)
+    started = time.monotonic()
+    command = [sys.executable, "-m", "experiments.ablations", *argv]
+    status = sweep.run_sweep(args.config, variants, seeds, densities, root, OVERRIDES, command=command,
+                             variants=VARIANTS, dry_run=args.dry_run)
+    if args.dry_run or status:
+        return status
+    write_reports(root, variants, densities, args.level)
+    wall = time.monotonic() - started
+    (root / "wall_time.txt").write_text(f"{wall:.0f} s for {shlex.join(command)} (finished cells are skipped)\n")
+    print(f"wrote {root / 'table.md'}, {root / 'cost.md'}, {root / 'accuracy_vs_sparsity.png'} ({wall:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

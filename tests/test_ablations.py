@@ -1,0 +1,68 @@
+"""The ablation suite's variants and reports: valid configs, the sweep's commands, tables from fake cells."""
+
+import json
+
+import pytest
+
+from experiments import ablations, sweep
+from vpns_jax import config_checks, main, methods
+
+DEFAULT_CONFIG = str(sweep.REPO / "configs" / "default.py")
+
+
+@pytest.mark.parametrize("name", list(ablations.VARIANTS))
+def test_every_variant_is_a_valid_config_of_the_offline_default(name):
+    variant = ablations.VARIANTS[name]
+    overrides = {**ablations.OVERRIDES, **variant.overrides}
+    config = main.parse_flags(["main", f"--config.method={variant.method}",
+                               *(f"--config.{k}={v}" for k, v in overrides.items())]).config
+    config_checks.validate(config, num_devices=1)
+    plan = methods.make_plan(config)
+    uses_prompt = any("prompt" in phase.trains for phase in plan.phases.values())
+    assert uses_prompt == (name not in ("no_prompt", "plain_stream", "hydra"))
+
+
+def test_the_dry_run_plans_one_cell_per_variant_and_seed(tmp_path, capsys):
+    argv = [f"--config={DEFAULT_CONFIG}", f"--root={tmp_path}", "--variants=vpns,no_prompt", "--seeds=7,9",
+            "--densities=0.5,0.1", "--dry_run"]
+    assert ablations.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("would run") == 4 and not list(tmp_path.iterdir())  # a dry run writes nothing
+    no_prompt = [line for line in out.splitlines() if "no_prompt/seed_9" in line and "vpns_jax.main" in line]
+    assert len(no_prompt) == 1
+    command = no_prompt[0]
+    assert "--config.method=vpns" in command and "'--config.vpns.prompt_stages=()'" in command
+    assert "--config.eval.every_epochs=1" in command and "'--config.densities=(0.5, 0.1)'" in command
+    # The first cell pretrains the source model; the others load it.
+    assert f"--config.model.init_from={tmp_path / 'vpns' / 'seed_7' / 'source_model.npz'}" in command
+
+
+def test_unknown_variants_are_a_one_line_error(tmp_path, capsys):
+    assert ablations.main([f"--root={tmp_path}", "--variants=vpns,magic"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown ['magic']" in err
+
+
+def _fake_cell(root, variant, seed, accuracy):
+    workdir = sweep.cell_workdir(root, variant, seed)
+    workdir.mkdir(parents=True)
+    rows = [{"method": "vpns" if variant != "hydra" else "hydra", "density": 0.1, "sparsity": 0.9,
+             "test_accuracy": accuracy, "test_loss": 0.3, "wall_time_s": 10.0}]
+    (workdir / "results.json").write_text(json.dumps(rows))
+    epoch = {"step": 4, "time": 0.0, "density": 0.1, "stage": 1, "phase": "epoch", "epoch": 1, "epoch_seconds": 5.0,
+             "train_seconds": 5.0, "optimizer_steps": 8, "peak_memory_mb": 200.0, "test_accuracy": accuracy}
+    (workdir / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
+
+
+def test_reports_tell_variants_of_one_method_apart_by_folder(tmp_path):
+    for seed, accuracy in ((7, 0.90), (9, 0.92), (17, 0.94)):
+        _fake_cell(tmp_path, "vpns", seed, accuracy)
+        _fake_cell(tmp_path, "no_prompt", seed, accuracy - 0.01)  # 1 point lower at every seed
+    ablations.write_reports(tmp_path, ["vpns", "no_prompt"], [0.1], level=0.91)
+    markdown = (tmp_path / "table.md").read_text()
+    assert "| vpns | 92.00(2.00) [87.03, 96.97] |" in markdown and "| no_prompt | 91.00(2.00)" in markdown
+    # A constant paired difference: zero spread, p = 0, significant.
+    assert "| no_prompt | -1.00 [-1.00, -1.00] p=0 |" in markdown
+    cost_table = (tmp_path / "cost.md").read_text()
+    assert "| vpns | 0.1 | 1: 5.00 ± 0.00 | 200 ± 0 | 5.0 ± 0.0 | 8 ± 0 | 2/3 |" in cost_table
+    assert (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 1000
