@@ -372,25 +372,9 @@ class Comparison:
 
 
 def _arrays(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Every array of an .npz: a subnetwork export as stored, a ``save_arrays`` file through ``load_arrays``."""
-    if path.name == "subnetwork.npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    from vpns_jax import checkpoint
-
-    flat: dict[str, np.ndarray] = {}
-
-    def visit(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            if not node:
-                flat[prefix + "/"] = np.zeros((0,), np.uint8)
-            for key, value in node.items():
-                visit(value, f"{prefix}/{key}" if prefix else str(key))
-        else:
-            flat[prefix] = node
-
-    visit(checkpoint.load_arrays(path), "")
-    return flat
+    """Every array of an .npz as stored (``save_arrays`` files and subnetwork exports are plain .npz)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
 
 
 def _bytes(array: np.ndarray) -> np.ndarray:

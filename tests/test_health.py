@@ -30,10 +30,10 @@ def test_keep_if_finite_selects_the_new_or_the_old_state_whole():
 
 def test_stop_raises_one_step_late_naming_the_bad_step():
     check = health.FiniteCheck("stop", hint="lower this stage's learning rates")
-    check.push(jnp.bool_(True), "density 0.1, stage 1, step 1")
-    check.push(jnp.bool_(False), "density 0.1, stage 1, step 2")  # checks step 1 only
+    check.push(jnp.bool_(True), 1, "density 0.1, stage 1, step 1")
+    check.push(jnp.bool_(False), 2, "density 0.1, stage 1, step 2")  # checks step 1 only
     with pytest.raises(health.NonFiniteLossError) as error:
-        check.push(jnp.bool_(True), "density 0.1, stage 1, step 3")
+        check.push(jnp.bool_(True), 3, "density 0.1, stage 1, step 3")
     message = str(error.value)
     assert "NaN/Inf at density 0.1, stage 1, step 2;" in message and "lower this stage's learning rates" in message
     assert "--config.on_nonfinite=skip" in message and "\n" not in message
@@ -43,11 +43,11 @@ def test_flush_checks_the_last_step_and_skip_counts_and_reports_each_bad_one():
     reported = []
     check = health.FiniteCheck("skip", hint="", on_skip=reported.append)
     for step, flag in enumerate([True, False, False, True, False], start=1):
-        check.push(jnp.bool_(flag), f"step {step}")
-    assert reported == ["step 2", "step 3"]
+        check.push(jnp.bool_(flag), step, f"step {step}")
+    assert reported == [2, 3]  # the bad steps' own numbers, though each is read one step late
     check.flush()
     check.flush()  # nothing left: no double count
-    assert reported == ["step 2", "step 3", "step 5"] and check.skipped == 3
+    assert reported == [2, 3, 5] and check.skipped == 3
 
 
 def test_an_unknown_policy_is_refused():

@@ -100,8 +100,7 @@ def test_progress_bar(capsys):
         assert bar.disable
 
 
-def test_peak_memory_is_positive_and_never_falls():
+def test_peak_memory_is_this_process_peak_and_never_falls():
+    # On CPU: the process's peak resident set, which with jax and numpy loaded is tens of MiB at least.
     first = metrics.peak_memory_mb()
-    held = np.ones((4 * 2**20,), np.float32)  # 16 MiB, touched
-    held += 1
-    assert 0 < first <= metrics.peak_memory_mb()
+    assert 20 < first < 64 * 1024 and first <= metrics.peak_memory_mb()

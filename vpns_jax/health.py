@@ -46,32 +46,32 @@ def keep_if_finite(new: State, old: State, losses: Mapping[str, jax.Array], upda
 class FiniteCheck:
     """Reads each step's ``finite`` flag one step late and acts on a bad one.
 
-    ``push(flag, where)`` hands over the flag of the step just dispatched with a
-    description of it (e.g. 'density 0.1, stage 1, step 12 (epoch 0, batch 11)')
-    and checks the step before; ``flush()`` checks the last one (call it before a
-    checkpoint save and at the end of a stage). On a bad step it raises
-    :class:`NonFiniteLossError` ('stop') or calls ``on_skip(where)`` ('skip').
+    ``push(flag, step, where)`` hands over the flag of the step just dispatched,
+    its number and a description of it (e.g. 'density 0.1, stage 1, step 12 (epoch
+    0, batch 11)') and checks the step before; ``flush()`` checks the last one
+    (call it before a checkpoint save and at the end of a stage). On a bad step it
+    raises :class:`NonFiniteLossError` ('stop') or calls ``on_skip(step)`` ('skip').
     """
 
-    def __init__(self, on_nonfinite: str, hint: str, on_skip: Callable[[str], None] | None = None):
+    def __init__(self, on_nonfinite: str, hint: str, on_skip: Callable[[int], None] | None = None):
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite {on_nonfinite!r} is unknown: use one of {ON_NONFINITE}")
         self.on_nonfinite = on_nonfinite
         self.hint = hint
         self.on_skip = on_skip
         self.skipped = 0
-        self._pending: tuple[jax.Array, str] | None = None
+        self._pending: tuple[jax.Array, int, str] | None = None
 
-    def push(self, flag: jax.Array, where: str) -> None:
+    def push(self, flag: jax.Array, step: int, where: str) -> None:
         """Records the new step's flag and checks the previous step's."""
         self.flush()
-        self._pending = (flag, where)
+        self._pending = (flag, step, where)
 
     def flush(self) -> None:
         """Checks the step recorded last, waiting for it to finish."""
         if self._pending is None:
             return
-        flag, where = self._pending
+        flag, step, where = self._pending
         self._pending = None
         if bool(jax.device_get(flag)):
             return
@@ -84,4 +84,4 @@ class FiniteCheck:
         logging.warning("skipped a batch whose loss or update was NaN/Inf at %s (%d skipped so far)", where,
                         self.skipped)
         if self.on_skip is not None:
-            self.on_skip(where)
+            self.on_skip(step)

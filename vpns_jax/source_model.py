@@ -125,12 +125,12 @@ def pretrain(
         stream.set_state({"epoch": start // steps_per_epoch, "batch": start % steps_per_epoch})
         bar = metrics.progress(total, "source pretraining", initial=start)
         check = health.FiniteCheck(config.on_nonfinite, hint="lower config.source.optimizer.lr",
-                                   on_skip=lambda where: writer.write(done, {"skipped_batches": check.skipped},
-                                                                      phase="source"))
+                                   on_skip=lambda step: writer.write(step, {"skipped_batches": check.skipped},
+                                                                     phase="source"))
         for step in range(start, total):
             batch = parallel.global_batch(next(stream), mesh)
             state, step_metrics = dense.dense_train_step(state, batch, graphdef=graphdef, tx=tx)
-            check.push(step_metrics[health.FINITE], f"source pretraining, step {step + 1} (epoch "
+            check.push(step_metrics[health.FINITE], step + 1, f"source pretraining, step {step + 1} (epoch "
                        f"{step // steps_per_epoch}, batch {step % steps_per_epoch})")
             bar.update(1)
             done = step + 1

@@ -37,6 +37,7 @@ RESULTS_CSV = "results.csv"
 RESULT_FIELDS = ("method", "density", "round", "sparsity", "channel_sparsity", "model_sparsity", "test_accuracy",
                  "test_loss", "macs", "speedup", "wall_time_s")
 OFFLINE_PREPARABLE = ("fashion_mnist", "digits")
+TRANSFERRED_FILES = ("masks.npz", "prompt.npz")  # what config.transfer.masks_from takes from each density
 
 
 @dataclasses.dataclass
@@ -109,12 +110,13 @@ class Run:
         self.plan = methods.make_plan(config)
         if config.transfer.masks_from:
             source = pathlib.Path(config.transfer.masks_from)
-            missing = [d for d in config.densities if not (unit_folder(source, d) / "masks.npz").is_file()]
+            missing = [d for d in config.densities if not all(
+                (unit_folder(source, d) / name).is_file() for name in TRANSFERRED_FILES)]
             if missing:
                 raise config_checks.ConfigError(
                     f"config.transfer.masks_from={config.transfer.masks_from!r} has no finished subnetwork for "
-                    f"densities {missing} (no {unit_folder(source, missing[0]) / 'masks.npz'}): run them there "
-                    "first, or list only the densities it has")
+                    f"densities {missing} (no {' or '.join(TRANSFERRED_FILES)} in {unit_folder(source, missing[0])}):"
+                    " run them there first, or list only the densities it has")
         enable_compilation_cache(config.compilation_cache_dir)
         data_dir = config.data.data_dir or None
         names = [config.data.name] + ([config.source.dataset] if config.source.enabled else [])
@@ -361,14 +363,7 @@ class Run:
     def _transferred(self, density: float):
         """Masks and prompt of ``density`` from the run in ``config.transfer.masks_from``."""
         folder = unit_folder(pathlib.Path(self.config.transfer.masks_from), density)
-        try:
-            masks = checkpoint.load_arrays(folder / "masks.npz")
-            prompt = checkpoint.load_arrays(folder / "prompt.npz")
-        except FileNotFoundError:
-            raise config_checks.ConfigError(
-                f"config.transfer.masks_from={self.config.transfer.masks_from!r} has no finished subnetwork for "
-                f"density {density} ({folder}): run that density there first, or list only its densities"
-            ) from None
+        masks, prompt = (checkpoint.load_arrays(folder / name) for name in TRANSFERRED_FILES)  # checked in __init__
         expected = self._ones_masks()
         if jax.tree.structure(expected) != jax.tree.structure(masks) or any(
                 a.shape != b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(masks))):
@@ -439,13 +434,14 @@ class Run:
         num_batches = self.plan.phases[stage].num_batches
         check = health.FiniteCheck(
             config.on_nonfinite, hint="lower this stage's learning rates",
-            on_skip=lambda where: writer.write(position.global_step, {"skipped_batches": check.skipped},
-                                               density=unit.density, stage=stage))
+            on_skip=lambda step: writer.write(step, {"skipped_batches": check.skipped}, density=unit.density,
+                                              stage=stage))
         while position.epoch < epochs:
             batches = tuple(parallel.global_batch(b, self.mesh) for b in self._batches(stage))
             state, step_metrics = steps.train_iteration(state, batches, spec=self.spec, stage=stage)
-            check.push(step_metrics[health.FINITE], f"density {unit.density:.6g}, stage {stage}, step "
-                       f"{position.global_step + 1} (epoch {position.epoch}, batch {position.batch})")
+            step = position.global_step + 1
+            check.push(step_metrics[health.FINITE], step, f"density {unit.density:.6g}, stage {stage}, step {step} "
+                       f"(epoch {position.epoch}, batch {position.batch})")
             images += num_batches * config.data.batch_size
             position.global_step += 1
             position.optimizer_steps += num_batches
