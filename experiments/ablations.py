@@ -32,20 +32,21 @@ from vpns_jax import cli
 
 V = sweep.Variant
 # Everything but the named change stays VPNs' (configs/default.py): optimisers, schedules, epochs, streams.
+# Ordered by what the question needs most, so an interrupted suite has the central comparisons first.
 VARIANTS = {
     "vpns": V("vpns"),
     "no_prompt": V("vpns", {"vpns.prompt_stages": "()"}),  # the same two streams, the clean one unprompted
+    "hydra": V("hydra"),
+    "plain_stream": V("vpns", {"vpns.streams": "plain", "vpns.prompt_stages": "()"}),  # the augmented batch alone
+    "prompted_stream": V("vpns", {"vpns.streams": "prompted"}),  # the prompted clean batch alone
     "prompt_stage1": V("vpns", {"vpns.prompt_stages": "(1,)"}),
     "prompt_stage2": V("vpns", {"vpns.prompt_stages": "(2,)"}),
-    "prompted_stream": V("vpns", {"vpns.streams": "prompted"}),  # the prompted clean batch alone
-    "plain_stream": V("vpns", {"vpns.streams": "plain", "vpns.prompt_stages": "()"}),  # the augmented batch alone
     "eval_with_prompt": V("vpns", {"eval.with_prompt": "True"}),
     "pad_8": V("vpns", {"prompt.pad_size": "8"}),
     "pad_16": V("vpns", {"prompt.pad_size": "16"}),  # the whole 32 px image is the frame
     "fix": V("vpns", {"prompt.kind": "fix", "prompt.mask_size": "16"}),  # 115 of 224 px, scaled to 32
     "random": V("vpns", {"prompt.kind": "random", "prompt.mask_size": "16"}),
     "expand": V("vpns", {"prompt.kind": "expand", "prompt.input_size": "24"}),  # 24 px image in a 32 px frame
-    "hydra": V("hydra"),
 }
 # Test every epoch: the cost table's time-to-accuracy needs the accuracy along the way.
 OVERRIDES = {"eval.every_epochs": "1"}
