@@ -12,15 +12,17 @@ writes under ROOT:
   [95 % interval] over seeds, and each variant minus ``vpns`` paired by seed with
   its interval and paired t-test p-value ('n.s.' where not significant);
 * ``cost.md``: seconds per epoch, peak memory, seconds and optimiser steps until
-  the test accuracy first reaches ``--level`` (``experiments.cost``);
+  the test accuracy first reaches ``--level``, and every variant's accuracy at
+  equal optimiser steps and at equal training seconds (``experiments.cost``);
 * ``accuracy_vs_sparsity.png``; ``command.txt`` and ``manifest.json`` (every cell's
-  command and wall time) and ``wall_time.txt``.
+  command and wall time) and ``wall_time.txt`` (their sum over every invocation).
 
 A rerun skips finished cells and resumes unfinished ones.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shlex
 import sys
@@ -73,7 +75,7 @@ def write_reports(root: pathlib.Path, variants: Sequence[str], densities: Sequen
     (root / "table.md").write_text(markdown)
     (root / "table.csv").write_text(table.format_csv(summary))
     runs = cost.collect(root)
-    (root / "cost.md").write_text(cost.format_table({v: runs[v] for v in variants if v in runs}, densities, level))
+    (root / "cost.md").write_text(cost.format_report({v: runs[v] for v in variants if v in runs}, densities, level))
     plots.plot_accuracy_vs_sparsity(summary, root / "accuracy_vs_sparsity.png")
 
 
@@ -101,7 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     write_reports(root, variants, densities, args.level)
     wall = time.monotonic() - started
-    (root / "wall_time.txt").write_text(f"{wall:.0f} s for {shlex.join(command)} (finished cells are skipped)\n")
+    cells = json.loads((root / sweep.MANIFEST_FILE).read_text())["cells"]
+    total = sum(cell["wall_s"] for cell in cells)
+    (root / "wall_time.txt").write_text(
+        f"{total:.0f} s ({total / 3600:.2f} h) of cell runs over every invocation of {shlex.join(command)} "
+        f"({len(cells)} cells; per cell in {sweep.MANIFEST_FILE}); this invocation {wall:.0f} s\n")
     print(f"wrote {root / 'table.md'}, {root / 'cost.md'}, {root / 'accuracy_vs_sparsity.png'} ({wall:.0f} s)")
     return 0
 

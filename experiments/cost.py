@@ -15,7 +15,7 @@ interval, ``experiments.stats``):
   accuracy first reaches ``--level``; a seed that never reaches it counts as not
   reached, and the cell says how many did;
 * accuracy at equal budgets: the test accuracy at the last evaluation within
-  a given number of optimiser steps or training seconds.
+  the optimiser steps, and within the training seconds, that every method spent.
 """
 
 from __future__ import annotations
@@ -136,6 +136,42 @@ def format_table(runs: dict[str, list[list[dict[str, Any]]]], densities: Sequenc
     return "\n".join(lines) + "\n"
 
 
+def common_budget(runs: dict[str, list[list[dict[str, Any]]]], density: float, by: str) -> float | None:
+    """The budget every method and seed spent at ``density``: the smallest final ``by`` among them."""
+    finals = [at[-1][by] for method_runs in runs.values() for records in method_runs
+              if (at := _of(records, density))]
+    return min(finals) if finals else None
+
+
+def format_budget_table(runs: dict[str, list[list[dict[str, Any]]]], densities: Sequence[float]) -> str:
+    """Markdown: per method and density, the test accuracy (%, mean ± 95 %) at the last evaluation within
+    the optimiser steps and within the training seconds that every method spent (:func:`common_budget`)."""
+    lines = ["| method | density | accuracy within N optimiser steps | accuracy within T training s |",
+             "| :-- | --: | :-- | :-- |"]
+    for density in densities:
+        budgets = {by: common_budget(runs, density, by) for by in BUDGETS}
+        if budgets["optimizer_steps"] is None:
+            continue
+        for method, method_runs in runs.items():
+            cells = []
+            for by, label in (("optimizer_steps", "N={:.0f} steps"), ("train_seconds", "T={:.1f} s")):
+                accuracies = [100 * a for records in method_runs
+                              if (a := accuracy_within(records, density, budgets[by], by)) is not None]
+                shown = stats.format_estimate(stats.estimate(accuracies)) if accuracies else "n/a"
+                cells.append(f"{shown} ({label.format(budgets[by])}, {len(accuracies)}/{len(method_runs)} seeds)")
+            lines.append(f"| {method} | {density:g} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_report(runs: dict[str, list[list[dict[str, Any]]]], densities: Sequence[float], level: float) -> str:
+    """The cost table and the accuracy at equal budgets, as one markdown report."""
+    return (f"## Cost and time to {level:.0%} test accuracy\n\n{format_table(runs, densities, level)}\n"
+            "## Accuracy at equal budgets\n\nEach method's test accuracy at its last evaluation within the "
+            "optimiser steps (N) and the training seconds (T) that every method and seed spent at that "
+            "density, so none is cut short of a budget another did not reach.\n\n"
+            + format_budget_table(runs, densities))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The cost table's command line: prints it and writes OUT.md."""
     parser = cli.OneLineParser(prog="python -m experiments.cost", description=__doc__.split("\n\n")[0])
@@ -149,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli.report_error(FileNotFoundError(
             f"no epoch records under {args.root}/*/seed_*/metrics.jsonl: run the cells first"), verbose=False)
     densities = [float(d) for d in args.densities.split(",") if d.strip()]
-    text = format_table(runs, densities, args.level)
+    text = format_report(runs, densities, args.level)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.root) / "cost"
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.md").write_text(text)

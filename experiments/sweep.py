@@ -23,8 +23,9 @@ Resuming: a cell whose results.json holds a row for every requested density
 skipped; any other cell is rerun with the same command and the trainer resumes
 it. A failed cell is reported with the tail of its stderr and the sweep goes on;
 the exit status is then 1. Writes ``ROOT/manifest.json`` (rewritten atomically
-after every cell) and ``ROOT/command.txt`` (this sweep's command line); each
-cell's output goes to ``sweep_stdout.log`` / ``sweep_stderr.log`` in its workdir.
+after every cell; a cell's ``wall_s`` adds up its runs over every invocation
+that finished it or failed, so a resumed sweep keeps its earlier cost) and
+``ROOT/command.txt`` (this sweep's command line); each cell's output goes to ``sweep_stdout.log`` / ``sweep_stderr.log`` in its workdir.
 """
 
 from __future__ import annotations
@@ -221,12 +222,31 @@ def write_json_atomically(path: pathlib.Path, data: Any) -> None:
         raise
 
 
+def _read_manifest(root: pathlib.Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        return manifest if isinstance(manifest, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _manifest_source_cell(root: pathlib.Path) -> tuple[str, int] | None:
     try:
-        recorded = json.loads((root / MANIFEST_FILE).read_text()).get("source_cell")
+        recorded = _read_manifest(root).get("source_cell")
         return (str(recorded["method"]), int(recorded["seed"])) if recorded else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def _earlier_wall_seconds(root: pathlib.Path) -> dict[tuple[str, int], float]:
+    """Each cell's wall seconds over the earlier invocations of a sweep in ``root`` (its manifest)."""
+    earlier = {}
+    for record in _read_manifest(root).get("cells", []):
+        try:
+            earlier[(str(record["method"]), int(record["seed"]))] = float(record["wall_s"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return earlier
 
 
 def _parse_list(text: str, kind: type) -> list:
@@ -260,6 +280,8 @@ def run_sweep(config_path: str, methods: Sequence[str], seeds: Sequence[int], de
     if share:
         print(f"source model: pretrained by {source_cell[0]} seed {source_cell[1]}, shared with every other cell")
 
+    # A rerun resumes cells and skips finished ones: the manifest's wall seconds add up over invocations.
+    earlier_wall = _earlier_wall_seconds(root)
     records: list[dict[str, Any]] = []
     manifest = {
         "command": list(command),
@@ -276,8 +298,9 @@ def run_sweep(config_path: str, methods: Sequence[str], seeds: Sequence[int], de
     failed = 0
     for index, cell in enumerate(cells, 1):
         label = f"[{index}/{len(cells)}] {cell.method} seed {cell.seed}"
+        before = earlier_wall.get((cell.method, cell.seed), 0.0)
         record = {"method": cell.method, "seed": cell.seed, "workdir": str(cell.workdir),
-                  "command": list(cell.command), "status": "planned", "wall_s": 0.0}
+                  "command": list(cell.command), "status": "planned", "wall_s": before}
         records.append(record)
         if is_complete(cell.workdir, cell.runs, densities):
             record["status"] = "skipped"
@@ -293,15 +316,16 @@ def run_sweep(config_path: str, methods: Sequence[str], seeds: Sequence[int], de
             print(f"{label}: running in {cell.workdir} (logs: {STDOUT_LOG}, {STDERR_LOG})", flush=True)
             start = time.monotonic()
             returncode, tail = run_cell(cell)
-            record["wall_s"] = round(time.monotonic() - start, 1)
+            wall = time.monotonic() - start
+            record["wall_s"] = round(before + wall, 1)
             record["returncode"] = returncode
             if returncode == 0:
                 record["status"] = "done"
-                print(f"{label}: done in {record['wall_s']:.1f} s")
+                print(f"{label}: done in {wall:.1f} s")
             else:
                 record["status"] = "failed"
                 failed += 1
-                print(f"{label}: FAILED (exit {returncode}) after {record['wall_s']:.1f} s; stderr tail:\n{tail}")
+                print(f"{label}: FAILED (exit {returncode}) after {wall:.1f} s; stderr tail:\n{tail}")
         if not dry_run:
             write_json_atomically(root / MANIFEST_FILE, manifest)
     if failed:

@@ -45,7 +45,7 @@ def test_unknown_variants_are_a_one_line_error(tmp_path, capsys):
 
 def _fake_cell(root, variant, seed, accuracy):
     workdir = sweep.cell_workdir(root, variant, seed)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     rows = [{"method": "vpns" if variant != "hydra" else "hydra", "density": 0.1, "sparsity": 0.9,
              "test_accuracy": accuracy, "test_loss": 0.3, "wall_time_s": 10.0}]
     (workdir / "results.json").write_text(json.dumps(rows))
@@ -65,4 +65,36 @@ def test_reports_tell_variants_of_one_method_apart_by_folder(tmp_path):
     assert "| no_prompt | -1.00 [-1.00, -1.00] p=0 |" in markdown
     cost_table = (tmp_path / "cost.md").read_text()
     assert "| vpns | 0.1 | 1: 5.00 ± 0.00 | 200 ± 0 | 5.0 ± 0.0 | 8 ± 0 | 2/3 |" in cost_table
+    # Equal budgets: 8 steps and 5 s each; 90, 92, 94 -> 92 -+ 4.303 * 2 / 1.732 = 92 -+ 4.97.
+    assert "| vpns | 0.1 | 92.00 ± 4.97 (N=8 steps, 3/3 seeds) | 92.00 ± 4.97 (T=5.0 s, 3/3 seeds) |" in cost_table
     assert (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 1000
+
+
+def test_the_suite_runs_every_cell_then_writes_reports_and_the_wall_time_of_every_invocation(tmp_path, monkeypatch,
+                                                                                          capsys):
+    ran = []
+
+    def fake_run(cell):
+        ran.append((cell.method, cell.seed))
+        _fake_cell(tmp_path, cell.method, cell.seed, {7: 0.90, 9: 0.92}[cell.seed] - 0.01 * (cell.method != "vpns"))
+        (cell.workdir / "source_model.npz").write_bytes(b"weights")  # what the first cell shares
+        return 0, ""
+
+    monkeypatch.setattr(sweep, "run_cell", fake_run)
+    argv = [f"--config={DEFAULT_CONFIG}", f"--root={tmp_path}", "--variants=vpns,no_prompt", "--seeds=7,9",
+            "--densities=0.1"]
+    assert ablations.main(argv) == 0
+    assert ran == [("vpns", 7), ("vpns", 9), ("no_prompt", 7), ("no_prompt", 9)]
+    assert "| no_prompt | -1.00 [-1.00, -1.00] p=0 |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "cost.md").read_text().startswith("## Cost and time to 90% test accuracy")
+
+    # A rerun skips the finished cells and keeps their wall time (here set by hand) in the total.
+    manifest = json.loads((tmp_path / sweep.MANIFEST_FILE).read_text())
+    for cell, seconds in zip(manifest["cells"], (100.0, 200.0, 300.0, 400.0)):
+        cell["wall_s"] = seconds
+    (tmp_path / sweep.MANIFEST_FILE).write_text(json.dumps(manifest))
+    ran.clear()
+    assert ablations.main(argv) == 0 and ran == []
+    wall = (tmp_path / "wall_time.txt").read_text()
+    assert wall.startswith("1000 s (0.28 h) of cell runs over every invocation of ") and "(4 cells;" in wall
+    assert "experiments.ablations --config=" in wall

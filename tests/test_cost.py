@@ -54,7 +54,7 @@ def test_the_cost_table_over_seeds(tmp_path, capsys):
     _write(tmp_path, "vpns", 7, RUN)
     slower = [dict(r, epoch_seconds=r["epoch_seconds"] * 2, train_seconds=r["train_seconds"] * 2) for r in RUN]
     _write(tmp_path, "vpns", 9, slower)
-    never = [dict(r, test_accuracy=0.5) for r in RUN]
+    never = [dict(r, test_accuracy=0.5, optimizer_steps=r["optimizer_steps"] // 2) for r in RUN]  # one stream
     _write(tmp_path, "hydra", 7, never)
     runs = cost.collect(tmp_path)
     assert sorted(runs) == ["hydra", "vpns"] and len(runs["vpns"]) == 2
@@ -69,6 +69,14 @@ def test_the_cost_table_over_seeds(tmp_path, capsys):
     assert table == capsys.readouterr().out
     assert "| hydra | 0.1 | 1: 10.00; 2: 12.00 | 150 | n/a | n/a | 0/1 |" in table
     assert "| vpns | 0.1 | 1: 15.00 ± 63.53; 2: 18.00 ± 76.24 | 150 ± 0 | 30.0 ± 127.1 | 200 ± 0 | 2/2 |" in table
+    # Equal budgets: every run spent 150 steps (hydra's total) and 32 s (vpns seed 7's and hydra's). Within
+    # them: vpns 0.80 at 100 steps on both seeds; 0.93 at 32 s (seed 7) and 0.80 at 20 s (seed 9, twice as
+    # slow) -> 86.5 -+ 12.706 * 9.192 / 1.414 = 86.5 -+ 82.59.
+    assert cost.common_budget(runs, 0.1, "optimizer_steps") == 150
+    assert cost.common_budget(runs, 0.1, "train_seconds") == 32.0 and cost.common_budget(runs, 0.5, "train_seconds") is None
+    assert ("| vpns | 0.1 | 80.00 ± 0.00 (N=150 steps, 2/2 seeds) | 86.50 ± 82.59 (T=32.0 s, 2/2 seeds) |"
+            in table)
+    assert "| hydra | 0.1 | 50.00 (N=150 steps, 1/1 seeds) | 50.00 (T=32.0 s, 1/1 seeds) |" in table
 
 
 def test_no_records_is_a_one_line_error(tmp_path, capsys):

@@ -206,10 +206,18 @@ def test_sweep_skips_complete_cells_and_goes_on_after_a_failure(tmp_path, capsys
     assert manifest["source_cell"] == {"method": "vpns", "seed": 7} and manifest["densities"] == [0.5, 0.1]
     assert "experiments.sweep" in (tmp_path / "command.txt").read_text()
 
-    # The source cell stays the same when a rerun lists the methods in another order.
+    # The source cell stays the same when a rerun lists the methods in another order, and each cell's
+    # wall seconds add up over the invocations (a skipped cell keeps its earlier ones).
+    manifest["cells"][0]["wall_s"] = 12.5
+    manifest["cells"][2]["wall_s"] = 3.0
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     ran.clear()
     assert sweep.main([*argv[:1], "--methods=hydra,vpns", *argv[2:]]) == 1
-    assert json.loads((tmp_path / "manifest.json").read_text())["source_cell"] == {"method": "vpns", "seed": 7}
+    rerun = json.loads((tmp_path / "manifest.json").read_text())
+    assert rerun["source_cell"] == {"method": "vpns", "seed": 7}
+    walls = {(c["method"], c["seed"]): (c["status"], c["wall_s"]) for c in rerun["cells"]}
+    assert walls[("vpns", 7)] == ("skipped", 12.5)
+    assert walls[("hydra", 7)][0] == "failed" and 3.0 <= walls[("hydra", 7)][1] < 4.0
 
 
 def test_cells_without_the_shared_source_model_are_blocked(tmp_path, capsys, monkeypatch):
