@@ -44,6 +44,12 @@ def test_time_and_steps_to_accuracy_and_accuracy_within_a_budget(tmp_path):
         cost.to_accuracy(records, 0.1, 0.9, by="epochs")
 
 
+def test_seconds_per_epoch_is_the_median_so_a_first_epoch_that_compiles_does_not_count(tmp_path):
+    compiling = [dict(RUN[0], epoch_seconds=30.0), RUN[1], dict(RUN[1], epoch=3, epoch_seconds=12.0)]
+    records = cost.epoch_records(_write(tmp_path, "vpns", 7, compiling))
+    assert cost.seconds_per_epoch(records, 0.1, 1) == 12.0  # of 30, 10 and 12 s
+
+
 def test_an_epoch_recorded_twice_by_a_resumed_run_counts_once(tmp_path):
     again = dict(RUN[1], epoch_seconds=11.0, train_seconds=21.0)
     records = cost.epoch_records(_write(tmp_path, "vpns", 7, RUN[:2] + [again] + RUN[2:]))
