@@ -14,7 +14,8 @@ writes under ROOT:
 * ``cost.md``: seconds per epoch, peak memory, seconds and optimiser steps until
   the test accuracy first reaches ``--level``, and every variant's accuracy at
   equal optimiser steps and at equal training seconds (``experiments.cost``);
-* ``accuracy_vs_sparsity.png``; ``command.txt`` and ``manifest.json`` (every cell's
+* ``accuracy_vs_sparsity.png`` and ``differences_vs_sparsity.png`` (each variant
+  minus ``vpns`` with its 95 % interval); ``command.txt`` and ``manifest.json`` (every cell's
   command and wall time) and ``wall_time.txt`` (their sum over every invocation).
 
 A rerun skips finished cells and resumes unfinished ones.
@@ -77,6 +78,8 @@ def write_reports(root: pathlib.Path, variants: Sequence[str], densities: Sequen
     runs = cost.collect(root)
     (root / "cost.md").write_text(cost.format_report({v: runs[v] for v in variants if v in runs}, densities, level))
     plots.plot_accuracy_vs_sparsity(summary, root / "accuracy_vs_sparsity.png")
+    if table.REFERENCE in variants:
+        plots.plot_differences(summary, root / "differences_vs_sparsity.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments import sweep, table
+from experiments import stats, sweep, table
 from vpns_jax import cli
 
 ACCURACY_FILE = "accuracy_vs_sparsity.png"
@@ -34,15 +34,37 @@ def _save(figure: Figure, path: str | pathlib.Path) -> None:
     figure.savefig(path, dpi=DPI)
 
 
+# Matplotlib's default cycle has 10 colours; an ablation suite has more lines, told apart by marker and dash too.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+LINESTYLES = ("-", "--", ":")
+
+
+def _style(index: int) -> dict[str, Any]:
+    return {"color": f"C{index % 10}", "marker": MARKERS[index % len(MARKERS)],
+            "linestyle": LINESTYLES[(index // 10) % len(LINESTYLES)]}
+
+
+def _figure(lines: int) -> tuple[Figure, Any]:
+    figure = Figure(figsize=(6.4 if lines <= 6 else 8.4, 4.4))
+    return figure, figure.add_subplot()
+
+
+def _legend(axes: Any, lines: int) -> None:
+    # Many lines: the legend goes beside the axes so it hides none of them.
+    if lines <= 6:
+        axes.legend(fontsize="small")
+    else:
+        axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
 def plot_accuracy_vs_sparsity(summary: table.Summary, path: str | pathlib.Path) -> None:
     """One line per method (error bars: sample std over seeds) of test accuracy % against sparsity %; a PNG.
 
     Points sit at the densities actually used (an LTH round near a column is drawn
     at its own sparsity); the dense model is a dashed horizontal line.
     """
-    figure = Figure(figsize=(6.4, 4.4))
-    axes = figure.add_subplot()
-    for method in summary.methods:
+    figure, axes = _figure(len(summary.methods))
+    for index, method in enumerate(summary.methods):
         cells = [summary.cells[(method, d)] for d in summary.densities]
         cells = [c for c in cells if c.mean is not None]
         if not cells:
@@ -53,13 +75,53 @@ def plot_accuracy_vs_sparsity(summary: table.Summary, path: str | pathlib.Path) 
         x = [100 * (1 - float(np.mean(c.used_densities))) for c in cells]
         y = [c.mean for c in cells]
         errors = [c.std or 0.0 for c in cells]
-        axes.errorbar(x, y, yerr=errors, marker="o", markersize=4, capsize=3, label=method)
-    axes.set_xticks([100 * (1 - d) for d in summary.densities],
-                    [table.sparsity_label(d) for d in summary.densities])
-    axes.set_xlabel("sparsity (%)")
+        axes.errorbar(x, y, yerr=errors, markersize=4, capsize=3, label=method, **_style(index))
+    _sparsity_axis(axes, summary.densities)
     axes.set_ylabel("test accuracy (%)")
+    _legend(axes, len(summary.methods))
+    _save(figure, path)
+
+
+def _sparsity_axis(axes: Any, densities: Sequence[float]) -> None:
+    axes.set_xticks([100 * (1 - d) for d in densities], [table.sparsity_label(d) for d in densities])
+    axes.set_xlabel("sparsity (%)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+
+
+def difference_points(summary: table.Summary, reference: str = table.REFERENCE
+                      ) -> dict[str, list[tuple[float, stats.Estimate]]]:
+    """{method: [(sparsity %, its paired difference from ``reference`` in points)]} for every method that has
+    a seed in common with ``reference`` at some column."""
+    paired = table.differences(summary, reference)
+    points = {}
+    for method in summary.methods:
+        at = [(100 * (1 - d), paired[(method, d)].difference) for d in summary.densities if (method, d) in paired]
+        if at:
+            points[method] = at
+    return points
+
+
+def plot_differences(summary: table.Summary, path: str | pathlib.Path, reference: str = table.REFERENCE) -> None:
+    """Each method minus ``reference`` paired by seed (points: mean; bars: 95 % t interval) against sparsity
+    %, with zero marked; a PNG. Methods sit side by side around each column so their bars do not overlap."""
+    points_of = difference_points(summary, reference)
+    methods = list(points_of)
+    figure, axes = _figure(len(methods))
+    # Spread the methods over 60 % of the smallest gap between columns.
+    columns = sorted(100 * (1 - d) for d in summary.densities)
+    gap = min((b - a for a, b in zip(columns, columns[1:])), default=10.0)
+    offsets = np.linspace(-0.3 * gap, 0.3 * gap, len(methods)) if len(methods) > 1 else [0.0]
+    for index, (method, offset) in enumerate(zip(methods, offsets)):
+        points = points_of[method]
+        x = [sparsity + offset for sparsity, _ in points]
+        y = [d.mean for _, d in points]
+        bars = [[0.0 if d.low is None else d.mean - d.low for _, d in points],
+                [0.0 if d.high is None else d.high - d.mean for _, d in points]]
+        axes.errorbar(x, y, yerr=bars, markersize=4, capsize=2, label=method, **{**_style(index), "linestyle": "none"})
+    axes.axhline(0.0, color="black", linewidth=1)
+    _sparsity_axis(axes, summary.densities)
+    axes.set_ylabel(f"test accuracy minus {reference} (points)")
+    _legend(axes, len(methods))
     _save(figure, path)
 
 

@@ -68,6 +68,7 @@ def test_reports_tell_variants_of_one_method_apart_by_folder(tmp_path):
     # Equal budgets: 8 steps and 5 s each; 90, 92, 94 -> 92 -+ 4.303 * 2 / 1.732 = 92 -+ 4.97.
     assert "| vpns | 0.1 | 92.00 ± 4.97 (N=8 steps, 3/3 seeds) | 92.00 ± 4.97 (T=5.0 s, 3/3 seeds) |" in cost_table
     assert (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 1000
+    assert (tmp_path / "differences_vs_sparsity.png").stat().st_size > 1000
 
 
 def test_the_suite_runs_every_cell_then_writes_reports_and_the_wall_time_of_every_invocation(tmp_path, monkeypatch,

@@ -134,6 +134,19 @@ def test_plots_write_png_files(small_sweep, tmp_path):
     plots.plot_accuracy_vs_sparsity(summary, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Differences from vpns, paired by seed, and each line its own colour, marker or dash even past ten.
+    points = plots.difference_points(summary)
+    assert "vpns" not in points and set(points) == set(summary.methods) - {"vpns"}
+    assert [sparsity for sparsity, _ in points["lth"]] == [50.0, 90.0]
+    # lth seed 7 at 90 %: its round 0.8^10 at 85 % minus vpns seed 7's 90 %; one pair, so no interval.
+    at_90 = points["lth"][1][1]
+    assert at_90.mean == pytest.approx(-5.0) and at_90.n == 1 and at_90.low is None
+    differences_path = tmp_path / "differences.png"
+    plots.plot_differences(summary, differences_path)
+    assert differences_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    styles = {tuple(plots._style(i).values()) for i in range(13)}
+    assert len(styles) == 13
+
     masks = checkpoint.load_arrays(small_sweep / "vpns" / "seed_7" / "subnetworks" / "density_0.1" / "masks.npz")
     densities = plots.layer_densities(masks)
     assert densities == {"conv1": 1.0, "layer1/0/conv1": pytest.approx(4 / 36), "fc": 0.0}
