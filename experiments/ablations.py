@@ -42,6 +42,7 @@ VARIANTS = {
     "hydra": V("hydra"),
     "plain_stream": V("vpns", {"vpns.streams": "plain", "vpns.prompt_stages": "()"}),  # the augmented batch alone
     "prompted_stream": V("vpns", {"vpns.streams": "prompted"}),  # the prompted clean batch alone
+    "clean_stream": V("vpns", {"vpns.streams": "prompted", "vpns.prompt_stages": "()"}),  # it alone, unprompted
     "prompt_stage1": V("vpns", {"vpns.prompt_stages": "(1,)"}),
     "prompt_stage2": V("vpns", {"vpns.prompt_stages": "(2,)"}),
     "eval_with_prompt": V("vpns", {"eval.with_prompt": "True"}),

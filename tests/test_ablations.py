@@ -19,7 +19,7 @@ def test_every_variant_is_a_valid_config_of_the_offline_default(name):
     config_checks.validate(config, num_devices=1)
     plan = methods.make_plan(config)
     uses_prompt = any("prompt" in phase.trains for phase in plan.phases.values())
-    assert uses_prompt == (name not in ("no_prompt", "plain_stream", "hydra"))
+    assert uses_prompt == (name not in ("no_prompt", "plain_stream", "clean_stream", "hydra"))
 
 
 def test_the_dry_run_plans_one_cell_per_variant_and_seed(tmp_path, capsys):
