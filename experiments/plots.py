@@ -40,7 +40,8 @@ LINESTYLES = ("-", "--", ":")
 
 
 def _style(index: int) -> dict[str, Any]:
-    return {"color": f"C{index % 10}", "marker": MARKERS[index % len(MARKERS)],
+    # Past ten, the marker shifts against the colour, so points drawn without lines stay apart too.
+    return {"color": f"C{index % 10}", "marker": MARKERS[(index + 5 * (index // 10)) % len(MARKERS)],
             "linestyle": LINESTYLES[(index // 10) % len(LINESTYLES)]}
 
 
