@@ -123,8 +123,8 @@ def collect(root: str | pathlib.Path) -> dict[str, list[list[dict[str, Any]]]]:
 
 def format_table(runs: dict[str, list[list[dict[str, Any]]]], densities: Sequence[float], level: float) -> str:
     """Markdown: per method and density, s/epoch per stage, peak MiB, seconds and steps to ``level``."""
-    lines = [f"| method | density | s/epoch (stage: median epoch, mean ± 95 % over seeds) | peak MiB | s to {level:.0%} "
-             f"| steps to {level:.0%} | reached |",
+    lines = [f"| method | density | s/epoch (stage: median epoch, mean ± 95 % over seeds) | peak MiB "
+             f"| s to {level:.0%} | steps to {level:.0%} | reached |",
              "| :-- | --: | :-- | --: | --: | --: | --: |"]
     for method, method_runs in runs.items():
         for density in densities:
