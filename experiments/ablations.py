@@ -15,8 +15,9 @@ writes under ROOT:
   the test accuracy first reaches ``--level``, and every variant's accuracy at
   equal optimiser steps and at equal training seconds (``experiments.cost``);
 * ``accuracy_vs_sparsity.png`` and ``differences_vs_sparsity.png`` (each variant
-  minus ``vpns`` with its 95 % interval); ``command.txt`` and ``manifest.json`` (every cell's
-  command and wall time) and ``wall_time.txt`` (their sum over every invocation).
+  minus ``vpns`` with its 95 % interval); ``command.txt``, ``manifest.json``
+  (every cell's command and wall time) and ``wall_time.txt`` (their sum over
+  every invocation).
 
 A rerun skips finished cells and resumes unfinished ones.
 """
@@ -69,17 +70,14 @@ def _parser() -> cli.OneLineParser:
 
 
 def write_reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[float], level: float) -> None:
-    """The accuracy and difference tables, the cost table and the plot of the cells under ``root``."""
+    """The accuracy and difference tables, the cost tables and the plots of the cells under ``root``."""
     summary = table.summarize(table.collect(root, by_folder=True), densities, methods=variants)
-    markdown = table.format_markdown(summary)
-    if table.REFERENCE in variants:
-        markdown += "\n" + table.format_differences(summary)
-    (root / "table.md").write_text(markdown)
+    (root / "table.md").write_text(table.format_tables(summary))
     (root / "table.csv").write_text(table.format_csv(summary))
     runs = cost.collect(root)
     (root / "cost.md").write_text(cost.format_report({v: runs[v] for v in variants if v in runs}, densities, level))
     plots.plot_accuracy_vs_sparsity(summary, root / "accuracy_vs_sparsity.png")
-    if table.REFERENCE in variants:
+    if table.REFERENCE in variants and len(variants) > 1:
         plots.plot_differences(summary, root / "differences_vs_sparsity.png")
 
 
@@ -92,8 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown or not variants:
             raise ValueError(f"--variants: unknown {unknown or 'none given'}; use some of {', '.join(VARIANTS)}")
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        densities = [float(d) for d in args.densities.split(",") if d.strip()]
+        seeds, densities = sweep.parse_list(args.seeds, int), sweep.parse_list(args.densities, float)
         if not seeds or not densities or any(not 0 < d <= 1 for d in densities):
             raise ValueError("--seeds and --densities need values; densities are keep ratios in (0, 1]")
     except ValueError as error:

@@ -25,7 +25,8 @@ it. A failed cell is reported with the tail of its stderr and the sweep goes on;
 the exit status is then 1. Writes ``ROOT/manifest.json`` (rewritten atomically
 after every cell; a cell's ``wall_s`` adds up its runs over every invocation
 that finished it or failed, so a resumed sweep keeps its earlier cost) and
-``ROOT/command.txt`` (this sweep's command line); each cell's output goes to ``sweep_stdout.log`` / ``sweep_stderr.log`` in its workdir.
+``ROOT/command.txt`` (this sweep's command line); each cell's output goes to
+``sweep_stdout.log`` / ``sweep_stderr.log`` in its workdir.
 """
 
 from __future__ import annotations
@@ -249,7 +250,8 @@ def _earlier_wall_seconds(root: pathlib.Path) -> dict[tuple[str, int], float]:
     return earlier
 
 
-def _parse_list(text: str, kind: type) -> list:
+def parse_list(text: str, kind: type) -> list:
+    """The comma-separated values of ``text`` as ``kind`` (blank parts skipped)."""
     return [kind(part) for part in text.split(",") if part.strip()]
 
 
@@ -340,9 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         overrides = parse_overrides(args.overrides)
-        methods = _parse_list(args.methods, str)
-        densities = _parse_list(args.densities, float) if args.densities else [float(d) for d in config.densities]
-        seeds = _parse_list(args.seeds, int) if args.seeds else [int(config.seed)]
+        methods = parse_list(args.methods, str)
+        densities = parse_list(args.densities, float) if args.densities else [float(d) for d in config.densities]
+        seeds = parse_list(args.seeds, int) if args.seeds else [int(config.seed)]
         if not methods or not densities or not seeds:
             raise ValueError("--methods, --densities and --seeds need at least one value each")
         if any(not 0 < d <= 1 for d in densities):

@@ -23,7 +23,6 @@ import io
 import json
 import math
 import pathlib
-import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -46,12 +45,10 @@ class Cell:
 
     method: str
     density: float  # the column's density
-    mean: float | None
-    std: float | None  # sample std; None with fewer than two seeds
     seeds: tuple[int, ...]
     used_densities: tuple[float, ...]  # per seed, the density of the row taken
     nearest: bool  # some row was taken at a density other than the column's
-    accuracies: tuple[float, ...] = ()  # per seed, in %
+    accuracies: tuple[float, ...]  # per seed, in %
 
     @property
     def n(self) -> int:
@@ -61,6 +58,15 @@ class Cell:
     def estimate(self) -> stats.Estimate | None:
         """Mean, std and 95 % interval over the seeds; None without a value."""
         return stats.estimate(self.accuracies) if self.accuracies else None
+
+    @property
+    def mean(self) -> float | None:
+        return self.estimate.mean if self.accuracies else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample std; None with fewer than two seeds."""
+        return self.estimate.std if self.accuracies else None
 
     def by_seed(self) -> dict[int, float]:
         """Accuracy (%) of each seed."""
@@ -139,8 +145,6 @@ def summarize(rows: Sequence[dict[str, Any]], densities: Sequence[float],
             accuracies = [100 * float(row["test_accuracy"]) for _, row, _ in picked]
             cells[(method, density)] = Cell(
                 method=method, density=density,
-                mean=statistics.fmean(accuracies) if accuracies else None,
-                std=statistics.stdev(accuracies) if len(accuracies) > 1 else None,
                 seeds=tuple(seed for seed, _, _ in picked),
                 used_densities=tuple(float(row["density"]) for _, row, _ in picked),
                 nearest=any(nearest for _, _, nearest in picked),
@@ -205,6 +209,14 @@ def differences(summary: Summary, reference: str = REFERENCE) -> dict[tuple[str,
             if method != reference and ref is not None and set(cell.seeds) & set(ref.seeds):
                 out[(method, density)] = stats.paired_difference(cell.by_seed(), ref.by_seed())
     return out
+
+
+def format_tables(summary: Summary) -> str:
+    """The accuracy table, followed by the differences from :data:`REFERENCE` when it is one of several rows."""
+    markdown = format_markdown(summary)
+    if REFERENCE in summary.methods and len(summary.methods) > 1:
+        markdown += "\n" + format_differences(summary)
+    return markdown
 
 
 def format_differences(summary: Summary, reference: str = REFERENCE) -> str:
@@ -298,13 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     densities = parse_floats(args.densities) or default_densities(args.root, rows)
     methods = args.methods.split(",") if args.methods else None
     summary = summarize(rows, densities, methods)
-    markdown = format_markdown(summary)
+    markdown = format_tables(summary)
     rankings = format_rankings(summary)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.root) / "table"
     md_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if REFERENCE in summary.methods and len(summary.methods) > 1:
-        markdown += "\n" + format_differences(summary)
     md_path.write_text(markdown + "\nRanking by mean accuracy:\n\n" + rankings)
     csv_path.write_text(format_csv(summary))
     print(markdown)
