@@ -5,6 +5,7 @@ width-1/16 ResNet-18 at 16 px, one epoch of two iterations per stage.
 """
 
 import json
+import time
 import pathlib
 
 import jax
@@ -184,7 +185,7 @@ def test_a_run_on_a_locked_workdir_is_refused_before_touching_it(fashion_data_di
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK_FILE]
 
 
-def test_a_nan_step_stops_the_run_and_skip_resumes_past_it(fashion_data_dir, source, tmp_path):
+def test_a_nan_step_stops_the_run_and_skip_resumes_past_it(fashion_data_dir, source, tmp_path, monkeypatch):
     config = tiny_config(fashion_data_dir, source[0], "vpns", **{"checkpoint.every_steps": 1})
     # SGD at lr 1e38: step 1 moves the prompt by 1e38 * grad (finite, |grad| << 1); at step 2 the weight decay
     # term alone, 1e38 * 1e-4 * prompt, overflows to inf.
@@ -199,7 +200,20 @@ def test_a_nan_step_stops_the_run_and_skip_resumes_past_it(fashion_data_dir, sou
 
     config.on_nonfinite = "skip"  # not part of the fingerprint: the same workdir resumes
     config.eval.every_epochs = 1  # nor is this
+    # Every checkpoint save (one per step here) looks 1000 s long on the trainer's clock: epoch seconds must
+    # leave them out.
+    clock, saved_seconds = time.perf_counter, [0.0]
+    save = train.Run._save
+
+    def slow_save(self, *args):
+        save(self, *args)
+        saved_seconds[0] += 1000.0
+
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock() + saved_seconds[0])
+    monkeypatch.setattr(train.Run, "_save", slow_save)
     rows = train.run(config, tmp_path)
+    monkeypatch.undo()
+    assert saved_seconds[0] > 0
     assert [row["density"] for row in rows] == list(DENSITIES) and all(np.isfinite(r["test_loss"]) for r in rows)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # Step 2 of each density's stage 1 (global steps 2 and 6) went NaN and was skipped.
@@ -212,3 +226,4 @@ def test_a_nan_step_stops_the_run_and_skip_resumes_past_it(fashion_data_dir, sou
     final = {row["density"]: row["test_accuracy"] for row in rows}
     last = [r for r in epochs if "test_accuracy" in r and r["stage"] == 2]
     assert [r["test_accuracy"] for r in last] == [final[0.5], final[0.2]]  # the end of stage 2 is the final model
+    assert all(0 < r["epoch_seconds"] < 1000 for r in epochs)

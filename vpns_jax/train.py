@@ -458,8 +458,10 @@ class Run:
                 images, tick = 0, time.perf_counter()
             if position.global_step % config.checkpoint.every_steps == 0 and position.epoch < epochs:
                 check.flush()  # a stopped run keeps the checkpoint from before its bad step as the latest
-                position.elapsed = time.perf_counter() - started
+                saving = time.perf_counter()
+                position.elapsed = saving - started
                 self._save(ckpt, state, position)
+                epoch_started += time.perf_counter() - saving  # an epoch's seconds are training, not saving
         check.flush()
         bar.close()
         return state
