@@ -170,7 +170,8 @@ class BatchNorm2d(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        xf = x.astype(jnp.float32)
+        # At least float32 (statistics of bfloat16 activations), and float64 where the input is.
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if train:
             n = x.shape[0] * x.shape[1] * x.shape[2]
             if n < 2:
@@ -195,58 +196,85 @@ class BatchNorm2d(nnx.Module):
         return y.astype(x.dtype)
 
 
-def _max_pool_forward(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+def _pool_padding(padding: int) -> tuple[tuple[int, int], ...]:
+    return ((0, 0), (padding, padding), (padding, padding), (0, 0))
+
+
+def max_pool2d_reference(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+    """:func:`max_pool2d` as XLA's ``reduce_window``, differentiated by JAX itself (select-and-scatter).
+
+    The reference that tests and benchmarks hold the custom gradient against.
+    """
     return jax.lax.reduce_window(
-        x,
-        -jnp.inf,
-        jax.lax.max,
-        window_dimensions=(1, window, window, 1),
-        window_strides=(1, stride, stride, 1),
-        padding=((0, 0), (padding, padding), (padding, padding), (0, 0)),
+        x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), _pool_padding(padding)
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _window_views(x: jax.Array, window: int, stride: int, padding: int):
+    """The ``window**2`` strided views of the -inf-padded ``x``, one per window position in row-major order;
+    each has the pool output's shape (floor mode)."""
+    padded = jnp.pad(x, _pool_padding(padding), constant_values=-jnp.inf)
+    out_h, out_w = ((padded.shape[a] - window) // stride + 1 for a in (1, 2))
+    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+    for i in range(window):
+        for j in range(window):
+            yield padded[:, i : i + span_h : stride, j : j + span_w : stride, :]
+
+
 def max_pool2d(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
     """torch ``max_pool2d`` (floor mode) on NHWC; padding counts as -inf.
 
     The gradient goes to the first maximum of each window in row-major order, as
-    in torch and XLA. It is computed from window-sized strided views instead of
-    XLA's select-and-scatter, which XLA:CPU expands into four int32 index arrays
-    of the padded input's size plus a scatter: at 224 px that was 0.6 GB of
-    temporaries in every training step and slower.
+    in torch. The forward keeps that position (one int8 per output) and the
+    backward routes the gradient by it: the backward never compares values
+    again, since under ``jit`` XLA may recompute the pool's input there with
+    another fusion, and a window none of whose entries equals the saved maximum
+    in the last bit would lose its gradient. Routing from window-sized strided
+    views also avoids XLA's select-and-scatter, which XLA:CPU expands into four
+    int32 index arrays of the padded input's size plus a scatter.
     """
-    return _max_pool_forward(x, window, stride, padding)
+    return _max_pool(x, window, stride, padding, x.shape)
 
 
-def _max_pool_fwd(x: jax.Array, window: int, stride: int, padding: int):
-    y = _max_pool_forward(x, window, stride, padding)
-    return y, (x, y)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x: jax.Array, window: int, stride: int, padding: int, x_shape: tuple[int, ...]) -> jax.Array:
+    del x_shape  # static, for the backward
+    return max_pool2d_reference(x, window, stride, padding)
 
 
-def _max_pool_bwd(window: int, stride: int, padding: int, residuals, g: jax.Array) -> tuple[jax.Array]:
-    x, y = residuals
-    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-    out_h, out_w = y.shape[1], y.shape[2]
-    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
-    taken = jnp.zeros(y.shape, bool)
-    grad = jnp.zeros(padded.shape, g.dtype)
+def _max_pool_fwd(x: jax.Array, window: int, stride: int, padding: int, x_shape: tuple[int, ...]):
+    del x_shape
+    views = _window_views(x, window, stride, padding)
+    # Maximum and argmax from the same values in one pass, so they always agree; strict > keeps the first.
+    y = next(views)
+    argmax = jnp.zeros(y.shape, jnp.int8)
+    for position, view in enumerate(views, start=1):
+        # Not `view > y`: the first NaN of a window wins and stays, so the output is NaN as reduce_window's.
+        better = ~(view <= y) & ~jnp.isnan(y)
+        y = jnp.where(better, view, y)
+        argmax = jnp.where(better, jnp.int8(position), argmax)
+    return y, argmax
+
+
+def _max_pool_bwd(
+    window: int, stride: int, padding: int, x_shape: tuple[int, ...], argmax: jax.Array, g: jax.Array
+) -> tuple[jax.Array]:
+    padded_h, padded_w = x_shape[1] + 2 * padding, x_shape[2] + 2 * padding
+    span_h, span_w = stride * (g.shape[1] - 1) + 1, stride * (g.shape[2] - 1) + 1
+    grad = jnp.zeros((x_shape[0], padded_h, padded_w, x_shape[3]), g.dtype)
     for i in range(window):
         for j in range(window):
-            view = padded[:, i : i + span_h : stride, j : j + span_w : stride, :]
-            first = (view == y) & ~taken
-            taken = taken | first
+            share = jnp.where(argmax == i * window + j, g, jnp.zeros((), g.dtype))
             # Each window position's share, spread back onto the padded grid with stride - 1 zeros between.
             grad = grad + jax.lax.pad(
-                jnp.where(first, g, 0.0).astype(g.dtype),
+                share,
                 jnp.zeros((), g.dtype),
-                ((0, 0, 0), (i, padded.shape[1] - i - span_h, stride - 1),
-                 (j, padded.shape[2] - j - span_w, stride - 1), (0, 0, 0)),
+                ((0, 0, 0), (i, padded_h - i - span_h, stride - 1), (j, padded_w - j - span_w, stride - 1), (0, 0, 0)),
             )
-    return (grad[:, padding : padding + x.shape[1], padding : padding + x.shape[2], :],)
+    return (grad[:, padding : padding + x_shape[1], padding : padding + x_shape[2], :],)
 
 
-max_pool2d.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _adaptive_avg_pool_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
