@@ -1,6 +1,7 @@
 """The ImageNet stem's gradients under ``jax.jit`` against eager, and one training step's time and memory.
 
-    python benchmarks/maxpool_gradient.py [--size 224] [--batch 4] [--width 1] [--repeats 3]
+    python benchmarks/maxpool_gradient.py [--size 224] [--batch 4] [--width 1] [--dtype float32] [--repeats 3] \
+        [--out FILE.md]
 
 Builds a ResNet-18 (ImageNet stem, 10 classes) and computes the cross-entropy
 gradient of every weight in training mode on a fixed random batch three ways:
@@ -9,15 +10,21 @@ max-pool replaced by ``layers.max_pool2d_reference`` (JAX's own autodiff of
 ``reduce_window``). Prints, for the stem's leaves (``conv1.kernel``,
 ``bn1.scale``, ``bn1.bias``) and for the worst other leaf, the relative error
 ``||g - g_eager|| / ||g_eager||`` of each; then the median wall time of a
-jitted dense SGD step and XLA's estimate of its peak memory, with the package's
-max-pool and with the reference one. Runs on this machine's default backend.
+jitted dense float32 SGD step and XLA's estimate of its peak memory, with the
+package's max-pool and with the reference one. Runs on this machine's default backend;
+``--dtype float64`` turns on x64. ``--out`` also writes the tables to a file,
+headed by the command, date, git commit and machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import os
 import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -53,18 +60,35 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want)) / (scale if scale > 0 else 1.0)
 
 
+def header() -> str:
+    """Command, date, git commit and machine of this run, as a markdown preamble."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    return (f"command: `python {' '.join(sys.argv)}`  \ndate: {datetime.datetime.now().isoformat(timespec='seconds')}  "
+            f"\ncommit: {commit}{' (with uncommitted changes)' if dirty else ''}  \nmachine: {platform.machine()}, "
+            f"{os.cpu_count()} CPUs, backend {jax.default_backend()}, jax {jax.__version__}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="Also write the tables to this markdown file.")
     args = parser.parse_args()
+    jax.config.update("jax_enable_x64", args.dtype == "float64")
+    lines = [header(), f"ResNet-18 width {args.width}, ImageNet stem, {args.size} px, batch {args.batch}, "
+             f"{args.dtype}, train mode, random normal images\n"]
 
     model = create_model("resnet18", num_classes=10, width=args.width, stem="imagenet", rngs=nnx.Rngs(0))
     graphdef, weights, batch_stats = functional.split_model(model)
+    weights, batch_stats = jax.tree.map(lambda w: jnp.asarray(w, args.dtype), (weights, batch_stats))
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32))
+    images = jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, 3)), args.dtype)
     labels = jnp.asarray(rng.integers(0, 10, args.batch))
 
     def loss(w):
@@ -78,24 +102,31 @@ def main() -> None:
         reference = jax.jit(jax.grad(loss))(weights)
 
     flat_eager = dict(functional.traverse_util.flatten_dict(eager))
-    print(f"backend {jax.default_backend()}, {platform.machine()}, jax {jax.__version__}; ResNet-18 width "
-          f"{args.width}, ImageNet stem, {args.size} px, batch {args.batch}, float32, train mode")
-    print("| gradients | " + " | ".join(".".join(k) for k in STEM_LEAVES) + " | worst other leaf |")
-    print("|---|" + "---:|" * (len(STEM_LEAVES) + 1))
+    lines.append("| gradient, relative error | " + " | ".join(".".join(k) for k in STEM_LEAVES) + " | worst other leaf |")
+    lines.append("|---|" + "---:|" * (len(STEM_LEAVES) + 1))
     for name, grads in (("jit, package max-pool vs eager", jitted), ("jit, reference max-pool vs eager", reference)):
         flat = dict(functional.traverse_util.flatten_dict(grads))
         errors = {k: relative_error(np.asarray(flat[k]), np.asarray(flat_eager[k])) for k in flat_eager}
         others = {k: e for k, e in errors.items() if k not in STEM_LEAVES}
         worst = max(others, key=others.get)
         cells = [f"{errors[k]:.2e}" for k in STEM_LEAVES] + [f"{others[worst]:.2e} ({'.'.join(map(str, worst))})"]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    print("\n| dense SGD step | median s | peak memory MiB |\n|---|---:|---:|")
+    # The step is step_time's dense float32 SGD step: timed in float32 runs only.
+    if args.dtype == "float32":
+        lines.append("\n| dense SGD step, float32 | median s | peak memory MiB |\n|---|---:|---:|")
     for name, context in (("package max-pool", contextlib.nullcontext), ("reference max-pool", reference_pool)):
+        if args.dtype != "float32":
+            break
         with context():
             _, call, _, peak = dense_step("resnet18", args.width, "imagenet", args.size, args.batch)
             _, median = time_call(call, args.repeats)
-            print(f"| {name} | {median:.3f} | {peak() / 2**20:.0f} |")
+            lines.append(f"| {name} | {median:.3f} | {peak() / 2**20:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

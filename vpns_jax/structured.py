@@ -221,7 +221,12 @@ def _pruned_flags(
 
 
 def _magnitudes(scores: Mapping[str, jax.Array], groups: Sequence[ChannelGroup]) -> jax.Array:
-    return jnp.concatenate([jnp.abs(scores[g.name]).astype(jnp.float32) for g in groups])
+    return jnp.concatenate([_magnitude(scores[g.name]) for g in groups])
+
+
+def _magnitude(s: jax.Array) -> jax.Array:
+    # At least float32 (bfloat16 scores), and float64 where the scores are: a float64 run stays float64.
+    return jnp.abs(s).astype(jnp.promote_types(s.dtype, jnp.float32))
 
 
 def _split(flat: jax.Array, groups: Sequence[ChannelGroup]) -> dict[str, jax.Array]:
@@ -264,7 +269,7 @@ def ste_channel_masks(
     hard = channel_masks(scores, groups, num_pruned, channel_max)
     out = {}
     for g in groups:
-        a = jnp.abs(scores[g.name]).astype(jnp.float32)
+        a = _magnitude(scores[g.name])
         out[g.name] = hard[g.name] + (a - jax.lax.stop_gradient(a))
     return out
 
