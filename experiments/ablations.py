@@ -69,13 +69,19 @@ def _parser() -> cli.OneLineParser:
     return parser
 
 
-def write_reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[float], level: float) -> None:
-    """The accuracy and difference tables, the cost tables and the plots of the cells under ``root``."""
+def reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[float], level: float) -> dict[str, str]:
+    """{file name: text} of the accuracy and difference tables and the cost tables of the cells under ``root``."""
     summary = table.summarize(table.collect(root, by_folder=True), densities, methods=variants)
-    (root / "table.md").write_text(table.format_tables(summary))
-    (root / "table.csv").write_text(table.format_csv(summary))
     runs = cost.collect(root)
-    (root / "cost.md").write_text(cost.format_report({v: runs[v] for v in variants if v in runs}, densities, level))
+    return {"table.md": table.format_tables(summary), "table.csv": table.format_csv(summary),
+            "cost.md": cost.format_report({v: runs[v] for v in variants if v in runs}, densities, level)}
+
+
+def write_reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[float], level: float) -> None:
+    """:func:`reports` written under ``root``, and the plots."""
+    for name, text in reports(root, variants, densities, level).items():
+        (root / name).write_text(text)
+    summary = table.summarize(table.collect(root, by_folder=True), densities, methods=variants)
     plots.plot_accuracy_vs_sparsity(summary, root / "accuracy_vs_sparsity.png")
     if table.REFERENCE in variants and len(variants) > 1:
         plots.plot_differences(summary, root / "differences_vs_sparsity.png")

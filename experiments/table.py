@@ -296,6 +296,12 @@ def parse_floats(text: str | None) -> list[float] | None:
     return [float(part) for part in text.split(",") if part.strip()] if text else None
 
 
+def table_files(summary: Summary) -> tuple[str, str]:
+    """The texts of ``table.md`` (tables, then the rankings) and ``table.csv`` for ``summary``."""
+    markdown = format_tables(summary) + "\nRanking by mean accuracy:\n\n" + format_rankings(summary)
+    return markdown, format_csv(summary)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The table's command line: writes OUT.md and OUT.csv, prints the markdown and the rankings."""
     parser = cli.OneLineParser(prog="python -m experiments.table", description=__doc__.split("\n\n")[0])
@@ -310,15 +316,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     densities = parse_floats(args.densities) or default_densities(args.root, rows)
     methods = args.methods.split(",") if args.methods else None
     summary = summarize(rows, densities, methods)
-    markdown = format_tables(summary)
-    rankings = format_rankings(summary)
+    markdown, csv_text = table_files(summary)
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.root) / "table"
     md_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(markdown + "\nRanking by mean accuracy:\n\n" + rankings)
-    csv_path.write_text(format_csv(summary))
-    print(markdown)
-    print(rankings, end="")
+    md_path.write_text(markdown)
+    csv_path.write_text(csv_text)
+    print(markdown, end="")
     print(f"wrote {md_path}, {csv_path}")
     return 0
 
