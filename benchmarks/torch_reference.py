@@ -5,7 +5,7 @@
 
 Used to time the authors' way of doing one iteration next to the JAX version
 (``benchmarks/step_time.py``). Imports torch only (no torchvision). The
-semantics follow the reference notes (``vpns-method.md`` sections 1-4 and 12):
+semantics follow ``docs/method.md`` (sections 1-6 and 11):
 
 * Every Conv2d and Linear is a ``SubnetConv``/``SubnetLinear`` with a ``scores``
   tensor the shape of its weight, initialised HYDRA-style:

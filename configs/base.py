@@ -1,4 +1,4 @@
-"""Shared values of every vpns_jax config: the authors' reference setting (vpns-method.md section 4).
+"""Shared values of every vpns_jax config: the authors' reference setting (docs/method.md, section 6).
 
 Not a runnable config by itself: dataset configs call ``get_config()`` here and
 change what differs. Every field is listed here, so ``--config.a.b=value``
@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.vpns.prompt_stages = (1, 2)
     config.vpns.streams = "two"
 
-    # Baselines (vpns-method.md section 6). Their weights, BatchNorm and "+ VP" prompt groups are stage2's.
+    # Baselines (docs/method.md, section 7). Their weights, BatchNorm and "+ VP" prompt groups are stage2's.
     config.hydra = ml_collections.ConfigDict()
     config.hydra.prune_epochs = 60
     config.hydra.finetune_epochs = 60

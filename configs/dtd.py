@@ -8,7 +8,7 @@ read through the pretrained 1000-way ImageNet head by frequency label mapping) a
 each of base.py's densities (1.0, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1: 0-90 % sparsity), one
 independent run each from the same pretrained state, with the final masks, weights and prompt
 per density. As in the authors' code, training uses train+validation of split 1 and testing its
-test split. The paper's number for comparison (vpns-method.md section 7, mean of seeds 7, 9,
+test split. The paper's number for comparison (docs/method.md, section 9, mean of seeds 7, 9,
 17): VPNs 67.80 at 90 % sparsity, 68.74 at 80 %; dense 67.75. Other seeds: --config.seed=9 / 17.
 
 Needs:
@@ -20,8 +20,8 @@ Needs:
     or the .npz that python -m vpns_jax.convert writes from it.
 
 Values: batch 64 (training and evaluation), the authors' DTD batch size in get_model_dataset.py
-(vpns-method.md section 2.3). Everything else is base.py's, the authors' defaults that their DTD
-launch script also uses (section 4): 30 + 30 epochs, scores and stage-1 prompt Adam 1e-4,
+(docs/method.md, section 2.2). Everything else is base.py's, the authors' defaults that their DTD
+launch script also uses (section 6.3): 30 + 30 epochs, scores and stage-1 prompt Adam 1e-4,
 weights, BatchNorm and stage-2 prompt SGD 0.01 (momentum 0.9), weight decay 1e-4, epoch cosine
 schedules; pad prompt 16 px on 224 px inputs; global threshold.
 """

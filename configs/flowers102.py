@@ -8,7 +8,7 @@ each of base.py's densities (1.0, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1: 0-90 % sparsity)
 independent run each from the same pretrained state, with the final masks, weights and prompt
 per density. Training uses TFDS's official train+validation and testing its test split; the
 authors used CoOp's re-split of Flowers-102 (train+val / test, from ILM-VP's LMDB files), so the
-comparison is close but not exact. The paper's number for comparison (vpns-method.md section 7,
+comparison is close but not exact. The paper's number for comparison (docs/method.md, section 9,
 mean of seeds 7, 9, 17): VPNs 96.71 at 90 % sparsity, 96.80 at 80 %; dense 96.85. Other seeds:
 --config.seed=9 / 17.
 
@@ -23,9 +23,9 @@ Needs:
 
 Values:
   * batch 128 (training and evaluation): the authors' Flowers102 batch size in
-    get_model_dataset.py (vpns-method.md section 2.3);
+    get_model_dataset.py (docs/method.md, section 2.2);
   * Adam lr 1e-3 (weight decay 1e-4) for the stage-1 scores and the stage-2 weights and BatchNorm,
-    from the authors' Flowers102 launch script (section 4); each stage's prompt follows its
+    from the authors' Flowers102 launch script (section 6.3); each stage's prompt follows its
     stage's model-side group (stage 1 = the scores', stage 2 = the weights'), because the
     scripts set score_vp_* = score_* and weight_vp_* = weight_*: Adam 1e-3 for both prompts;
   * 30 + 30 epochs, epoch cosine schedules, pad prompt 16 px on 224 px inputs, global threshold:

@@ -7,8 +7,8 @@ read through the pretrained 1000-way ImageNet head by frequency label mapping) a
 each of base.py's densities (1.0, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1: 0-90 % sparsity), one
 independent run each from the same pretrained state, with the final masks, weights and prompt
 per density. The test set is TFDS's 'validation' split, which is Food-101's official test set
-(25,250 images), the authors' test split. The paper's number for comparison (vpns-method.md
-section 7, mean of seeds 7, 9, 17): VPNs 79.34 at 90 % sparsity, 80.11 at 80 %; dense 79.80.
+(25,250 images), the authors' test split. The paper's number for comparison (docs/method.md,
+section 9, mean of seeds 7, 9, 17): VPNs 79.34 at 90 % sparsity, 80.11 at 80 %; dense 79.80.
 Other seeds: --config.seed=9 / 17.
 
 Needs:
@@ -19,7 +19,7 @@ Needs:
     passed as --config.model.init_from=PATH: the torchvision .pth itself (e.g. resnet18-f37072fd.pth)
     or the .npz that python -m vpns_jax.convert writes from it.
 
-Values: all of base.py's, which are the authors' defaults (vpns-method.md section 4) and what
+Values: all of base.py's, which are the authors' defaults (docs/method.md, section 6) and what
 their Food-101 launch script uses: batch 256 (get_model_dataset.py), 30 + 30 epochs, scores and
 stage-1 prompt Adam 1e-4, weights, BatchNorm and stage-2 prompt SGD 0.01 (momentum 0.9), weight
 decay 1e-4, epoch cosine schedules; pad prompt 16 px on 224 px inputs; global threshold.

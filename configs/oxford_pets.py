@@ -8,7 +8,7 @@ read through the pretrained 1000-way ImageNet head by frequency label mapping) a
 each of base.py's densities (1.0, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1: 0-90 % sparsity), one
 independent run each from the same pretrained state, with the final masks, weights and prompt
 per density. As in the authors' code, training uses trainval (TFDS 'train') and testing 'test'.
-The paper's number for comparison (vpns-method.md section 7, mean over seeds): VPNs 85.41 at
+The paper's number for comparison (docs/method.md, section 9, mean over seeds): VPNs 85.41 at
 90 % sparsity, 87.95 at 80 %; dense 90.36. The authors' Pets script lists seeds 9 and 17 only:
 --config.seed=9 / 17.
 
@@ -23,9 +23,9 @@ Needs:
 
 Values:
   * batch 64 (training and evaluation): the authors' OxfordPets batch size in
-    get_model_dataset.py (vpns-method.md section 2.3);
+    get_model_dataset.py (docs/method.md, section 2.2);
   * stage-1 scores SGD lr 0.05 (momentum 0.9, weight decay 1e-4), from the authors' Pets launch
-    script (section 4), and so the stage-1 prompt too: the scripts set score_vp_* = score_*;
+    script (section 6.3), and so the stage-1 prompt too: the scripts set score_vp_* = score_*;
   * weights, BatchNorm and stage-2 prompt SGD 0.01 (base.py; the script's weight_* and
     weight_vp_* = weight_*), 30 + 30 epochs, epoch cosine schedules, pad prompt 16 px on 224 px
     inputs, global threshold: base.py's.

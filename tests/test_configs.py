@@ -20,7 +20,7 @@ COMMAND = "python -m vpns_jax.main --config=configs/{}"
 ADAM_1E4, ADAM_1E3 = ("adam", 1e-4), ("adam", 1e-3)
 SGD_001, SGD_005 = ("sgd", 0.01), ("sgd", 0.05)
 # file: (data.name, batch size, (stage1.scores, stage1.prompt, stage2.weights, stage2.bn, stage2.prompt)),
-# from vpns-method.md sections 2.3 and 4.
+# from docs/method.md, sections 2.2 and 6.3.
 PAPER = {
     "cifar10.py": ("cifar10", 256, (ADAM_1E4, ADAM_1E4, SGD_001, SGD_001, SGD_001)),
     "cifar100.py": ("cifar100", 256, (ADAM_1E4, ADAM_1E4, SGD_001, SGD_001, SGD_001)),

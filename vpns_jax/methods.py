@@ -6,7 +6,7 @@ trained network: VPNs, HYDRA, BiP and the prune-at-init baselines train one
 unit per density, each from the same initial state; OMP and LTH first train a
 dense unit (the dense finetune whose weights give the magnitudes), and LTH's
 later units are its rounds, each pruning 20 % of what the previous one kept
-(vpns-method.md section 6). Stages, by number:
+(docs/method.md, section 7). Stages, by number:
   0  dense: every weight (and, for structured VPNs, the prompt) with all-ones masks;
   1  mask finding: scores (and the prompt for VPNs; the weights too for BiP);
   2  finetune with the masks fixed (and the prompt for VPNs and the "+ VP" variants).

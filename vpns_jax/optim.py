@@ -51,7 +51,7 @@ class GroupOptimizer:
 
 
 def reference_groups(stage: int) -> dict[str, GroupOptimizer]:
-    """The authors' defaults (vpns-method.md section 4) for ``stage``."""
+    """The authors' defaults (docs/method.md, section 6.2) for ``stage``."""
     if stage == 1:
         return {"scores": GroupOptimizer("adam", 1e-4), "prompt": GroupOptimizer("adam", 1e-4)}
     if stage == 2:

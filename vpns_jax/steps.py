@@ -2,14 +2,14 @@
 
 A method is a few stages, each a ``Phase``: which state subtrees it trains and
 how one iteration feeds them. VPNs' iteration follows the authors' ``train()``
-(vpns-method.md sections 1 and 12), ``streams='two'``:
+(docs/method.md, sections 1 and 11), ``streams='two'``:
   (a) the prompted clean batch: loss through the prompt, then one step of the
       stage's model-side group (scores in stage 1, weights in stage 2) and of
       the prompt;
   (b) the un-prompted augmented batch: loss on normalised images, then one step
       of the model-side group only; the prompt and its optimiser state are left
       exactly as they were.
-The baselines' iterations (section 6) take one augmented batch (``'one'``), or,
+The baselines' iterations (section 7) take one augmented batch (``'one'``), or,
 for BiP, a weight step on one batch and an implicit-gradient score step on a
 second (``'bilevel'``). While a stage trains scores the mask is recomputed from
 them in every forward pass (the threshold after every score step); otherwise it
@@ -83,7 +83,7 @@ class Phase:
         return {label: 1 for label in optim.LABELS}
 
 
-# VPNs (vpns-method.md section 1): masks and prompt with frozen weights, then weights and prompt.
+# VPNs (docs/method.md, section 1): masks and prompt with frozen weights, then weights and prompt.
 VPNS_PHASES = {1: Phase(("scores", "prompt")), 2: Phase(("weights", "prompt"))}
 
 
@@ -358,7 +358,7 @@ def _sub_step(spec: StepSpec, state: TrainState, batch: Batch, *, stage: int, pr
 
 def _bilevel_iteration(spec: StepSpec, state: TrainState, weight_batch: Batch, score_batch: Batch, *, stage: int,
                        key: jax.Array):
-    """BiP's first-order iteration (vpns-method.md section 6).
+    """BiP's first-order iteration (docs/method.md, section 7.4).
 
     (i) a weight step on ``weight_batch`` through the current (hard) masks;
     (ii) a score step on ``score_batch`` with dL/ds - lr_b * (dL/ds * dL/dtheta),

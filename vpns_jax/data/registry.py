@@ -1,6 +1,6 @@
 """The datasets vpns_jax knows, by config name: their TFDS builders, splits and how to get them.
 
-Splits follow the authors' code (vpns-method.md section 2.3): Tiny-ImageNet's
+Splits follow the authors' code (docs/method.md, section 2.2): Tiny-ImageNet's
 official val set is the test set; DTD and Flowers102 train on train+validation;
 Oxford Pets on trainval (TFDS ``train``). Nothing here downloads: a dataset that
 is not prepared under ``data_dir`` is a one-line ``DataNotFoundError`` saying

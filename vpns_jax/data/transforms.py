@@ -1,6 +1,6 @@
 """Per-image transforms with torchvision's semantics, on uint8 numpy images through PIL.
 
-The authors' pipeline (vpns-method.md section 2.2) resizes the whole image to a
+The authors' pipeline (docs/method.md, section 2.1) resizes the whole image to a
 square with PIL's antialiased bilinear filter (``Resize((s, s))``), and for
 training first to 9/8 of the size, then ``RandomCrop`` and
 ``RandomHorizontalFlip``; ``ToTensor`` maps uint8 to [0, 1]. Normalisation is
