@@ -102,7 +102,8 @@ def main() -> None:
         reference = jax.jit(jax.grad(loss))(weights)
 
     flat_eager = dict(functional.traverse_util.flatten_dict(eager))
-    lines.append("| gradient, relative error | " + " | ".join(".".join(k) for k in STEM_LEAVES) + " | worst other leaf |")
+    stem = " | ".join(".".join(k) for k in STEM_LEAVES)
+    lines.append(f"| gradient, relative error | {stem} | worst other leaf |")
     lines.append("|---|" + "---:|" * (len(STEM_LEAVES) + 1))
     for name, grads in (("jit, package max-pool vs eager", jitted), ("jit, reference max-pool vs eager", reference)):
         flat = dict(functional.traverse_util.flatten_dict(grads))

@@ -247,12 +247,13 @@ def _max_pool_fwd(x: jax.Array, window: int, stride: int, padding: int, x_shape:
     views = _window_views(x, window, stride, padding)
     # Maximum and argmax from the same values in one pass, so they always agree; strict > keeps the first.
     y = next(views)
-    argmax = jnp.zeros(y.shape, jnp.int8)
+    index_dtype = jnp.int8 if window * window <= jnp.iinfo(jnp.int8).max else jnp.int32
+    argmax = jnp.zeros(y.shape, index_dtype)
     for position, view in enumerate(views, start=1):
         # Not `view > y`: the first NaN of a window wins and stays, so the output is NaN as reduce_window's.
         better = ~(view <= y) & ~jnp.isnan(y)
         y = jnp.where(better, view, y)
-        argmax = jnp.where(better, jnp.int8(position), argmax)
+        argmax = jnp.where(better, jnp.asarray(position, index_dtype), argmax)
     return y, argmax
 
 
