@@ -52,9 +52,9 @@ def _pool_loss(pool, window, stride, padding):
     return loss
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("window", "stride", "padding"), POOLS)
-@pytest.mark.parametrize("shape", [(2, 9, 9, 3), (3, 8, 7, 2)])
+@pytest.mark.parametrize(("shape", "dtype"), [((2, 9, 9, 3), "float32"), ((3, 8, 7, 2), "float32"),
+                                              ((3, 8, 7, 2), "float64")])
 def test_max_pool2d_gradient_is_the_reference_exactly(shape, window, stride, padding, dtype) -> None:
     """Pooled directly: every window's gradient goes to its first maximum, bit for bit, in every mode.
 
@@ -91,10 +91,10 @@ def _stem_loss(pool, conv_stride, padding, pool_args):
     return jax.grad(loss, argnums=(0, 1, 2))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("size", "kernel", "conv_stride", "pool"),
-    [(28, 7, 2, (3, 2, 1)), (32, 7, 2, (3, 2, 1)), (64, 7, 2, (3, 2, 1)), (32, 3, 1, (2, 2, 0)), (4, 3, 1, (2, 2, 0))],
+    ("size", "kernel", "conv_stride", "pool", "dtype"),
+    [(28, 7, 2, (3, 2, 1), "float32"), (28, 7, 2, (3, 2, 1), "float64"), (32, 7, 2, (3, 2, 1), "float32"),
+     (64, 7, 2, (3, 2, 1), "float64"), (32, 3, 1, (2, 2, 0), "float64"), (4, 3, 1, (2, 2, 0), "float32")],
 )
 def test_conv_batchnorm_relu_pool_gradient_under_jit(size, kernel, conv_stride, pool, dtype) -> None:
     """The ImageNet stem (and VGG's conv-pool) with its pool input made inside the jitted program.
@@ -171,8 +171,7 @@ def _scores_with_ties(rng: np.random.Generator, shapes, dtype) -> dict:
     return {f"layer{i}": jnp.asarray(np.round(rng.standard_normal(s) * 2) / 4, dtype) for i, s in enumerate(shapes)}
 
 
-@pytest.mark.parametrize(("density", "scope", "dtype"),
-                         [(0.5, "global", "float32"), (0.1, "layer", "float32"), (0.1, "global", "float64")])
+@pytest.mark.parametrize(("density", "scope", "dtype"), [(0.5, "global", "float32"), (0.1, "layer", "float64")])
 def test_ste_masks_under_jit_keep_exact_counts_and_pass_the_gradient_straight_through(density, scope, dtype) -> None:
     shapes = [(3, 3, 2, 4), (3, 3, 4, 4), (8, 5)]
     rng = np.random.default_rng(3)
@@ -201,9 +200,10 @@ def test_ste_masks_under_jit_keep_exact_counts_and_pass_the_gradient_straight_th
                 tau = magnitudes[k - 1]
                 assert sum(int(np.sum(np.asarray(masks[n]))) for n in group) == int(np.sum(magnitudes > tau))
                 assert np.sum(magnitudes == tau) > 1  # the grid puts ties at the threshold
-            ste_values = mode(lambda s: masking.ste_masks(s, ks, scope))(scores)
-            for n in masks:
-                np.testing.assert_array_equal(np.asarray(ste_values[n]), np.asarray(masks[n]))
+        # The straight-through masks' forward values are the binary masks exactly.
+        ste_values = production_jit(lambda s: masking.ste_masks(s, ks, scope))(scores)
+        for n in masks:
+            np.testing.assert_array_equal(np.asarray(ste_values[n]), np.asarray(masks[n]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
