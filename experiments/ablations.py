@@ -69,9 +69,12 @@ def _parser() -> cli.OneLineParser:
     return parser
 
 
-def reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[float], level: float) -> dict[str, str]:
-    """{file name: text} of the accuracy and difference tables and the cost tables of the cells under ``root``."""
-    summary = table.summarize(table.collect(root, by_folder=True), densities, methods=variants)
+def reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[float], level: float,
+            summary: table.Summary | None = None) -> dict[str, str]:
+    """{file name: text} of the accuracy and difference tables and the cost tables of the cells under ``root``
+    (``summary``: their accuracy summary, when the caller has it already)."""
+    if summary is None:
+        summary = table.summarize(table.collect(root, by_folder=True), densities, methods=variants)
     runs = cost.collect(root)
     return {"table.md": table.format_tables(summary), "table.csv": table.format_csv(summary),
             "cost.md": cost.format_report({v: runs[v] for v in variants if v in runs}, densities, level)}
@@ -79,9 +82,9 @@ def reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[flo
 
 def write_reports(root: pathlib.Path, variants: Sequence[str], densities: Sequence[float], level: float) -> None:
     """:func:`reports` written under ``root``, and the plots."""
-    for name, text in reports(root, variants, densities, level).items():
-        (root / name).write_text(text)
     summary = table.summarize(table.collect(root, by_folder=True), densities, methods=variants)
+    for name, text in reports(root, variants, densities, level, summary).items():
+        (root / name).write_text(text)
     plots.plot_accuracy_vs_sparsity(summary, root / "accuracy_vs_sparsity.png")
     if table.REFERENCE in variants and len(variants) > 1:
         plots.plot_differences(summary, root / "differences_vs_sparsity.png")
