@@ -39,12 +39,6 @@ def _x64(dtype: str):
     return jax.enable_x64(dtype == "float64")
 
 
-def _gradients(loss, *args):
-    """The gradient eagerly, under production jit, and both with the package's rule swapped for the reference."""
-    grad = jax.grad(loss, argnums=tuple(range(len(args))))
-    return eager(grad)(*args), production_jit(grad)(*args)
-
-
 def _pool_loss(pool, window, stride, padding):
     def loss(x, upstream):
         return jnp.sum(pool(x, window, stride, padding) * upstream)
