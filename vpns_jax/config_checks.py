@@ -20,7 +20,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vpns_jax import health, masking, models, optim, prompts
+from vpns_jax import models
+from vpns_jax.core import health, masking, optim, prompts
 from vpns_jax.data import registry
 
 STEMS = ("imagenet", "cifar")

@@ -19,7 +19,8 @@ import math
 import pathlib
 import sys
 
-from vpns_jax import cli, pretrained
+from vpns_jax import cli
+from vpns_jax.io import pretrained
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ def convert(
     """Writes ``output_path`` from the torchvision file ``input_path``; returns a one-line summary."""
     from flax import nnx, traverse_util
 
-    from vpns_jax import checkpoint
+    from vpns_jax.io import checkpoint
     from vpns_jax.models import create_model, functional
 
     output_path = pathlib.Path(output_path).expanduser()

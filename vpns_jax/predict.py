@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vpns_jax import cli, export
+from vpns_jax import cli
+from vpns_jax.io import export
 from vpns_jax.data import transforms
 
 

@@ -18,7 +18,9 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
-from vpns_jax import checkpoint, config_checks, dense, health, label_mapping, metrics, optim, parallel, pretrained
+from vpns_jax import config_checks
+from vpns_jax.core import dense, health, label_mapping, optim, parallel
+from vpns_jax.io import checkpoint, metrics, pretrained
 from vpns_jax.data import pipeline, registry
 from vpns_jax.models import functional
 

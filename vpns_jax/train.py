@@ -27,8 +27,11 @@ import numpy as np
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
-from vpns_jax import (checkpoint, config_checks, export, health, label_mapping, macs, masking, methods, metrics,
-                      oneshot, optim, parallel, prompts, source_model, steps, structured)
+from vpns_jax import config_checks, methods, source_model
+from vpns_jax.core import health, label_mapping, masking, optim, parallel, prompts, steps, structured
+from vpns_jax.io import checkpoint, export, metrics
+from vpns_jax.methods import oneshot
+from vpns_jax.models import macs
 from vpns_jax.data import pipeline, prepare, registry
 from vpns_jax.models import create_model, functional
 

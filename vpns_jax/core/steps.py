@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx, struct, traverse_util
 
-from vpns_jax import health, label_mapping, masking, optim, prompts, structured
+from vpns_jax.core import health, label_mapping, masking, optim, prompts, structured
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]

@@ -28,7 +28,7 @@ import numpy as np
 
 from vpns_jax.models import layers
 from vpns_jax.models.vgg import VGG16_CFG
-from vpns_jax.structured import ChannelGroup, vgg_conv_indices
+from vpns_jax.core.structured import ChannelGroup, vgg_conv_indices
 
 Params = dict[Any, Any]
 

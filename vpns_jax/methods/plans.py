@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from vpns_jax import config_checks, oneshot, optim, steps
+from vpns_jax import config_checks
+from vpns_jax.core import optim, steps
+from vpns_jax.methods import oneshot
 
 # config.vpns.streams -> the phases' streams: both batches, the (prompted) clean batch alone, the plain one alone.
 VPNS_STREAMS = {"two": "two", "prompted": "clean", "plain": "one"}

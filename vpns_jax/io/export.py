@@ -22,7 +22,7 @@ exactly (zeros at pruned entries) and the model, ready for :meth:`Subnetwork.log
 Size of a full-width ResNet-18 (1000 classes, 224 px pad prompt) at some
 densities, from random weights and masks of its init scores (no training)::
 
-    python -m vpns_jax.export --size_report --model=resnet18 --densities 0.5 0.1 0.01
+    python -m vpns_jax.io.export --size_report --model=resnet18 --densities 0.5 0.1 0.01
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from vpns_jax import checkpoint, label_mapping, masking, prompts, steps
+from vpns_jax.core import label_mapping, masking, prompts, steps
+from vpns_jax.io import checkpoint
 from vpns_jax.models import create_model, functional
 
 Params = dict[Any, Any]
@@ -499,7 +500,7 @@ def random_subnetwork_size(model_name: str, density: float, *, num_classes: int 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpns_jax.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vpns_jax.io.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size_report", action="store_true", help="print dense vs compressed export sizes")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--num_classes", type=int, default=1000)

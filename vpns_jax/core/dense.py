@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from vpns_jax import health, label_mapping, prompts
+from vpns_jax.core import health, label_mapping, prompts
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]

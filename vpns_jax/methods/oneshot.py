@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vpns_jax import masking
+from vpns_jax.core import masking
 
 Params = dict[Any, Any]
 # loss_fn(weights, batch, temperature) -> scalar; the logits are divided by temperature.

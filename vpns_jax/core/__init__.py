@@ -1,0 +1,8 @@
+"""The functional core: pure functions over pytrees that a fork builds its own loop from.
+
+masking (scores, thresholds, straight-through masks), structured (channel masks),
+prompts, label_mapping, optim (stage-partitioned optimisers), steps (the jitted
+training and evaluation steps over an explicit ``TrainState``), dense (plain
+dense training), health (non-finite steps) and parallel (the device mesh).
+Nothing here reads a config, a file or the clock.
+"""
