@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from step_time import peak_bytes, time_call
-from vpns_jax import label_mapping, masking, optim, prompts, steps
+from vpns_jax.core import label_mapping, masking, optim, prompts, steps
 from vpns_jax.models import create_model, functional
 
 

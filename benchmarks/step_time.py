@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vpns_jax import dense, label_mapping, masking, optim, parallel, prompts, steps
+from vpns_jax.core import dense, label_mapping, masking, optim, parallel, prompts, steps
 from vpns_jax.models import create_model, functional
 
 

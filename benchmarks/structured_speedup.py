@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vpns_jax import macs, shrink, structured
+from vpns_jax.core import structured
+from vpns_jax.models import macs, shrink
 from vpns_jax.models import create_model, functional
 
 

@@ -10,7 +10,7 @@ import ml_collections
 
 def optimizer(name: str, lr: float, weight_decay: float = 1e-4, momentum: float = 0.9,
               clip_value: float = 0.0) -> ml_collections.ConfigDict:
-    """One parameter group's torch-style optimiser (see vpns_jax.optim.GroupOptimizer); clip_value 0 = no clipping."""
+    """One parameter group's torch-style optimiser (see vpns_jax.core.optim.GroupOptimizer); clip_value 0 = no clipping."""
     return ml_collections.ConfigDict({"optimizer": name, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                                       "clip_value": clip_value})
 
@@ -142,7 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.log_every_steps = 50
     # A step whose loss or update is NaN/Inf never reaches the state; then 'stop' the run (its checkpoints
-    # hold the state from before that step) or 'skip' the batch and go on (vpns_jax.health).
+    # hold the state from before that step) or 'skip' the batch and go on (vpns_jax.core.health).
     config.on_nonfinite = "stop"
     config.compilation_cache_dir = ""  # '' = ~/.cache/vpns_jax/xla; 'none' disables the persistent cache
     return config

@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import stats
-from vpns_jax import cli, metrics
+from vpns_jax import cli
+from vpns_jax.io import metrics
 
 BUDGETS = ("optimizer_steps", "train_seconds")
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vpns_jax import dense, label_mapping, masking, optim, prompts, steps
+from vpns_jax.core import dense, label_mapping, masking, optim, prompts, steps
 from vpns_jax.data import pipeline, prepare
 from vpns_jax.models import create_model, functional
 

@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 
 from tests.data.test_builders import make_fashion, make_tiny_imagenet, zip_tree
-from vpns_jax import checkpoint, config_checks, main
+from vpns_jax import config_checks, main
+from vpns_jax.io import checkpoint
 from vpns_jax.data import prepare
 from vpns_jax.models import create_model, functional
 

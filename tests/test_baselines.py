@@ -14,7 +14,10 @@ import pytest
 from flax import nnx
 
 from configs import default
-from vpns_jax import checkpoint, health, methods, oneshot, structured, train
+from vpns_jax import methods, train
+from vpns_jax.core import health, structured
+from vpns_jax.io import checkpoint
+from vpns_jax.methods import oneshot
 from vpns_jax.models import create_model, functional
 
 DENSITIES = (0.5, 0.2)

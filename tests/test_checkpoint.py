@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.path import atomicity
 
-from vpns_jax import checkpoint, optim, steps
+from vpns_jax.core import optim, steps
+from vpns_jax.io import checkpoint
 
 KINDS = {"conv": {"kernel": "conv_kernel"}, "bn": {"scale": "bn", "bias": "bn"},
          "layer1": {0: {"kernel": "conv_kernel"}, 1: {"kernel": "conv_kernel"}}}

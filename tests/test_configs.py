@@ -8,7 +8,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from vpns_jax import config_checks, optim
+from vpns_jax import config_checks
+from vpns_jax.core import optim
 from vpns_jax.config_checks import ConfigError
 from vpns_jax.data import registry
 

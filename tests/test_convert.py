@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.test_pretrained import FIXTURES, ROOT, TOLERANCE, load_fixture, run, templates
-from vpns_jax import checkpoint, convert, source_model
+from vpns_jax import convert, source_model
+from vpns_jax.io import checkpoint
 
 
 def _fixture(prefix: str) -> dict:

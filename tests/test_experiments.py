@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import plots, sweep, table
-from vpns_jax import checkpoint
+from vpns_jax.io import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from vpns_jax import export, label_mapping, masking, prompts, steps
+from vpns_jax.core import label_mapping, masking, prompts, steps
+from vpns_jax.io import export
 from vpns_jax.models import create_model, functional
 
 SPEC = prompts.PromptSpec("pad", input_size=32, output_size=32, pad_size=4)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpns_jax import health
+from vpns_jax.core import health
 
 
 def test_all_finite_looks_at_every_float_leaf_and_ignores_integers():

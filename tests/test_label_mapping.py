@@ -1,11 +1,11 @@
-"""Tests for vpns_jax.label_mapping: FLM counts, greedy assignment, new head."""
+"""Tests for vpns_jax.core.label_mapping: FLM counts, greedy assignment, new head."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpns_jax import label_mapping as lm
+from vpns_jax.core import label_mapping as lm
 
 
 def test_greedy_mapping_differs_from_per_column_argmax():

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vpns_jax import macs, structured
+from vpns_jax.core import structured
+from vpns_jax.models import macs
 from vpns_jax.models import create_model, functional, layers
 
 

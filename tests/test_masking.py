@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from vpns_jax import masking
+from vpns_jax.core import masking
 from vpns_jax.models import create_model, functional
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from vpns_jax import config_checks, methods, steps
+from vpns_jax import config_checks, methods
+from vpns_jax.core import steps
 
 
 def _plan(method, **fields):

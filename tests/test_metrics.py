@@ -9,7 +9,7 @@ import pytest
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
-from vpns_jax import metrics
+from vpns_jax.io import metrics
 
 
 def _masked_crc(data: bytes) -> int:

@@ -7,7 +7,8 @@ import optax
 import pytest
 from flax import nnx, traverse_util
 
-from vpns_jax import label_mapping, masking, oneshot
+from vpns_jax.core import label_mapping, masking
+from vpns_jax.methods import oneshot
 from vpns_jax.models import create_model, functional
 
 DENSE = functional.DENSE_KERNEL

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from vpns_jax import optim
+from vpns_jax.core import optim
 
 KINDS = {"conv": {"kernel": "conv_kernel"}, "bn": {"scale": "bn", "bias": "bn"}, "fc": {"kernel": "dense_kernel", "bias": "bias"}}
 WEIGHTS = {"conv": {"kernel": jnp.ones((2,))}, "bn": {"scale": jnp.ones((2,)), "bias": jnp.zeros((2,))},

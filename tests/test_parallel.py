@@ -9,7 +9,7 @@ from tests.conftest import FAST_COMPILE
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from vpns_jax import parallel
+    from vpns_jax.core import parallel
     mesh = parallel.make_mesh()
     assert mesh.devices.size == 4 and mesh.axis_names == ("data",)
     try:

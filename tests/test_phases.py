@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vpns_jax import label_mapping, masking, optim, prompts, steps
+from vpns_jax.core import label_mapping, masking, optim, prompts, steps
 from vpns_jax.models import create_model, functional
 from tests.test_steps import _adam_counts, _copy  # shared helpers of the step tests
 

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from tests import test_export
-from vpns_jax import export, masking, predict
+from vpns_jax import predict
+from vpns_jax.core import masking
+from vpns_jax.io import export
 from vpns_jax.data import transforms
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

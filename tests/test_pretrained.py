@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from vpns_jax import pretrained
+from vpns_jax.io import pretrained
 from vpns_jax.models import create_model, functional
 
 FIXTURE_DIR = pathlib.Path(__file__).parent / "fixtures"
@@ -309,7 +309,7 @@ def test_pth_with_code_is_refused_without_running_it(tmp_path: pathlib.Path) -> 
 
 def test_importing_the_package_needs_no_torch() -> None:
     code = (
-        "import sys; import vpns_jax.pretrained, vpns_jax.convert, vpns_jax.source_model; "
+        "import sys; import vpns_jax.io.pretrained, vpns_jax.convert, vpns_jax.source_model; "
         "print(sorted(m for m in ('torch', 'safetensors') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

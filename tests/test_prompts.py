@@ -1,12 +1,12 @@
-"""Tests for vpns_jax.prompts: masks, padding, clamp gradient, normalisation."""
+"""Tests for vpns_jax.core.prompts: masks, padding, clamp gradient, normalisation."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vpns_jax import prompts
-from vpns_jax.prompts import PromptSpec
+from vpns_jax.core import prompts
+from vpns_jax.core.prompts import PromptSpec
 
 MEAN = np.array(prompts.IMAGENET_MEAN, np.float32)
 STD = np.array(prompts.IMAGENET_STD, np.float32)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.test_structured import random_network
-from vpns_jax import shrink, structured
+from vpns_jax.core import structured
+from vpns_jax.models import shrink
 from vpns_jax.models import functional
 
 

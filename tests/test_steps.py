@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vpns_jax import label_mapping, masking, optim, prompts, steps
+from vpns_jax.core import label_mapping, masking, optim, prompts, steps
 from vpns_jax.models import create_model, functional
 
 NUM_TARGET = 4

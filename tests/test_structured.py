@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vpns_jax import structured
+from vpns_jax.core import structured
 from vpns_jax.models import create_model, functional
-from vpns_jax.structured import ChannelGroup
+from vpns_jax.core.structured import ChannelGroup
 
 
 def random_network(name: str, *, width: float = 1 / 16, num_classes: int = 10, seed: int = 0):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.gradcheck import eager, mnist_like, production_jit, relative_errors, worst
-from vpns_jax import masking, prompts, structured
+from vpns_jax.core import masking, prompts, structured
 from vpns_jax.models import layers
 
 DTYPES = ("float32", "float64")
