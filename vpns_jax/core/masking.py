@@ -135,6 +135,39 @@ def kth_smallest(values: Sequence[jax.Array], groups: tuple[int, ...], ks: jax.A
     its bracket, and one min or max pass reads it off.
     """
     num_groups = ks.shape[0]
+    arrays, groups = _search_leaves(values, groups, num_groups)
+    bits = [jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32) for a in arrays]
+    search = _BitSearch(bits, tuple(groups), jnp.asarray(groups, dtype=jnp.int32), num_groups,
+                        jnp.asarray(ks, jnp.int32))
+    ks = search.ks
+
+    def search_round(state):
+        bracket, rounds = state
+        return search.narrow(bracket, search.split_evenly(bracket)), rounds + 1
+
+    def keep_searching(state) -> jax.Array:
+        bracket, rounds = state
+        return jnp.any(~search.finished(bracket)) & (rounds < _MAX_ROUNDS)
+
+    sizes = jnp.zeros(num_groups, jnp.int32).at[search.group_index].add(jnp.asarray([b.size for b in bits], jnp.int32))
+    smallest, largest = search.per_group_extremes([_min_max(b, b) for b in bits])
+    bracket = (smallest - 1, largest, jnp.zeros(num_groups, jnp.int32), sizes)
+    sampled = jnp.stack([_sample_pivots(bits, groups, g, ks[g]) for g in range(num_groups)])
+    bracket = search.narrow(bracket, sampled)
+    bracket, _ = jax.lax.while_loop(keep_searching, search_round, (bracket, 0))
+    lo, hi, c_lo, c_hi = bracket
+    # The k-th entry is the smallest above lo when lo's count is k - 1 (or hi is lo + 1), else the largest up to hi.
+    above_lo, up_to_hi = search.per_group_extremes([
+        _min_max(jnp.where(b > lo[g], b, jnp.iinfo(jnp.int32).max), jnp.where(b <= hi[g], b, -1))
+        for b, g in zip(bits, groups)
+    ])
+    answer = jnp.where((c_lo == ks - 1) | (hi - lo <= 1), above_lo, up_to_hi)
+    return jax.lax.bitcast_convert_type(answer, jnp.float32)
+
+
+def _search_leaves(values: Sequence[jax.Array], groups: tuple[int, ...],
+                   num_groups: int) -> tuple[list[jax.Array], list[int]]:
+    """The flat arrays the search reads and their groups: large leaves alone, a group's small ones concatenated."""
     arrays, array_groups = [], []
     for group in range(num_groups):
         members = [v.reshape(-1) for v, g in zip(values, groups) if g == group]
@@ -142,67 +175,57 @@ def kth_smallest(values: Sequence[jax.Array], groups: tuple[int, ...], ks: jax.A
         for array in [m for m in members if m.size >= _SMALL_LEAF] + ([jnp.concatenate(small)] if small else []):
             arrays.append(array)
             array_groups.append(group)
-    groups = array_groups
-    bits = [jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32) for a in arrays]
-    ks = jnp.asarray(ks, jnp.int32)
-    group_index = jnp.asarray(groups, dtype=jnp.int32)
+    return arrays, array_groups
 
-    def per_group_extremes(per_leaf: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
+
+def _min_max(smaller: jax.Array, larger: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _reduce_flat((smaller, larger), (jnp.iinfo(jnp.int32).max, -1),
+                        lambda x, y: (jnp.minimum(x[0], y[0]), jnp.maximum(x[1], y[1])))
+
+
+@dataclasses.dataclass(frozen=True)
+class _BitSearch:
+    """The bracket arithmetic of ``kth_smallest`` over the int32 bit patterns of non-negative floats.
+
+    A bracket is (lo, hi, count(<= lo), count(<= hi)), one entry per group.
+    """
+
+    bits: list[jax.Array]
+    groups: tuple[int, ...]  # the group of each array in ``bits``
+    group_index: jax.Array
+    num_groups: int
+    ks: jax.Array
+
+    def per_group_extremes(self, per_leaf: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
         smallest, largest = (jnp.stack(column) for column in zip(*per_leaf))
         big = jnp.iinfo(jnp.int32).max
-        return (jnp.full(num_groups, big, jnp.int32).at[group_index].min(smallest),
-                jnp.full(num_groups, -1, jnp.int32).at[group_index].max(largest))
+        return (jnp.full(self.num_groups, big, jnp.int32).at[self.group_index].min(smallest),
+                jnp.full(self.num_groups, -1, jnp.int32).at[self.group_index].max(largest))
 
-    def min_max(smaller: jax.Array, larger: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return _reduce_flat((smaller, larger), (jnp.iinfo(jnp.int32).max, -1),
-                            lambda x, y: (jnp.minimum(x[0], y[0]), jnp.maximum(x[1], y[1])))
-
-    def finished(bracket) -> jax.Array:
+    def finished(self, bracket) -> jax.Array:
         lo, hi, c_lo, c_hi = bracket
-        return (c_lo == ks - 1) | (c_hi == ks) | (hi - lo <= 1)
+        return (c_lo == self.ks - 1) | (c_hi == self.ks) | (hi - lo <= 1)
 
-    def narrow(bracket, pivots: jax.Array):
+    def narrow(self, bracket, pivots: jax.Array):
         lo, hi, c_lo, c_hi = bracket
         pivots = jnp.clip(pivots, lo[:, None] + 1, jnp.maximum(hi - 1, lo + 1)[:, None])
-        counts = _count_at_most(bits, groups, num_groups, pivots)
-        enough = counts >= ks[:, None]
+        counts = _count_at_most(self.bits, self.groups, self.num_groups, pivots)
+        enough = counts >= self.ks[:, None]
         # The largest pivot short of k raises lo; the smallest pivot reaching k lowers hi.
         new_lo = jnp.max(jnp.where(enough, -1, pivots), axis=1)
         new_c_lo = jnp.max(jnp.where(enough, -1, counts), axis=1)
         new_hi = jnp.min(jnp.where(enough, pivots, jnp.iinfo(jnp.int32).max), axis=1)
         new_c_hi = jnp.min(jnp.where(enough, counts, jnp.iinfo(jnp.int32).max), axis=1)
-        active = ~finished(bracket)
+        active = ~self.finished(bracket)
         raise_lo, lower_hi = active & (new_lo > lo), active & (new_hi < hi)
         return (jnp.where(raise_lo, new_lo, lo), jnp.where(lower_hi, new_hi, hi),
                 jnp.where(raise_lo, new_c_lo, c_lo), jnp.where(lower_hi, new_c_hi, c_hi))
 
+    @staticmethod
     def split_evenly(bracket) -> jax.Array:
         lo, hi, _, _ = bracket
         step = jnp.maximum((hi - lo) // (_PIVOTS + 1), 1)
         return lo[:, None] + step[:, None] * jnp.arange(1, _PIVOTS + 1, dtype=jnp.int32)
-
-    def search_round(state):
-        bracket, rounds = state
-        return narrow(bracket, split_evenly(bracket)), rounds + 1
-
-    def keep_searching(state) -> jax.Array:
-        bracket, rounds = state
-        return jnp.any(~finished(bracket)) & (rounds < _MAX_ROUNDS)
-
-    sizes = jnp.zeros(num_groups, jnp.int32).at[group_index].add(jnp.asarray([b.size for b in bits], jnp.int32))
-    smallest, largest = per_group_extremes([min_max(b, b) for b in bits])
-    bracket = (smallest - 1, largest, jnp.zeros(num_groups, jnp.int32), sizes)
-    sampled = jnp.stack([_sample_pivots(bits, groups, g, ks[g]) for g in range(num_groups)])
-    bracket = narrow(bracket, sampled)
-    bracket, _ = jax.lax.while_loop(keep_searching, search_round, (bracket, 0))
-    lo, hi, c_lo, c_hi = bracket
-    # The k-th entry is the smallest above lo when lo's count is k - 1 (or hi is lo + 1), else the largest up to hi.
-    above_lo, up_to_hi = per_group_extremes([
-        min_max(jnp.where(b > lo[g], b, jnp.iinfo(jnp.int32).max), jnp.where(b <= hi[g], b, -1))
-        for b, g in zip(bits, groups)
-    ])
-    answer = jnp.where((c_lo == ks - 1) | (hi - lo <= 1), above_lo, up_to_hi)
-    return jax.lax.bitcast_convert_type(answer, jnp.float32)
 
 
 def thresholds(scores: Params, ks: jax.Array, scope: str = "global") -> jax.Array:

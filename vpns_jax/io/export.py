@@ -37,7 +37,7 @@ import pathlib
 import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -172,27 +172,6 @@ def _check_tree(name: str, got: Params, expected: Params) -> None:
         raise ValueError(f"{name} do not fit the model: " + "; ".join(problems))
 
 
-def dataset_class_names(name: str, data_dir: str | None = None, classes: Sequence[int] = (),
-                        num_target: int | None = None) -> list[str] | None:
-    """Names of the target classes of a prepared dataset (its label feature's names), or None if it has none.
-
-    ``classes`` picks (and orders) a subset of the dataset's labels, as
-    ``config.data.classes``; otherwise the first ``num_target`` names (all by default).
-    """
-    from vpns_jax.data import pipeline, registry
-
-    spec = registry.get_dataset_spec(name)
-    try:
-        source = pipeline.open_split(name, spec.test_split, data_dir, labels_only=True)
-        names = list(source.dataset_info.features["label"].names)
-    except (AttributeError, KeyError, TypeError):  # a data source or label feature without names
-        return None
-    chosen = [int(c) for c in classes] if classes else list(range(num_target if num_target is not None else len(names)))
-    if not names or any(not 0 <= c < len(names) for c in chosen):
-        return None
-    return [str(names[c]) for c in chosen]
-
-
 # ---------------------------------------------------------------- export
 
 
@@ -228,49 +207,10 @@ def export_subnetwork(
     host = jax.device_get({"weights": weights, "batch_stats": batch_stats, "masks": masks, "prompt": prompt})
     _check_tree("weights", host["weights"], template_weights)
     _check_tree("batch_stats", host["batch_stats"], template_stats)
-    flat_masks = traverse_util.flatten_dict(host["masks"])
-    if set(flat_masks) != set(prunable):
-        raise ValueError(
-            f"masks must cover exactly the model's {len(prunable)} conv and dense kernels, got {len(flat_masks)} "
-            f"leaves (e.g. missing {[p for p in prunable if p not in flat_masks][:3]})"
-        )
-    program_shape = (prompt_spec.output_size, prompt_spec.output_size, 3)
-    if set(host["prompt"]) != {"program"} or np.shape(host["prompt"]["program"]) != program_shape:
-        raise ValueError(f"prompt must be {{'program': array of shape {program_shape}}} for {prompt_spec}")
-    label_map = np.asarray(jax.device_get(label_map))
-    if label_map.ndim != 1 or not label_map.size or label_map.dtype.kind not in "iu":
-        raise ValueError(f"label_map must be a non-empty 1-D integer array, got {label_map.dtype} {label_map.shape}")
-    if label_map.min() < 0 or label_map.max() >= num_classes:
-        raise ValueError(f"label_map holds source classes outside [0, {num_classes}): {label_map.tolist()}")
-    if class_names is not None:
-        class_names = [str(name) for name in class_names]
-        if len(class_names) != len(label_map):
-            raise ValueError(f"{len(class_names)} class names for {len(label_map)} target classes")
-    rng = np.asarray(jax.device_get(jax.random.PRNGKey(0) if rng is None else rng))
-    if rng.shape != (2,) or rng.dtype != np.uint32:
-        raise ValueError(f"rng must be a raw uint32 PRNG key of shape (2,), got {rng.dtype} {rng.shape}")
-
-    arrays: dict[str, np.ndarray] = {RNG_KEY: rng}
-    flat_weights = traverse_util.flatten_dict(host["weights"])
-    for kernel_path in prunable:
-        mask = np.asarray(flat_masks[kernel_path])
-        if not np.all((mask == 0) | (mask == 1)):
-            raise ValueError(f"mask of {kernel_path} is not binary (values other than 0 and 1)")
-        kernel = np.asarray(flat_weights[kernel_path], np.float32)
-        keep = mask.astype(bool).reshape(-1)
-        prefix = f"{KERNEL_PREFIX}/{_encode_path(kernel_path)}"
-        arrays[f"{prefix}/bits"] = np.packbits(keep)
-        arrays[f"{prefix}/shape"] = np.asarray(kernel.shape, np.int64)
-        arrays[f"{prefix}/values"] = kernel.reshape(-1)[keep]
-    paths: dict[str, list[list[Any]]] = {}
-    for group in DENSE_GROUPS:
-        flat = flat_weights if group == "weights" else traverse_util.flatten_dict(host[group])
-        paths[group] = []
-        for leaf_path, leaf in flat.items():
-            if group == "weights" and leaf_path in flat_masks:
-                continue
-            arrays[f"{group}/{_encode_path(leaf_path)}"] = np.asarray(leaf, np.float32)
-            paths[group].append(_json_path(leaf_path))
+    _check_masks_and_prompt(host, prunable, prompt_spec)
+    label_map, class_names, rng = _checked_labels_and_key(label_map, class_names, rng, num_classes)
+    encoded, paths = _encode(host, prunable)
+    arrays = {RNG_KEY: rng, **encoded}
     size = compute_size(host["weights"], host["batch_stats"], host["masks"], host["prompt"])
     meta = {
         "format": FORMAT,
@@ -287,6 +227,63 @@ def export_subnetwork(
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
     checkpoint.write_atomically(path, lambda file: np.savez(file, **arrays))
     return dataclasses.replace(size, file_bytes=path.stat().st_size)
+
+
+def _check_masks_and_prompt(host: dict[str, Params], prunable: list, prompt_spec: prompts.PromptSpec) -> None:
+    flat_masks = traverse_util.flatten_dict(host["masks"])
+    if set(flat_masks) != set(prunable):
+        raise ValueError(
+            f"masks must cover exactly the model's {len(prunable)} conv and dense kernels, got {len(flat_masks)} "
+            f"leaves (e.g. missing {[p for p in prunable if p not in flat_masks][:3]})"
+        )
+    for kernel_path, mask in flat_masks.items():
+        if not np.all((np.asarray(mask) == 0) | (np.asarray(mask) == 1)):
+            raise ValueError(f"mask of {kernel_path} is not binary (values other than 0 and 1)")
+    program_shape = (prompt_spec.output_size, prompt_spec.output_size, 3)
+    if set(host["prompt"]) != {"program"} or np.shape(host["prompt"]["program"]) != program_shape:
+        raise ValueError(f"prompt must be {{'program': array of shape {program_shape}}} for {prompt_spec}")
+
+
+def _checked_labels_and_key(label_map: Any, class_names: Sequence[str] | None, rng: Any,
+                            num_classes: int) -> tuple[np.ndarray, list[str] | None, np.ndarray]:
+    label_map = np.asarray(jax.device_get(label_map))
+    if label_map.ndim != 1 or not label_map.size or label_map.dtype.kind not in "iu":
+        raise ValueError(f"label_map must be a non-empty 1-D integer array, got {label_map.dtype} {label_map.shape}")
+    if label_map.min() < 0 or label_map.max() >= num_classes:
+        raise ValueError(f"label_map holds source classes outside [0, {num_classes}): {label_map.tolist()}")
+    if class_names is not None:
+        class_names = [str(name) for name in class_names]
+        if len(class_names) != len(label_map):
+            raise ValueError(f"{len(class_names)} class names for {len(label_map)} target classes")
+    rng = np.asarray(jax.device_get(jax.random.PRNGKey(0) if rng is None else rng))
+    if rng.shape != (2,) or rng.dtype != np.uint32:
+        raise ValueError(f"rng must be a raw uint32 PRNG key of shape (2,), got {rng.dtype} {rng.shape}")
+    return label_map, class_names, rng
+
+
+def _encode(host: dict[str, Params], prunable: list) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """The file's arrays: each prunable kernel as packed mask bits and kept values, every other leaf dense;
+    and the dense leaves' paths per group."""
+    arrays: dict[str, np.ndarray] = {}
+    flat_masks = traverse_util.flatten_dict(host["masks"])
+    flat_weights = traverse_util.flatten_dict(host["weights"])
+    for kernel_path in prunable:
+        kernel = np.asarray(flat_weights[kernel_path], np.float32)
+        keep = np.asarray(flat_masks[kernel_path]).astype(bool).reshape(-1)
+        prefix = f"{KERNEL_PREFIX}/{_encode_path(kernel_path)}"
+        arrays[f"{prefix}/bits"] = np.packbits(keep)
+        arrays[f"{prefix}/shape"] = np.asarray(kernel.shape, np.int64)
+        arrays[f"{prefix}/values"] = kernel.reshape(-1)[keep]
+    paths: dict[str, list[list[Any]]] = {}
+    for group in DENSE_GROUPS:
+        flat = flat_weights if group == "weights" else traverse_util.flatten_dict(host[group])
+        paths[group] = []
+        for leaf_path, leaf in flat.items():
+            if group == "weights" and leaf_path in flat_masks:
+                continue
+            arrays[f"{group}/{_encode_path(leaf_path)}"] = np.asarray(leaf, np.float32)
+            paths[group].append(_json_path(leaf_path))
+    return arrays, paths
 
 
 # ---------------------------------------------------------------- load
@@ -390,6 +387,33 @@ def _one_line(error: BaseException) -> str:
 
 
 def _build(arrays: dict[str, np.ndarray]) -> Subnetwork:
+    meta, (graphdef, template_weights, template_stats, prunable) = _read_meta(arrays)
+    model, prompt_spec = meta["model"], prompts.PromptSpec(**meta["prompt"])
+    flat_template = traverse_util.flatten_dict(template_weights)
+    flat_weights, flat_masks = _decode_kernels(arrays, prunable, flat_template)
+    for kernel_path, leaf in flat_template.items():
+        if kernel_path not in flat_masks:
+            flat_weights[kernel_path] = _array(arrays, f"weights/{_encode_path(kernel_path)}", leaf.shape)
+    flat_stats = {p: _array(arrays, f"batch_stats/{_encode_path(p)}", leaf.shape)
+                  for p, leaf in traverse_util.flatten_dict(template_stats).items()}
+    program = _array(arrays, "prompt/program", (prompt_spec.output_size, prompt_spec.output_size, 3))
+    rng = _array(arrays, RNG_KEY, (2,), np.uint32)
+    to_tree = lambda flat: jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat))  # noqa: E731
+    weights, masks, batch_stats = to_tree(flat_weights), to_tree(flat_masks), to_tree(flat_stats)
+    prompt = {"program": jnp.asarray(program)}
+    class_names = None if meta["class_names"] is None else tuple(meta["class_names"])
+    return Subnetwork(
+        model_name=model["name"], num_classes=int(model["num_classes"]), width=float(model["width"]),
+        stem=model["stem"], prompt_spec=prompt_spec, eval_with_prompt=meta["eval_with_prompt"],
+        label_map=np.asarray(meta["label_map"], np.int32), class_names=class_names, graphdef=graphdef,
+        weights=weights, masks=masks, batch_stats=batch_stats, prompt=prompt, rng=rng, meta=meta,
+        size=compute_size(weights, batch_stats, masks, prompt),
+    )
+
+
+def _read_meta(arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], tuple]:
+    """The file's metadata, checked (format and version, the model it names, label map and class names), and
+    ``_model_template`` of that model."""
     _require(META_KEY in arrays, f"no '{META_KEY}' entry")
     raw = arrays[META_KEY]
     _require(raw.dtype == np.uint8 and raw.ndim == 1, "the metadata entry is not a uint8 byte string")
@@ -402,10 +426,9 @@ def _build(arrays: dict[str, np.ndarray]) -> Subnetwork:
     _require(version == FORMAT_VERSION, f"format version {version!r}, this code reads version {FORMAT_VERSION}")
     try:
         model = meta["model"]
-        prompt_spec = prompts.PromptSpec(**meta["prompt"])
-        graphdef, template_weights, template_stats, prunable = _model_template(
-            model["name"], model["num_classes"], model["width"], model["stem"]
-        )
+        prompts.PromptSpec(**meta["prompt"])
+        template = _model_template(model["name"], model["num_classes"], model["width"], model["stem"])
+        prunable = template[-1]
         label_map = np.asarray(meta["label_map"], np.int32)
         class_names = meta["class_names"]
         eval_with_prompt = meta["eval_with_prompt"]
@@ -419,50 +442,37 @@ def _build(arrays: dict[str, np.ndarray]) -> Subnetwork:
     if class_names is not None:
         _require(isinstance(class_names, list) and len(class_names) == len(label_map)
                  and all(isinstance(n, str) for n in class_names), "class names do not match the label map")
-        class_names = tuple(class_names)
+    return meta, template
 
-    def array(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-        _require(name in arrays, f"array '{name}' is missing")
-        value = arrays[name]
-        _require(value.dtype == dtype and value.shape == tuple(shape),
-                 f"array '{name}' is {value.dtype} {value.shape}, expected {np.dtype(dtype)} {tuple(shape)}")
-        return value
 
-    flat_template = traverse_util.flatten_dict(template_weights)
-    flat_weights: dict[tuple[Any, ...], np.ndarray] = {}
-    flat_masks: dict[tuple[Any, ...], np.ndarray] = {}
+def _array(arrays: dict[str, np.ndarray], name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """The stored array ``name``, checked to have ``shape`` and ``dtype``."""
+    _require(name in arrays, f"array '{name}' is missing")
+    value = arrays[name]
+    _require(value.dtype == dtype and value.shape == tuple(shape),
+             f"array '{name}' is {value.dtype} {value.shape}, expected {np.dtype(dtype)} {tuple(shape)}")
+    return value
+
+
+def _decode_kernels(arrays: dict[str, np.ndarray], prunable: list,
+                    flat_template: dict) -> tuple[dict[tuple, np.ndarray], dict[tuple, np.ndarray]]:
+    """(kernels, 0/1 masks) of the prunable kernels, unpacked from their mask bits and kept values."""
+    flat_weights, flat_masks = {}, {}
     for kernel_path in prunable:
         shape = flat_template[kernel_path].shape
         size = math.prod(shape)
         prefix = f"{KERNEL_PREFIX}/{_encode_path(kernel_path)}"
-        stored_shape = array(f"{prefix}/shape", (len(shape),), np.int64)
+        stored_shape = _array(arrays, f"{prefix}/shape", (len(shape),), np.int64)
         _require(tuple(int(s) for s in stored_shape) == shape,
                  f"kernel {prefix} has shape {stored_shape.tolist()}, the model {shape}")
-        bits = array(f"{prefix}/bits", ((size + 7) // 8,), np.uint8)
+        bits = _array(arrays, f"{prefix}/bits", ((size + 7) // 8,), np.uint8)
         keep = np.unpackbits(bits, count=size).astype(bool)
-        kept = int(np.count_nonzero(keep))
-        values = array(f"{prefix}/values", (kept,))
+        values = _array(arrays, f"{prefix}/values", (int(np.count_nonzero(keep)),))
         kernel = np.zeros(size, np.float32)
         kernel[keep] = values
         flat_weights[kernel_path] = kernel.reshape(shape)
         flat_masks[kernel_path] = keep.astype(np.float32).reshape(shape)
-    for kernel_path, leaf in flat_template.items():
-        if kernel_path not in flat_masks:
-            flat_weights[kernel_path] = array(f"weights/{_encode_path(kernel_path)}", leaf.shape)
-    flat_stats = {p: array(f"batch_stats/{_encode_path(p)}", leaf.shape)
-                  for p, leaf in traverse_util.flatten_dict(template_stats).items()}
-    program = array("prompt/program", (prompt_spec.output_size, prompt_spec.output_size, 3))
-    rng = array(RNG_KEY, (2,), np.uint32)
-    to_tree = lambda flat: jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(flat))  # noqa: E731
-    weights, masks, batch_stats = to_tree(flat_weights), to_tree(flat_masks), to_tree(flat_stats)
-    prompt = {"program": jnp.asarray(program)}
-    return Subnetwork(
-        model_name=model["name"], num_classes=int(model["num_classes"]), width=float(model["width"]),
-        stem=model["stem"], prompt_spec=prompt_spec, eval_with_prompt=eval_with_prompt, label_map=label_map,
-        class_names=class_names, graphdef=graphdef, weights=weights, masks=masks, batch_stats=batch_stats,
-        prompt=prompt, rng=rng, meta=meta,
-        size=compute_size(weights, batch_stats, masks, prompt),
-    )
+    return flat_weights, flat_masks
 
 
 # ---------------------------------------------------------------- size report
