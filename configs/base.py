@@ -1,18 +1,17 @@
 """Shared values of every vpns_jax config: the authors' reference setting (docs/method.md, section 6).
 
 Not a runnable config by itself: dataset configs call ``get_config()`` here and
-change what differs. Every field is listed here, so ``--config.a.b=value``
-overrides work on any config.
+change what differs. The run-wide fields are listed here and every built-in
+method adds its own sections with their defaults (``vpns_jax/methods/``), so
+``--config.a.b=value`` overrides work on any config.
 """
 
 import ml_collections
 
+from vpns_jax import methods
 
-def optimizer(name: str, lr: float, weight_decay: float = 1e-4, momentum: float = 0.9,
-              clip_value: float = 0.0) -> ml_collections.ConfigDict:
-    """One parameter group's torch-style optimiser (see vpns_jax.core.optim.GroupOptimizer); clip_value 0 = no clipping."""
-    return ml_collections.ConfigDict({"optimizer": name, "lr": lr, "weight_decay": weight_decay, "momentum": momentum,
-                                      "clip_value": clip_value})
+# One parameter group's optimiser config, for the dataset configs (vpns_jax.methods.base.optimizer).
+optimizer = methods.optimizer
 
 
 def use_everywhere(config: ml_collections.ConfigDict, group: ml_collections.ConfigDict) -> None:
@@ -25,7 +24,7 @@ def use_everywhere(config: ml_collections.ConfigDict, group: ml_collections.Conf
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # vpns, or a baseline: hydra, bip, omp, lth, random, snip, grasp, synflow, dense, the "+ VP" variants
-    # omp_vp, lth_vp, random_vp, and (with mask.granularity='channel') slim. See vpns_jax/methods.py.
+    # omp_vp, lth_vp, random_vp, and (with mask.granularity='channel') slim. See vpns_jax/methods/.
     config.method = "vpns"
     config.seed = 7
     # Keep ratios, one independent run each from the same initial state (the reference's list).
@@ -71,59 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.mask.scope = "global"  # 'global' (VPNs, the authors' HYDRA) or 'layer' (original HYDRA)
     config.mask.granularity = "weight"  # 'weight' (unstructured) or 'channel' (one score per conv output channel)
 
-    config.stage1 = ml_collections.ConfigDict()
-    config.stage1.epochs = 30
-    config.stage1.scores = optimizer("adam", 1e-4)
-    config.stage1.prompt = optimizer("adam", 1e-4)
-
-    config.stage2 = ml_collections.ConfigDict()
-    config.stage2.epochs = 30
-    config.stage2.weights = optimizer("sgd", 0.01)  # conv/dense kernels and biases
-    config.stage2.bn = optimizer("sgd", 0.01)  # BatchNorm affine
-    config.stage2.prompt = optimizer("sgd", 0.01)
-
-    # Ablations of unstructured VPNs (all else unchanged: optimisers, schedules, epochs). prompt_stages: the
-    # stages that learn a prompt, (1, 2) as the paper, () for none (the state keeps the export format's zero
-    # frame, never differentiated); streams: 'two' (prompted clean batch + plain augmented batch, the paper),
-    # 'prompted' (the clean batch only, prompted in prompt_stages) or 'plain' (the augmented batch only).
-    config.vpns = ml_collections.ConfigDict()
-    config.vpns.prompt_stages = (1, 2)
-    config.vpns.streams = "two"
-
-    # Baselines (docs/method.md, section 7). Their weights, BatchNorm and "+ VP" prompt groups are stage2's.
-    config.hydra = ml_collections.ConfigDict()
-    config.hydra.prune_epochs = 60
-    config.hydra.finetune_epochs = 60
-    config.hydra.scores = optimizer("sgd", 0.01)
-
-    config.bip = ml_collections.ConfigDict()
-    config.bip.epochs = 60
-    config.bip.scores = optimizer("adam", 1e-4)
-    config.bip.bilevel_lr = 1e-4  # the implicit-gradient coefficient ('bil_lr')
-
-    # The mask-then-finetune baselines: omp, lth, random, snip, grasp, synflow, dense and the "+ VP" variants.
-    config.finetune = ml_collections.ConfigDict()
-    config.finetune.epochs = 120
-    config.finetune.dense_epochs = 120  # OMP's and LTH's dense finetune before the first mask
-    config.finetune.lth_fraction = 0.2  # of the remaining weights, pruned per LTH round
-
-    config.oneshot = ml_collections.ConfigDict()
-    config.oneshot.batches = 10  # training batches (eval_batch_size each) SNIP and GraSP score on
-    config.oneshot.grasp_temperature = 200.0
-    config.oneshot.synflow_iterations = 100
-
-    # Structured (mask.granularity='channel') VPNs: dense warm-up, pruning, finetune (the authors' D repo).
-    config.structured = ml_collections.ConfigDict()
-    config.structured.warmup_epochs = 5
-    config.structured.prune_epochs = 5
-    config.structured.finetune_epochs = 30
-    config.structured.channel_max = 0.25  # at most this channel sparsity in the stem and the first stage
-    config.structured.scores = optimizer("adam", 1.0, weight_decay=0.1, clip_value=0.25)
-    config.structured.prompt = optimizer("adam", 1e-3)
-
-    config.slim = ml_collections.ConfigDict()
-    config.slim.l1 = 1e-4  # L1 on BatchNorm scales during the sparsity training
-    config.slim.epochs = 10  # sparsity training; then each density prunes and finetunes structured.finetune_epochs
+    # Each method's own sections (stage1, stage2, vpns, structured, hydra, finetune, bip, oneshot, slim), with
+    # their defaults and comments in the method's module under vpns_jax/methods/ (docs/methods.md).
+    methods.add_sections(config)
 
     # Subnetwork transfer: take each density's masks (and prompt) from a finished run's workdir on another
     # dataset and only finetune here (give the same model.init_from that run pruned).

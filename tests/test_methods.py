@@ -6,6 +6,7 @@ import pytest
 from configs import default
 from vpns_jax import config_checks, methods
 from vpns_jax.core import steps
+from vpns_jax.methods import bip
 
 
 def _plan(method, **fields):
@@ -53,8 +54,10 @@ def test_bad_vpns_ablations_are_config_errors(fields, message):
 
 
 def test_vpns_ablations_are_refused_for_other_methods():
+    config = default.get_config()
+    config.method, config.vpns.prompt_stages = "hydra", ()
     with pytest.raises(config_checks.ConfigError, match="ablates unstructured VPNs' mask search only"):
-        _plan("hydra", **{"vpns.prompt_stages": ()})
+        config_checks.validate(config, num_devices=1)
 
 
 def test_hydra_trains_scores_then_weights_on_one_stream_without_prompt():
@@ -65,14 +68,14 @@ def test_hydra_trains_scores_then_weights_on_one_stream_without_prompt():
 
 def test_bip_is_one_bilevel_stage():
     plan = _plan("bip")
-    assert plan.phases == {1: steps.Phase(("weights", "scores"), "bilevel")}
+    assert plan.phases == {1: steps.Phase(("weights", "scores"), bip.Bilevel(1e-4))}
     assert [u.stages for u in plan.units] == [(1,)] * 4 and set(plan.groups[1]) == {"weights", "bn", "scores"}
 
 
-@pytest.mark.parametrize("method", ["omp", "lth"])
-def test_omp_and_lth_start_with_one_dense_unit(method):
+@pytest.mark.parametrize("method, round_", [("omp", None), ("lth", 0)])
+def test_omp_and_lth_start_with_one_dense_unit(method, round_):
     plan = _plan(method)
-    assert plan.units[0] == methods.Unit(1.0, (0,), dense=True)
+    assert plan.units[0] == methods.Unit(1.0, (0,), round=round_, dense=True)
     assert plan.epochs == {0: 12, 2: 12} and plan.phases[0] == plan.phases[2] == steps.Phase(("weights",), "one")
 
 

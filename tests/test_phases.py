@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from vpns_jax.core import label_mapping, masking, optim, prompts, steps
+from vpns_jax.methods import bip
 from vpns_jax.models import create_model, functional
 from tests.test_steps import _adam_counts, _copy  # shared helpers of the step tests
 
@@ -30,12 +31,11 @@ def parts():
     return model, weights, batch_stats, scores, spec_prompt, batches
 
 
-def _spec_and_state(parts, phases, groups, *, masks=None, bilevel_lr=1e-4):
+def _spec_and_state(parts, phases, groups, *, masks=None):
     model, weights, batch_stats, scores, spec_prompt, _ = parts
     prompt = prompts.init_prompt(spec_prompt)
     spec = steps.make_step_spec(model, spec_prompt, prompt_params=prompt, scores=scores, stage_groups=groups,
-                                epochs={s: 2 for s in phases}, iterations_per_epoch=4, phases=phases,
-                                bilevel_lr=bilevel_lr)
+                                epochs={s: 2 for s in phases}, iterations_per_epoch=4, phases=phases)
     state = steps.init_state(spec, weights=_copy(weights), batch_stats=_copy(batch_stats), scores=_copy(scores),
                              prompt=prompt, density=0.3, label_map=jnp.asarray([2, 0, 5]),
                              rng=jax.random.PRNGKey(0), masks=masks)
@@ -61,12 +61,12 @@ def test_one_stream_score_phase_steps_once_per_iteration_and_freezes_the_rest(pa
 
 def test_bilevel_iteration_steps_weights_then_scores_with_the_implicit_correction(parts):
     batches = parts[-1]
-    phases = {1: steps.Phase(("weights", "scores"), "bilevel")}
     groups = {1: {"weights": optim.GroupOptimizer("sgd", 0.01), "bn": optim.GroupOptimizer("sgd", 0.01),
                   "scores": optim.GroupOptimizer("sgd", 0.1, weight_decay=0.0, momentum=0.0)}}
     results = {}
     for lr_b in (0.0, 0.5):
-        spec, state = _spec_and_state(parts, phases, groups, bilevel_lr=lr_b)
+        phases = {1: steps.Phase(("weights", "scores"), bip.Bilevel(lr_b))}
+        spec, state = _spec_and_state(parts, phases, groups)
         initial = _copy(state)
         state, metrics = steps.train_iteration(state, batches, spec=spec, stage=1)
         results[lr_b] = (initial, state)

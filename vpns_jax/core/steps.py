@@ -9,10 +9,11 @@ how one iteration feeds them. VPNs' iteration follows the authors' ``train()``
   (b) the un-prompted augmented batch: loss on normalised images, then one step
       of the model-side group only; the prompt and its optimiser state are left
       exactly as they were.
-The baselines' iterations (section 7) take one augmented batch (``'one'``), or,
-for BiP, a weight step on one batch and an implicit-gradient score step on a
-second (``'bilevel'``). While a stage trains scores the mask is recomputed from
-them in every forward pass (the threshold after every score step); otherwise it
+The baselines' iterations (section 7) take one augmented batch (``'one'``).
+An iteration shape is an ``Iteration``: the data streams it reads and what it
+does with their batches; a method may bring its own (BiP's bilevel iteration
+lives in ``vpns_jax/methods/bip.py``). While a stage trains scores the mask is
+recomputed from them in every forward pass (the threshold after every score step); otherwise it
 is the fixed mask in the state, taken from the final scores by ``start_stage``
 or given by a one-shot method. The stage is a static argument: each stage
 compiles once, and densities, label maps and step counts are data, so they
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -40,47 +41,131 @@ EVAL_SEED = 0x7FFFFFFF
 Batch = dict[str, jax.Array]  # {'image': (B, H, W, 3) float in [0, 1], 'label': (B,) int}
 
 
-STREAMS = ("two", "one", "clean", "bilevel")
 GRANULARITIES = ("weight", "channel")
+# The data streams an iteration can read: the clean view (VPNs' prompted batch), the augmented view, and a
+# second, independently shuffled augmented view (BiP's score batch).
+DATA_STREAMS = ("clean", "augmented", "second")
+
+
+class Iteration(Protocol):
+    """How one training iteration of a phase feeds its batches to the optimiser steps.
+
+    ``streams`` names the data streams it reads, one batch each, in order
+    (``DATA_STREAMS``). Called inside the jitted ``train_iteration`` with the
+    phase's state and batches; returns the new state and named metrics (every
+    ``loss*`` metric is checked for finiteness).
+    """
+
+    streams: tuple[str, ...]
+
+    def updates_per_iteration(self) -> dict[str, int]: ...
+
+    def check(self, phase: Phase) -> None: ...
+
+    def __call__(self, spec: StepSpec, state: TrainState, batches: tuple[Batch, ...], *, stage: int,
+                 key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]: ...
+
+
+class OneStepPerBatch:
+    """A base for iterations: any phase, one optimiser step per label and batch (what the schedules count)."""
+
+    def updates_per_iteration(self) -> dict[str, int]:
+        return {label: 1 for label in optim.LABELS}
+
+    def check(self, phase: Phase) -> None:
+        del phase
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoStreams(OneStepPerBatch):
+    """VPNs': the clean batch through the prompt (if the phase trains one), then the plain augmented batch."""
+
+    streams = ("clean", "augmented")
+
+    def updates_per_iteration(self) -> dict[str, int]:
+        return dict(optim.TWO_STREAM_UPDATES)  # the prompt steps on the first batch only
+
+    def __call__(self, spec, state, batches, *, stage, key):
+        key_a, key_b = jax.random.split(key)
+        prompted = "prompt" in spec.phases[stage].trains
+        state, loss_a, acc_a = sub_step(spec, state, batches[0], stage=stage, prompted=prompted, key=key_a)
+        state, loss_b, acc_b = sub_step(spec, state, batches[1], stage=stage, prompted=False, key=key_b)
+        return state, {"loss_prompted": loss_a, "accuracy_prompted": acc_a, "loss_plain": loss_b,
+                       "accuracy_plain": acc_b}
+
+
+@dataclasses.dataclass(frozen=True)
+class OneStream(OneStepPerBatch):
+    """The baselines': one plain augmented batch."""
+
+    streams = ("augmented",)
+
+    def __call__(self, spec, state, batches, *, stage, key):
+        key_a, _ = jax.random.split(key)
+        state, loss, accuracy = sub_step(spec, state, batches[0], stage=stage, prompted=False, key=key_a)
+        return state, {"loss_plain": loss, "accuracy_plain": accuracy}
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanStream(OneStepPerBatch):
+    """VPNs' one-stream ablation: the clean batch alone, through the prompt if the phase trains one."""
+
+    streams = ("clean",)
+
+    def __call__(self, spec, state, batches, *, stage, key):
+        key_a, _ = jax.random.split(key)
+        prompted = "prompt" in spec.phases[stage].trains
+        state, loss, accuracy = sub_step(spec, state, batches[0], stage=stage, prompted=prompted, key=key_a)
+        name = "prompted" if prompted else "clean"
+        return state, {f"loss_{name}": loss, f"accuracy_{name}": accuracy}
+
+
+# The built-in iterations by name: Phase(trains, 'two') is Phase(trains, TwoStreams()).
+ITERATIONS: dict[str, Iteration] = {"two": TwoStreams(), "one": OneStream(), "clean": CleanStream()}
+STREAMS = tuple(ITERATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
     """One training stage: the state subtrees it updates and how an iteration feeds them.
 
-    ``streams``: 'two' = VPNs' prompted clean batch then plain augmented batch
-    (the prompt, if trained, steps only on the first); 'one' = one plain
-    augmented batch; 'clean' = the clean batch alone, through the prompt if the
-    phase trains one (VPNs' one-stream ablation); 'bilevel' = BiP: a weight
-    step on the first batch, then an implicit-gradient score step on the
-    second. ``bn_l1`` adds an L1 penalty on BatchNorm scales (Network
-    Slimming's sparsity training).
+    ``streams``: an ``Iteration``, or the name of a built-in one: 'two' =
+    VPNs' prompted clean batch then plain augmented batch (the prompt, if
+    trained, steps only on the first); 'one' = one plain augmented batch;
+    'clean' = the clean batch alone, through the prompt if the phase trains one
+    (VPNs' one-stream ablation). ``bn_l1`` adds an L1 penalty on BatchNorm
+    scales (Network Slimming's sparsity training).
     """
 
     trains: tuple[str, ...]
-    streams: str = "two"
+    streams: str | Iteration = "two"
     bn_l1: float = 0.0
 
     def __post_init__(self):
-        if self.streams not in STREAMS:
-            raise ValueError(f"streams {self.streams!r} is unknown: use one of {STREAMS}")
+        if isinstance(self.streams, str) and self.streams not in ITERATIONS:
+            raise ValueError(f"streams {self.streams!r} is unknown: use one of {STREAMS} or an Iteration")
         unknown = set(self.trains) - {"weights", "scores", "prompt"}
         if unknown or not self.trains:
             raise ValueError(f"a phase trains some of weights, scores, prompt; got {self.trains!r}")
-        if self.streams == "bilevel" and set(self.trains) != {"weights", "scores"}:
-            raise ValueError("a bilevel phase trains exactly weights and scores")
+        unknown = set(self.iteration.streams) - set(DATA_STREAMS)
+        if unknown:
+            raise ValueError(f"an iteration reads some of the streams {DATA_STREAMS}; got {self.iteration.streams!r}")
+        self.iteration.check(self)
+
+    @property
+    def iteration(self) -> Iteration:
+        """The iteration ``streams`` names."""
+        return ITERATIONS[self.streams] if isinstance(self.streams, str) else self.streams
 
     @property
     def num_batches(self) -> int:
         """Batches one iteration takes."""
-        return 1 if self.streams in ("one", "clean") else 2
+        return len(self.iteration.streams)
 
     @property
     def updates_per_iteration(self) -> dict[str, int]:
         """Optimiser steps each label takes per iteration (for the per-epoch schedules)."""
-        if self.streams == "two":
-            return dict(optim.TWO_STREAM_UPDATES)
-        return {label: 1 for label in optim.LABELS}
+        return self.iteration.updates_per_iteration()
 
 
 # VPNs (docs/method.md, section 1): masks and prompt with frozen weights, then weights and prompt.
@@ -119,7 +204,6 @@ class StepSpec:
     granularity: str = "weight"  # 'weight': one score per kernel entry; 'channel': one per conv output channel
     channel_groups: tuple = ()  # structured.ChannelGroup per scored conv ('channel' only)
     channel_max: float = 1.0  # the cap on a capped channel group's pruned fraction ('channel' only)
-    bilevel_lr: float = 1e-4  # BiP's implicit-gradient coefficient ('bilevel' phases)
 
     @property
     def masked_model(self) -> MaskedModel:
@@ -163,7 +247,6 @@ def make_step_spec(
     granularity: str = "weight",
     channel_groups: tuple = (),
     channel_max: float = 1.0,
-    bilevel_lr: float = 1e-4,
 ) -> StepSpec:
     """Builds the spec: labels and one partitioned optimiser per stage of ``phases`` (default VPNs')."""
     if threshold_scope not in masking.THRESHOLD_SCOPES:
@@ -182,7 +265,7 @@ def make_step_spec(
             updates_per_iteration=phase.updates_per_iteration,
         )
     return StepSpec(graphdef, kinds, prompt, threshold_scope, optimizers, labels, phases, granularity,
-                    tuple(channel_groups), float(channel_max), float(bilevel_lr))
+                    tuple(channel_groups), float(channel_max))
 
 
 Spec = StepSpec | MaskedModel  # the helpers below only read MaskedModel's fields
@@ -318,8 +401,12 @@ def _bn_scales(spec: StepSpec, weights: Params) -> list[jax.Array]:
     return [leaf for path, leaf in flat.items() if kinds[path] == functional.BN and path[-1] == "scale"]
 
 
-def _loss_and_grads(spec: StepSpec, state: TrainState, differentiated: Params, batch: Batch, *, phase: Phase,
-                    prompted: bool, masks: Params | None, key: jax.Array):
+def loss_and_grads(spec: StepSpec, state: TrainState, differentiated: Params, batch: Batch, *, phase: Phase,
+                   prompted: bool, masks: Params | None, key: jax.Array):
+    """(loss, accuracy, new batch stats, gradients w.r.t. ``differentiated``) of one training-mode batch.
+
+    ``masks`` None: straight-through masks from the differentiated scores.
+    """
     def loss_fn(diff):
         logits, batch_stats = _forward(spec, state, diff, batch["image"], prompted=prompted, masks=masks, key=key)
         loss, accuracy = label_mapping.mapped_loss(logits, batch["label"], state.label_map)
@@ -332,7 +419,7 @@ def _loss_and_grads(spec: StepSpec, state: TrainState, differentiated: Params, b
     return loss, accuracy, batch_stats, grads
 
 
-def _step(spec: StepSpec, state: TrainState, stage: int, grads: Params, batch_stats: Params,
+def apply_grads(spec: StepSpec, state: TrainState, stage: int, grads: Params, batch_stats: Params,
           untouched: tuple[str, ...]) -> TrainState:
     """Applies ``grads`` (missing subtrees count as zero) to the stage's trainable subtrees; labels in
     ``untouched`` skip this step entirely."""
@@ -344,51 +431,26 @@ def _step(spec: StepSpec, state: TrainState, stage: int, grads: Params, batch_st
     return state.replace(**new_params, opt_state=opt_state, batch_stats=batch_stats)
 
 
-def _sub_step(spec: StepSpec, state: TrainState, batch: Batch, *, stage: int, prompted: bool, key: jax.Array):
+def sub_step(spec: StepSpec, state: TrainState, batch: Batch, *, stage: int, prompted: bool, key: jax.Array):
     """One optimiser step on one batch; differentiates only what this sub-step updates."""
     phase = spec.phases[stage]
     params = trainable(state, phase)
     differentiated = params if prompted else {k: v for k, v in params.items() if k != "prompt"}
     masks = None if "scores" in phase.trains else state.masks
-    loss, accuracy, batch_stats, grads = _loss_and_grads(spec, state, differentiated, batch, phase=phase,
-                                                         prompted=prompted, masks=masks, key=key)
+    loss, accuracy, batch_stats, grads = loss_and_grads(spec, state, differentiated, batch, phase=phase,
+                                                        prompted=prompted, masks=masks, key=key)
     untouched = ("prompt",) if "prompt" in params and not prompted else ()
-    return _step(spec, state, stage, grads, batch_stats, untouched), loss, accuracy
-
-
-def _bilevel_iteration(spec: StepSpec, state: TrainState, weight_batch: Batch, score_batch: Batch, *, stage: int,
-                       key: jax.Array):
-    """BiP's first-order iteration (docs/method.md, section 7.4).
-
-    (i) a weight step on ``weight_batch`` through the current (hard) masks;
-    (ii) a score step on ``score_batch`` with dL/ds - lr_b * (dL/ds * dL/dtheta),
-    the implicit-gradient correction with both gradients from that batch.
-    """
-    phase = spec.phases[stage]
-    key_w, key_s = jax.random.split(key)
-    masks = masks_in_force(spec, state)
-    loss_w, acc_w, batch_stats, grads = _loss_and_grads(spec, state, {"weights": state.weights}, weight_batch,
-                                                        phase=phase, prompted=False, masks=masks, key=key_w)
-    state = _step(spec, state, stage, grads, batch_stats, untouched=("scores",))
-    loss_s, acc_s, batch_stats, grads = _loss_and_grads(
-        spec, state, {"weights": state.weights, "scores": state.scores}, score_batch, phase=phase, prompted=False,
-        masks=None, key=key_s)
-    flat_w = traverse_util.flatten_dict(grads["weights"])
-    flat_s = traverse_util.flatten_dict(grads["scores"])
-    corrected = {path: g - spec.bilevel_lr * g * flat_w[path] for path, g in flat_s.items()}
-    state = _step(spec, state, stage, {"scores": traverse_util.unflatten_dict(corrected)}, batch_stats,
-                  untouched=("weights", "bn"))
-    return state, {"loss_weights": loss_w, "accuracy_weights": acc_w, "loss_scores": loss_s, "accuracy_scores": acc_s}
+    return apply_grads(spec, state, stage, grads, batch_stats, untouched), loss, accuracy
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "stage"), donate_argnums=0)
 def train_iteration(
     state: TrainState, batches: tuple[Batch, ...], *, spec: StepSpec, stage: int
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One iteration of ``stage`` on ``phase.num_batches`` batches.
+    """One iteration of ``stage``: its phase's ``Iteration`` on one batch of each of the streams it reads.
 
     'two': (prompted clean batch, plain augmented batch); 'one': (augmented
-    batch,); 'clean': (clean batch,); 'bilevel': (weight batch, score batch).
+    batch,); 'clean': (clean batch,).
     ``state`` is donated: its buffers are reused for the result, so keep no
     other reference to them.
     An iteration whose losses or updated parameters are not all finite leaves
@@ -397,25 +459,11 @@ def train_iteration(
     """
     phase = spec.phases[stage]
     if len(batches) != phase.num_batches:
-        raise ValueError(f"stage {stage} ({phase.streams!r} streams) takes {phase.num_batches} batches, got {len(batches)}")
+        raise ValueError(f"stage {stage} (streams {phase.iteration.streams}) takes {phase.num_batches} batches, "
+                         f"got {len(batches)}")
     before = state
     key = jax.random.fold_in(jax.random.fold_in(state.rng, stage), state.step)
-    key_a, key_b = jax.random.split(key)
-    if phase.streams == "two":
-        state, loss_a, acc_a = _sub_step(spec, state, batches[0], stage=stage, prompted="prompt" in phase.trains,
-                                         key=key_a)
-        state, loss_b, acc_b = _sub_step(spec, state, batches[1], stage=stage, prompted=False, key=key_b)
-        metrics = {"loss_prompted": loss_a, "accuracy_prompted": acc_a, "loss_plain": loss_b, "accuracy_plain": acc_b}
-    elif phase.streams == "one":
-        state, loss, accuracy = _sub_step(spec, state, batches[0], stage=stage, prompted=False, key=key_a)
-        metrics = {"loss_plain": loss, "accuracy_plain": accuracy}
-    elif phase.streams == "clean":
-        prompted = "prompt" in phase.trains
-        state, loss, accuracy = _sub_step(spec, state, batches[0], stage=stage, prompted=prompted, key=key_a)
-        name = "prompted" if prompted else "clean"
-        metrics = {f"loss_{name}": loss, f"accuracy_{name}": accuracy}
-    else:
-        state, metrics = _bilevel_iteration(spec, state, batches[0], batches[1], stage=stage, key=key_a)
+    state, metrics = phase.iteration(spec, state, tuple(batches), stage=stage, key=key)
     losses = {name: value for name, value in metrics.items() if name.startswith("loss")}
     state, metrics[health.FINITE] = health.keep_if_finite(state, before, losses, trainable(state, phase))
     return state.replace(step=state.step + 1), metrics
