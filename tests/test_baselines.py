@@ -15,8 +15,10 @@ from flax import nnx
 
 from configs import default
 from vpns_jax import methods, train
+from vpns_jax.context import RunContext
 from vpns_jax.core import health, structured
 from vpns_jax.io import checkpoint
+from vpns_jax.io import workdir as workdir_files
 from vpns_jax.methods import oneshot
 from vpns_jax.models import create_model, functional
 
@@ -64,14 +66,14 @@ def _kept(masks) -> tuple[int, int]:
 
 
 def _masks(workdir, density):
-    return checkpoint.load_arrays(train.unit_folder(pathlib.Path(workdir), density) / "masks.npz")
+    return checkpoint.load_arrays(workdir_files.unit_folder(pathlib.Path(workdir), density) / "masks.npz")
 
 
 @pytest.fixture(scope="module")
 def runs(fashion_data_dir, source, tmp_path_factory):
     """Runs each method once per module (on first use); records every unit's initial weights and masks."""
     cache, starts = {}, {}
-    start_unit = train.Run._start_unit
+    start_unit = RunContext.start_unit
 
     def spy(self, index):
         state = start_unit(self, index)
@@ -83,12 +85,12 @@ def runs(fashion_data_dir, source, tmp_path_factory):
         if key not in cache:
             config = tiny_config(fashion_data_dir, source[0], method, **overrides)
             workdir = tmp_path_factory.mktemp(method)
-            train.Run._start_unit = spy
+            RunContext.start_unit = spy
             try:
                 results = train.run(config, workdir)
             finally:
-                train.Run._start_unit = start_unit
-            assert json.loads((workdir / train.RESULTS_JSON).read_text()) == results
+                RunContext.start_unit = start_unit
+            assert json.loads((workdir / workdir_files.RESULTS_JSON).read_text()) == results
             cache[key] = workdir, results
         return cache[key]
 
@@ -137,7 +139,7 @@ def test_omp_rewinds_to_the_source_weights(runs, source):
     """The masked finetune starts from the source weights, masked by the dense finetune's magnitudes."""
     workdir, _ = runs("omp")
     starts = runs.starts["omp"]
-    finetuned = checkpoint.load_arrays(train.unit_folder(workdir, 1.0) / "weights.npz")
+    finetuned = checkpoint.load_arrays(workdir_files.unit_folder(workdir, 1.0) / "weights.npz")
     _, source_weights = source
     assert not np.array_equal(finetuned["conv1"]["kernel"], source_weights["conv1"]["kernel"])
     for index, density in enumerate(DENSITIES, start=1):
@@ -199,7 +201,7 @@ def test_a_nan_step_stops_the_run_and_skip_resumes_past_it(fashion_data_dir, sou
     with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
         meta = ckpt.restore_meta()
         assert (meta["unit"], meta["stage"], meta["global_step"]) == (0, 1, 1)  # from before the bad step
-    assert not (tmp_path / train.RESULTS_JSON).exists()
+    assert not (tmp_path / workdir_files.RESULTS_JSON).exists()
 
     config.on_nonfinite = "skip"  # not part of the fingerprint: the same workdir resumes
     config.eval.every_epochs = 1  # nor is this

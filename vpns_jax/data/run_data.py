@@ -1,0 +1,106 @@
+"""The data a run reads: its datasets prepared (offline ones on demand), the training streams, the test stream.
+
+The streams' positions are functions of (seed, stream, epoch, batch), so a
+resumed run continues exactly where a killed one stopped
+(``pipeline.BatchStream``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+
+from vpns_jax.data import pipeline, prepare, registry
+
+OFFLINE_PREPARABLE = ("fashion_mnist", "digits")
+
+
+@dataclasses.dataclass
+class RunData:
+    """A run's data streams and what it needs to know about its target classes."""
+
+    streams: dict[str, pipeline.BatchStream]  # training streams by name (steps.DATA_STREAMS)
+    mapping: pipeline.BatchStream  # augmented training batches, every example once: label mapping, saliencies
+    test: pipeline.BatchStream
+    num_target: int
+    class_names: list[str] | None
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        """Training iterations per epoch (every training stream has the same number of batches)."""
+        return self.streams["clean"].batches_per_epoch
+
+
+def ensure_prepared(name: str, data_dir: str | None, auto_prepare: bool) -> None:
+    """Prepares an offline dataset that is missing (process 0; the others wait), else leaves the error to open_split."""
+    spec = registry.get_dataset_spec(name)
+    try:
+        registry.prepared_dir(spec, data_dir)
+        return
+    except registry.DataNotFoundError:
+        if not (auto_prepare and name in OFFLINE_PREPARABLE):
+            raise
+    if jax.process_index() == 0:
+        prepare.prepare(name, data_dir=data_dir)
+    multihost_utils.sync_global_devices(f"prepared {name}")
+
+
+def dataset_class_names(name: str, data_dir: str | None = None, classes: Sequence[int] = (),
+                        num_target: int | None = None) -> list[str] | None:
+    """Names of the target classes of a prepared dataset (its label feature's names), or None if it has none.
+
+    ``classes`` picks (and orders) a subset of the dataset's labels, as
+    ``config.data.classes``; otherwise the first ``num_target`` names (all by default).
+    """
+    spec = registry.get_dataset_spec(name)
+    try:
+        source = pipeline.open_split(name, spec.test_split, data_dir, labels_only=True)
+        names = list(source.dataset_info.features["label"].names)
+    except (AttributeError, KeyError, TypeError):  # a data source or label feature without names
+        return None
+    chosen = [int(c) for c in classes] if classes else list(range(num_target if num_target is not None else len(names)))
+    if not names or any(not 0 <= c < len(names) for c in chosen):
+        return None
+    return [str(names[c]) for c in chosen]
+
+
+def _nonempty(subset, config: Any, split: str):
+    """``subset``, or a one-line error when the split holds no example of the configured classes."""
+    if len(subset) == 0:
+        raise ValueError(
+            f"the {split} split of {config.data.name!r} has no examples of config.data.classes="
+            f"{tuple(config.data.classes) or 'all'}: choose classes it has, or prepare the dataset again "
+            "(python -m vpns_jax.data.prepare)")
+    return subset
+
+
+def open_run_data(config: Any) -> RunData:
+    """Prepares the config's datasets if needed and opens its streams."""
+    data_dir = config.data.data_dir or None
+    names = [config.data.name] + ([config.source.dataset] if config.source.enabled else [])
+    for name in dict.fromkeys(names):
+        ensure_prepared(name, data_dir, config.data.auto_prepare)
+    data_spec = registry.get_dataset_spec(config.data.name)
+    num_target = len(config.data.classes) or data_spec.num_classes  # config_checks.validate: it fits the head
+    train, test = (_nonempty(pipeline.open_subset(config.data.name, split, data_dir, classes=config.data.classes,
+                                                  limit=limit), config, split)
+                   for split, limit in ((data_spec.train_split, config.data.train_limit),
+                                        (data_spec.test_split, config.data.test_limit)))
+    size, threads, seed = config.prompt.input_size, config.data.num_threads, config.seed
+    batch, eval_batch = config.data.batch_size, config.data.eval_batch_size
+    clean, augmented = pipeline.training_streams(train, global_batch_size=batch, image_size=size, seed=seed,
+                                                 num_threads=threads)
+    # BiP's score step reads a second, independently shuffled augmented stream.
+    second = pipeline.BatchStream(train, global_batch_size=batch, image_size=size, view="augmented", seed=seed,
+                                  stream=4, num_threads=threads)
+    # The reference computes the label mapping over the augmented training loader, every example once.
+    mapping = pipeline.BatchStream(train, global_batch_size=eval_batch, image_size=size, view="augmented",
+                                   seed=seed, stream=2, training=False, num_threads=threads)
+    test_stream = pipeline.eval_stream(test, global_batch_size=eval_batch, image_size=size, num_threads=threads)
+    class_names = dataset_class_names(config.data.name, data_dir, config.data.classes, num_target)
+    return RunData({"clean": clean, "augmented": augmented, "second": second}, mapping, test_stream, num_target,
+                   class_names)
