@@ -1,6 +1,15 @@
-"""The offline default: VPNs on real data that is available without network, in about 3 minutes on 2 CPU cores.
+"""python -m vpns_jax.main --config=configs/default.py
+python -m vpns_jax.main --config=configs/default.py:hydra
 
-    python -m vpns_jax.main --config=configs/default.py --workdir=workdir/default
+The offline default: VPNs (or the method the ARG after ':' names) on real data that is available without
+network, in about 3 minutes on 2 CPU cores. Writes workdir/default, or workdir/default_<ARG> with an ARG
+(workdir/default_hydra above), unless --workdir says otherwise.
+
+ARG: a method name (config.method; the list is vpns_jax.methods.names(): vpns, hydra, bip, omp, lth,
+random, snip, grasp, synflow, dense, the "+ VP" variants omp_vp, lth_vp, random_vp, ...) on the same task,
+each at this file's scaled-down epochs below. 'slim' only exists at channel granularity and gets
+mask.granularity='channel' too; 'vpns_channel' is structured VPNs (method vpns, mask.granularity='channel').
+No ARG: unstructured VPNs. An unknown ARG stops the run with a one-line error that lists the methods.
 
 Source task (the offline analogue of ImageNet pretraining): a dense ResNet-18 at
 width 1/4 (ImageNet stem) trained for 2 epochs on Fashion-MNIST classes 0-4
@@ -19,8 +28,22 @@ time) and the final masks, weights and prompt per density in the workdir.
 from configs import base
 
 
-def get_config():
+# ARGs that run at channel granularity, and the method each sets.
+CHANNEL_ARGS = {"slim": "slim", "vpns_channel": "vpns"}
+
+
+def get_config(method: str | None = None):
+    """The offline default; ``method`` (the ARG of ``--config=configs/default.py:ARG``) picks the method.
+
+    An unknown name is left to vpns_jax.config_checks.validate, which lists the methods (this file does not
+    import the method registry).
+    """
     config = base.get_config()
+    if method in CHANNEL_ARGS:
+        config.method = CHANNEL_ARGS[method]
+        config.mask.granularity = "channel"
+    elif method:
+        config.method = method
     config.densities = (0.5, 0.1, 0.05, 0.02)
 
     config.model.width = 0.25

@@ -1,6 +1,12 @@
-"""python -m vpns_jax.main --config=configs/flowers102.py --workdir=workdir/flowers102 --config.model.init_from=PATH
+"""python -m vpns_jax.main --config=configs/flowers102.py --config.model.init_from=resnet18.npz
+python -m vpns_jax.main --config=configs/flowers102.py:resnet50 --config.model.init_from=resnet50.npz
 
 VPNs on Oxford Flowers-102 with an ImageNet-pretrained ResNet-18: the authors' setting.
+
+ARG (after the ':'): the model, one of vpns_jax.models' resnet18 (no ARG), resnet50, vgg16 and
+vgg16_bn, with every other value as below, the ResNet-18 ones; the paper's numbers below are
+ResNet-18's. The run writes workdir/flowers102, or workdir/flowers102_<ARG> with an ARG
+(workdir/flowers102_resnet50 above), unless --workdir says otherwise.
 
 Produces results.json / results.csv in the workdir: test top-1 accuracy (without the prompt,
 read through the pretrained 1000-way ImageNet head by frequency label mapping) and sparsity at
@@ -17,9 +23,11 @@ Needs:
     ~/tensorflow_datasets): python -m vpns_jax.data.prepare --dataset=oxford_flowers102 --download,
     once on a machine with network and tensorflow-cpu, or copy an already prepared TFDS directory
     there.
-  * ImageNet-pretrained ResNet-18 weights (torchvision IMAGENET1K_V1, as the authors used)
-    passed as --config.model.init_from=PATH: the torchvision .pth itself (e.g. resnet18-f37072fd.pth)
-    or the .npz that python -m vpns_jax.convert writes from it.
+  * ImageNet-pretrained weights of the model, passed as --config.model.init_from=PATH: the
+    torchvision .pth itself or the .npz that python -m vpns_jax.convert writes from it, e.g.
+    python -m vpns_jax.convert --model=resnet18 --input=resnet18-f37072fd.pth --output=resnet18.npz
+    (the authors' ResNet-18 weights: torchvision IMAGENET1K_V1; the other models':
+    docs/method.md, section 6.1).
 
 Values:
   * batch 128 (training and evaluation): the authors' Flowers102 batch size in
@@ -33,11 +41,18 @@ Values:
 """
 
 from configs import base
+from vpns_jax.models import MODEL_NAMES
 
 
-def get_config():
+def get_config(model: str | None = None):
+    """``model``: the ARG of ``--config=FILE.py:ARG``, one of MODEL_NAMES (none: base.py's resnet18)."""
     config = base.get_config()
     config.data.name = "oxford_flowers102"
+    if model:
+        if model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {model!r}: use one of {', '.join(MODEL_NAMES)} after the ':' "
+                             "(none for resnet18)")
+        config.model.name = model
     config.data.batch_size = 128
     config.data.eval_batch_size = 128
     base.use_everywhere(config, base.optimizer("adam", 1e-3))

@@ -1,22 +1,27 @@
-"""Config files and their checks: every config loads through config_flags and validates; bad fields fail in one line."""
+"""Config files and their checks: every config loads through config_flags (with and without its ``:ARG``) and
+validates; bad fields and bad ARGs fail in one line."""
 
 import json
 import pathlib
+import shlex
 import sys
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from vpns_jax import config_checks
+from vpns_jax import config_checks, main
 from vpns_jax.core import optim
 from vpns_jax.config_checks import ConfigError
 from vpns_jax.data import registry
+from vpns_jax.models import MODEL_NAMES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py") if p.name not in ("base.py", "__init__.py"))
 COMMAND = "python -m vpns_jax.main --config=configs/{}"
+# The five optimiser groups of VPNs' two stages, by config path.
+VPNS_GROUPS = ("stage1.scores", "stage1.prompt", "stage2.weights", "stage2.bn", "stage2.prompt")
 
 ADAM_1E4, ADAM_1E3 = ("adam", 1e-4), ("adam", 1e-3)
 SGD_001, SGD_005 = ("sgd", 0.01), ("sgd", 0.05)
@@ -35,7 +40,8 @@ PAPER = {
 
 
 def load(name: str, *overrides: str):
-    """The config of configs/<name> as `python -m vpns_jax.main --config=configs/<name> [overrides]` builds it."""
+    """The config of configs/<name> (``file.py`` or ``file.py:ARG``) as config_flags builds it for
+    `python -m vpns_jax.main --config=configs/<name> [overrides]`."""
     if str(REPO) not in sys.path:  # python -m from the repo root puts it there
         sys.path.insert(0, str(REPO))
     argv = ["vpns_jax.main", f"--config={CONFIG_DIR / name}", *overrides]
@@ -62,24 +68,136 @@ def test_the_paper_configs_are_there():
     assert "default.py" in CONFIG_FILES
 
 
+def parse(name: str, *flags_: str):
+    """``main.parse_flags`` of `python -m vpns_jax.main --config=configs/<name> [flags]`: the path main runs."""
+    return main.parse_flags(["vpns_jax.main", f"--config={CONFIG_DIR / name}", *flags_])
+
+
+def doc_commands(name: str) -> list[str]:
+    """The command lines that open configs/<name>'s docstring (its lines up to the first empty one)."""
+    lines = docstring(name).strip().splitlines()
+    return [line.strip() for line in lines[:lines.index("")]] if "" in lines else [lines[0].strip()]
+
+
+# An ARG of each config file: a method for default.py, a model for the dataset configs.
+ARG = {name: "resnet50" for name in PAPER} | {"default.py": "hydra"}
+
+
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_config_loads_and_validates(name):
     config = load(name)
     config_checks.validate(config, num_devices=1)
-    for path in config_checks.OPTIMIZER_FIELDS:
+    for path in VPNS_GROUPS:
         group = config_checks.group_optimizer(config[path.split(".")[0]][path.split(".")[1]])
         assert isinstance(group, optim.GroupOptimizer)
-    # The docstring names the command that runs this very file.
-    lines = [line.strip() for line in docstring(name).splitlines()]
-    assert any(line.startswith(COMMAND.format(name) + " ") or line == COMMAND.format(name) for line in lines), lines[:3]
+    # The docstring opens with the command that runs this very file.
+    first = doc_commands(name)[0]
+    assert first.startswith(COMMAND.format(name)) and first[len(COMMAND.format(name)):][:1] in ("", " ", ":"), first
+
+
+def test_every_config_file_takes_an_arg():
+    assert set(ARG) == set(CONFIG_FILES), "give the new config file an ARG here"
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_loads_with_and_without_its_arg_as_main_loads_it(name):
+    plain = parse(name).config
+    assert plain.to_dict() == load(name).to_dict()
+    # An empty ARG is no ARG.
+    assert parse(f"{name}:").config.to_dict() == plain.to_dict()
+    with_arg = parse(f"{name}:{ARG[name]}").config
+    assert with_arg.to_dict() == load(f"{name}:{ARG[name]}").to_dict()
+    config_checks.validate(with_arg, num_devices=1)
+    field = "method" if name == "default.py" else "model.name"
+    got = with_arg.method if name == "default.py" else with_arg.model.name
+    assert got == ARG[name], field
+    # The ARG changes that one field and nothing else; overrides still apply after it.
+    assert _set(with_arg.copy_and_resolve_references(), {field: "vpns" if name == "default.py" else "resnet18"}
+                ).to_dict() == plain.to_dict()
+    overridden = parse(f"{name}:{ARG[name]}", "--config.seed=9").config
+    assert overridden.seed == 9 and (overridden.method, overridden.model.name) == (with_arg.method, with_arg.model.name)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_the_docstring_commands_parse_as_main_parses_them(name):
+    commands = doc_commands(name)
+    assert any(":" in shlex.split(line)[3] for line in commands), f"configs/{name}'s docstring shows no ARG"
+    for line in commands:
+        words = shlex.split(line)
+        assert words[:3] == ["python", "-m", "vpns_jax.main"], line
+        config_flag = words[3]
+        assert config_flag.startswith(f"--config=configs/{name}"), line
+        rest = [word for word in words[4:] if not word.startswith("--workdir=")]
+        values = parse(config_flag.removeprefix(f"--config=configs/"), *rest)
+        _, arg = main.split_config_arg(config_flag)
+        if arg and name == "default.py":
+            assert values.config.method == arg, line
+        elif arg:
+            assert values.config.model.name == arg, line
+
+
+@pytest.mark.parametrize("arg, method, granularity", [
+    ("hydra", "hydra", "weight"), ("omp", "omp", "weight"), ("random_vp", "random_vp", "weight"),
+    ("dense", "dense", "weight"), ("vpns", "vpns", "weight"), ("slim", "slim", "channel"),
+    ("vpns_channel", "vpns", "channel"),
+])
+def test_default_config_arg_is_the_method(arg, method, granularity):
+    config = parse(f"default.py:{arg}").config
+    assert (config.method, config.mask.granularity) == (method, granularity)
+    config_checks.validate(config, num_devices=1)
+    # Everything else is the offline default's.
+    assert _set(config.copy_and_resolve_references(), {"method": "vpns", "mask.granularity": "weight"}
+                ).to_dict() == load("default.py").to_dict()
+
+
+def test_default_config_without_arg_is_unstructured_vpns():
+    config = parse("default.py").config
+    assert (config.method, config.mask.granularity) == ("vpns", "weight")
+
+
+def test_unknown_method_arg_is_a_one_line_error_of_the_checks():
+    config = parse("default.py:magic").config  # the config file leaves method names to the checks
+    assert config.method == "magic"
+    with pytest.raises(ConfigError) as info:
+        config_checks.validate(config, num_devices=1)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("config.method='magic' is unknown: use one of "), message
+    assert "'hydra'" in message
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_paper_config_arg_is_the_model(name, model):
+    config = parse(f"{name}:{model}").config
+    assert config.model.name == model
+    config_checks.validate(config, num_devices=1)
+
+
+def test_cifar100_resnet50():
+    config = parse("cifar100.py:resnet50").config
+    assert (config.model.name, config.data.name, config.method) == ("resnet50", "cifar100", "vpns")
+    assert (config.model.stem, config.model.num_classes, config.data.batch_size) == ("imagenet", 1000, 256)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_unknown_model_arg_is_a_one_line_error_naming_the_fix(name):
+    with pytest.raises(main.CommandLineError) as info:
+        parse(f"{name}:resnet34")
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message == (f"--config={CONFIG_DIR / name}:resnet34: unknown model 'resnet34': use one of "
+                       f"{', '.join(MODEL_NAMES)} after the ':' (none for resnet18)")
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_config_docstring_opens_with_its_command(name):
     doc = docstring(name)
-    first = doc.splitlines()[0]
     stem = name[:-3]
-    assert first == f"{COMMAND.format(name)} --workdir=workdir/{stem} --config.model.init_from=PATH"
+    assert doc_commands(name) == [
+        f"{COMMAND.format(name)} --config.model.init_from=resnet18.npz",
+        f"{COMMAND.format(name)}:resnet50 --config.model.init_from=resnet50.npz",
+    ]
+    assert f"workdir/{stem}_resnet50" in " ".join(doc.split())
     dataset = PAPER[name][0]
     how_to_get = registry.DATASETS[dataset].how_to_get
     prepare = f"python -m vpns_jax.data.prepare --dataset={dataset}"
@@ -94,7 +212,7 @@ def test_paper_config_values(name):
     config = load(name)
     assert config.data.name == dataset
     assert (config.data.batch_size, config.data.eval_batch_size) == (batch, batch)
-    vpns_fields = config_checks.OPTIMIZER_FIELDS[:5]  # stage1.* and stage2.*
+    vpns_fields = VPNS_GROUPS
     got = tuple((config[a][b].optimizer, config[a][b].lr) for a, b in (path.split(".") for path in vpns_fields))
     assert got == groups
     for a, b in (path.split(".") for path in vpns_fields):

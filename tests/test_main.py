@@ -1,15 +1,18 @@
 """The program users run: the shrunk offline default end to end, resumption after kills, 1 device vs 2
-processes x 2 devices, and one-line errors for bad configs. Runs share one persistent compilation cache."""
+processes x 2 devices, one-line errors for bad configs, and ``--config=FILE.py:ARG`` (its split, the default
+workdir ``workdir/<stem>_<ARG>``, one-line errors for bad ARGs). Runs share one persistent compilation cache."""
 
 import json
 import pathlib
 import socket
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from experiments.kill_resume import KillPlan, command, compare, env, killed_run, results
+from vpns_jax import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -125,3 +128,97 @@ def test_missing_data_fails_at_once_and_leaves_the_workdir_untouched(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "dataset 'fashion_mnist' is not prepared in" in lines[0] and str(empty) in lines[0]
     assert not workdir.exists()  # no config.json to refuse the corrected command later
+
+
+# --config=FILE.py:ARG (ml_collections' parameterised configs): parsing, the default workdir, one-line errors.
+# Parse only: no data, no training.
+
+
+@pytest.mark.parametrize("config, split", [
+    ("configs/default.py", ("configs/default.py", None)),
+    ("configs/default.py:hydra", ("configs/default.py", "hydra")),
+    ("configs/default.py:", ("configs/default.py", "")),
+    ("configs/x.py:a:b", ("configs/x.py", "a:b")),  # as ml_collections splits: the first ':' after the file
+    ("/data:2024/configs/x.py", ("/data:2024/configs/x.py", None)),  # a ':' that is not after '.py'
+])
+def test_split_config_arg(config, split):
+    assert main.split_config_arg(config) == split
+
+
+@pytest.mark.parametrize("config, workdir", [
+    ("configs/default.py", "workdir/default"),
+    (str(ROOT / "configs" / "default.py"), "workdir/default"),
+    ("configs/default.py:hydra", "workdir/default_hydra"),
+    ("configs/default.py:vpns_channel", "workdir/default_vpns_channel"),
+    ("configs/cifar100.py:resnet50", "workdir/cifar100_resnet50"),
+    ("configs/default.py:", "workdir/default"),
+])
+def test_default_workdir_names_the_config_and_its_arg(config, workdir):
+    assert main.default_workdir(config) == workdir
+
+
+def test_command_runs_in_the_default_workdir_of_its_arg(monkeypatch, tmp_path, capsys):
+    from vpns_jax import train
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda config, workdir, **_: seen.append((config.method, workdir)) or [])
+    monkeypatch.setattr(train, "format_results", lambda results: "")
+    monkeypatch.chdir(tmp_path)  # a relative --config as users give it, from another folder
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.py").write_text((ROOT / "configs" / "default.py").read_text())
+    for config, expected in [("configs/mine.py:hydra", ("hydra", "workdir/mine_hydra")),
+                             ("configs/mine.py", ("vpns", "workdir/mine")),
+                             (f"{ROOT / 'configs' / 'default.py'}:slim", ("slim", "workdir/default_slim"))]:
+        assert main.command(["vpns_jax.main", f"--config={config}"]) == 0, capsys.readouterr().err
+        assert seen.pop() == expected
+    assert main.command(["vpns_jax.main", "--config=configs/mine.py:omp", "--workdir=here"]) == 0
+    assert seen.pop() == ("omp", "here")
+
+
+def _one_line_error(argv, capsys):
+    assert main.command(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_config_args_are_one_line_errors(tmp_path, capsys):
+    cifar100 = ROOT / "configs" / "cifar100.py"
+    assert _one_line_error(["vpns_jax.main", f"--config={cifar100}:resnet34"], capsys) == (
+        f"error: --config={cifar100}:resnet34: unknown model 'resnet34': use one of resnet18, resnet50, vgg16, "
+        "vgg16_bn after the ':' (none for resnet18)")
+    # A config file whose get_config takes no ARG.
+    plain = tmp_path / "plain.py"
+    plain.write_text("from configs import default\n\n\ndef get_config():\n    return default.get_config()\n")
+    assert _one_line_error(["vpns_jax.main", f"--config={plain}:hydra"], capsys) == (
+        f"error: --config={plain}:hydra: config file {plain} takes no ':ARG' (its get_config() has no parameter): "
+        f"give --config={plain}")
+    # ml_collections' own pattern, a dict of configs, on an unknown ARG.
+    table = tmp_path / "table.py"
+    table.write_text("from configs import default\n\n\ndef get_config(arg):\n"
+                     "    return {'a': default.get_config()}[arg]\n")
+    assert "does not load: KeyError: b" in _one_line_error(["vpns_jax.main", f"--config={table}:b"], capsys)
+    # A missing file is named without its ARG.
+    assert _one_line_error(["vpns_jax.main", f"--config={tmp_path / 'nope.py'}:hydra"], capsys) == (
+        f"error: config file {tmp_path / 'nope.py'} does not exist: give --config=configs/<name>.py[:ARG] "
+        "(the files in configs/) or a path to your own")
+    # Overrides of fields the config lacks are still named as such, with or without an ARG.
+    assert "does not have: 'epochz'" in _one_line_error(
+        ["vpns_jax.main", f"--config={cifar100}:resnet50", "--config.stage1.epochz=3"], capsys)
+
+
+# The real process: an unknown ARG is one line on stderr, exit status 2, nothing written.
+@pytest.mark.parametrize("config, message", [
+    ("configs/default.py:magic", "error: config.method='magic' is unknown: use one of 'vpns', "),
+    ("configs/cifar100.py:resnet34", "error: --config=configs/cifar100.py:resnet34: unknown model 'resnet34': "),
+])
+def test_unknown_config_arg_is_one_line_exit_2(config, message, tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "vpns_jax.main", f"--config={config}", f"--workdir={workdir}",
+                             f"--config.data.data_dir={tmp_path}", "--config.compilation_cache_dir=none"],
+                            capture_output=True, text=True, env=env(fast_compile=True), timeout=120, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert not workdir.exists()

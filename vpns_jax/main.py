@@ -1,7 +1,11 @@
-"""The vpns_jax command line: ``python -m vpns_jax.main --config=configs/<name>.py --workdir=DIR``.
+"""The vpns_jax command line: ``python -m vpns_jax.main --config=configs/<name>.py[:ARG] --workdir=DIR``.
 
-With no ``--config`` it runs the offline default (configs/default.py). Fields
-are overridden with ``--config.a.b=value``. Rerunning the same command on the
+With no ``--config`` it runs the offline default (configs/default.py). The text
+after a ``:`` goes to the file's ``get_config(ARG)`` (ml_collections' convention):
+a method for configs/default.py (``configs/default.py:hydra``), a model for the
+dataset configs (``configs/cifar100.py:resnet50``). Without ``--workdir`` the run
+goes to ``workdir/<config file stem>``, or ``workdir/<stem>_<ARG>`` with an ARG.
+Fields are overridden with ``--config.a.b=value``. Rerunning the same command on the
 same workdir resumes where it stopped. Config files are Python and run as code:
 use only ones you trust. For several processes (hosts), pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or let
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import traceback
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -42,7 +47,8 @@ def define_flags(argv: list[str]) -> flags.FlagValues:
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Config file (Python, run as code).",
                                     flag_values=values, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "Output folder (default: workdir/<config file name>).", flag_values=values)
+    flags.DEFINE_string("workdir", None, "Output folder (default: workdir/<config file stem>, or "
+                        "workdir/<stem>_<ARG> for --config=FILE.py:ARG).", flag_values=values)
     flags.DEFINE_bool("replace_workdir", False,
                       "When the workdir holds a run of another config, move that run into WORKDIR/replaced/<time>/ "
                       "and start afresh (nothing is deleted).", flag_values=values)
@@ -57,7 +63,8 @@ def define_flags(argv: list[str]) -> flags.FlagValues:
 
 
 def _config_path(argv: list[str]) -> str:
-    """The config file ``argv`` names (the last ``--config=``/``--config PATH``), else the default."""
+    """The ``--config`` value ``argv`` gives (the last ``--config=``/``--config PATH``, with any ``:ARG``), else
+    the default config file."""
     path = str(DEFAULT_CONFIG)
     for i, arg in enumerate(argv):
         if arg.startswith(("--config=", "-config=")):
@@ -65,6 +72,58 @@ def _config_path(argv: list[str]) -> str:
         elif arg in ("--config", "-config") and i + 1 < len(argv):
             path = argv[i + 1]
     return path
+
+
+def split_config_arg(config: str) -> tuple[str, str | None]:
+    """``'configs/x.py:ARG'`` -> ``('configs/x.py', 'ARG')``; ``'configs/x.py'`` -> ``('configs/x.py', None)``.
+
+    Splits where ml_collections does (the first ``:``, the rest is ARG even if it holds a ``:``), but only
+    when the part before it is a ``.py`` file name: any other ``:`` belongs to the path.
+    """
+    path, colon, arg = config.partition(":")
+    if colon and path.endswith(".py"):
+        return path, arg
+    return config, None
+
+
+def default_workdir(config: str) -> str:
+    """The workdir of a run without ``--workdir``: ``workdir/<config file stem>``, ``workdir/<stem>_<ARG>`` for
+    ``--config=FILE.py:ARG`` (e.g. ``workdir/default_hydra``; an empty ARG counts as none)."""
+    path, arg = split_config_arg(config)
+    name = pathlib.Path(path).stem + (f"_{arg}" if arg else "")
+    return str(pathlib.Path("workdir") / name)
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    """``error``, then the exception it was raised from or while handling, and so on."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and not any(current is seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _raised_in_get_config(error: BaseException) -> bool:
+    """Whether ``error`` came out of a config file's ``get_config`` (not out of applying an override)."""
+    return any(frame.name == "get_config" for frame in traceback.extract_tb(error.__traceback__))
+
+
+def _config_file_error(error: flags.Error, config: str) -> CommandLineError | None:
+    """The one-line error for an exception the config file's ``get_config`` raised, which ml_collections
+    re-raises with the whole traceback in its message (absl wrapping that in a flag error); None for
+    other flag errors."""
+    chain = _error_chain(error)
+    if not any(str(link).startswith("Error whilst parsing config file") for link in chain):
+        return None
+    original, text = chain[-1], _innermost_text(chain[-1])
+    path, arg = split_config_arg(config)
+    if arg is not None and isinstance(original, TypeError) and "get_config()" in text and "positional" in text:
+        return CommandLineError(f"--config={config}: config file {path} takes no ':ARG' (its get_config() has no "
+                                f"parameter): give --config={path}")
+    if arg is not None and isinstance(original, ValueError):
+        return CommandLineError(f"--config={config}: {text}")
+    return CommandLineError(f"config file {config} does not load: {type(original).__name__}: {text}")
 
 
 def _innermost_text(error: BaseException) -> str:
@@ -88,16 +147,20 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     value); :class:`CommandLineError` names what is wrong."""
     argv = _last_override_wins(argv)
     config_path = _config_path(argv)
-    if not pathlib.Path(config_path).is_file():
-        raise CommandLineError(f"config file {config_path} does not exist: give --config=configs/<name>.py "
+    config_file, _ = split_config_arg(config_path)
+    if not pathlib.Path(config_file).is_file():
+        raise CommandLineError(f"config file {config_file} does not exist: give --config=configs/<name>.py[:ARG] "
                                "(the files in configs/) or a path to your own")
     try:
         values = define_flags(argv)  # loads the default config file already
         rest = values(argv)
         values.config  # noqa: B018 - loads the config file (and its overrides) now, inside this try
     except flags.Error as error:
-        raise CommandLineError(f"{error} (see --helpfull)") from error
+        raise (_config_file_error(error, config_path) or CommandLineError(f"{error} (see --helpfull)")) from error
     except (AttributeError, KeyError) as error:
+        if _raised_in_get_config(error):  # e.g. ml_collections' dict-of-configs pattern on an unknown ARG
+            raise CommandLineError(f"config file {config_path} does not load: {type(error).__name__}: "
+                                   f"{_innermost_text(error)}") from error
         raise CommandLineError(f"an override names a field that {config_path} does not have: "
                                f"{_innermost_text(error)}") from error
     except Exception as error:  # noqa: BLE001 - running the config file can raise anything
@@ -135,17 +198,18 @@ def command(argv: list[str]) -> int:
             logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save and read at INFO
         _initialize_distributed(values)
         from vpns_jax import train
+        from vpns_jax.io import workdir as workdir_files
 
-        config_path = pathlib.Path(values["config"].config_filename)
-        workdir = values.workdir or str(pathlib.Path("workdir") / config_path.stem)
+        workdir = values.workdir or default_workdir(values["config"].config_filename)
         results = train.run(values.config, workdir, replace_workdir=values.replace_workdir)
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line unless --verbose
         return cli.report_error(error, verbose=verbose)
     import jax
 
     if jax.process_index() == 0:
-        print(train.format_results(results))
-        print(f"results: {pathlib.Path(workdir) / train.RESULTS_JSON}, {pathlib.Path(workdir) / train.RESULTS_CSV}")
+        print(workdir_files.format_results(results))
+        print(f"results: {pathlib.Path(workdir) / workdir_files.RESULTS_JSON}, "
+              f"{pathlib.Path(workdir) / workdir_files.RESULTS_CSV}")
     return 0
 
 
