@@ -3,23 +3,20 @@
 VPNs keeps the pretrained 1000-way ImageNet head and reads target logits
 through ILM-VP's frequency label mapping (FLM). It counts how often each
 source class is the argmax for samples of each target class, then greedily
-assigns one distinct source class to every target class. ``new_linear_head``
-is the alternative for a source model without a useful head: a freshly
-initialised head with the target's number of classes.
+assigns one distinct source class to every target class. A source head needs
+at least as many classes as the target (``config_checks`` refuses a config
+with fewer). ``identity_mapping`` maps class t to logit t, for a head that
+already has the classes it is trained on (source pretraining).
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
-
-Params = dict[Any, Any]
 
 
 def prediction_counts(source_logits: jax.Array, labels: jax.Array, num_target: int) -> jax.Array:
@@ -53,7 +50,7 @@ def frequency_label_mapping(counts: Any) -> np.ndarray:
     if num_target > num_source:
         raise ValueError(
             f"source head has fewer classes than the target ({num_source} < {num_target}); "
-            "a one-to-one label mapping is impossible, so use new_linear_head instead."
+            "a one-to-one label mapping is impossible: use a source head with at least as many classes."
         )
     mapping = np.full(num_target, -1, np.int32)
     for _ in range(num_target):
@@ -82,50 +79,3 @@ def identity_mapping(num_classes: int) -> np.ndarray:
     """The mapping for a head that already has the target's classes."""
     return np.arange(num_classes, dtype=np.int32)
 
-
-def new_linear_head(
-    source_weights: Params, target_weights: Params, head_path: tuple[Hashable, ...]
-) -> Params:
-    """Source weights everywhere except under ``head_path``, which come from the target.
-
-    ``target_weights`` is the fresh init of the same architecture built with the
-    target's number of classes (nested plain dicts, as ``nnx.to_pure_dict``
-    makes). ``head_path`` is a key prefix such as ``("fc",)`` or
-    ``("classifier", 6)``. Leaves outside the head are returned as the source's
-    own objects, so they stay bit-identical.
-    """
-    head_path = tuple(head_path)
-    source_flat = traverse_util.flatten_dict(source_weights)
-    target_flat = traverse_util.flatten_dict(target_weights)
-
-    def in_head(path: tuple[Hashable, ...]) -> bool:
-        return path[: len(head_path)] == head_path
-
-    if not any(in_head(path) for path in target_flat):
-        raise ValueError(f"head_path {head_path} matches no leaf of target_weights.")
-    missing, misshapen = [], []
-    merged = {}
-    for path, target_leaf in target_flat.items():
-        if in_head(path):
-            merged[path] = target_leaf
-        elif path not in source_flat:
-            missing.append(path)
-        elif np.shape(source_flat[path]) != np.shape(target_leaf):
-            misshapen.append(f"{path}: {np.shape(source_flat[path])} vs {np.shape(target_leaf)}")
-        else:
-            merged[path] = source_flat[path]
-    extra = [p for p in source_flat if not in_head(p) and p not in target_flat]
-    problems = []
-    if misshapen:
-        problems.append(f"shapes differ (source vs target) at {misshapen}")
-    if missing:
-        problems.append(f"missing from source: {missing}")
-    if extra:
-        problems.append(f"only in source: {extra}")
-    if problems:
-        raise ValueError(
-            f"new_linear_head: source and target differ outside the head {head_path}: "
-            + "; ".join(problems)
-            + ". Build the target model with the source's architecture."
-        )
-    return traverse_util.unflatten_dict(merged)
