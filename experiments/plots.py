@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from experiments import stats, sweep, table
+from experiments import stats, table
 from vpns_jax import cli
 
 ACCURACY_FILE = "accuracy_vs_sparsity.png"
@@ -70,7 +70,7 @@ def plot_accuracy_vs_sparsity(summary: table.Summary, path: str | pathlib.Path) 
         cells = [c for c in cells if c.mean is not None]
         if not cells:
             continue
-        if method == sweep.DENSE_METHOD:
+        if method == table.DENSE_METHOD:
             axes.axhline(cells[0].mean, color="black", linestyle="--", linewidth=1, label=method)
             continue
         x = [100 * (1 - float(np.mean(c.used_densities))) for c in cells]
@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_accuracy_vs_sparsity(table.summarize(rows, densities), out / ACCURACY_FILE)
     print(f"wrote {out / ACCURACY_FILE}")
 
-    from vpns_jax import checkpoint  # pulls in jax: only once there are masks to read
+    from vpns_jax.io import checkpoint  # pulls in jax: only once there are masks to read
 
     for method in filter(None, args.layer_methods.split(",")):
         workdir = first_seed_workdir(args.root, method)

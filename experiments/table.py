@@ -30,6 +30,11 @@ from typing import Any
 from experiments import stats, sweep
 from vpns_jax import cli
 
+# How the tables show two methods' rows: the dense finetune as the reference of every column, LTH's rounds
+# (densities 0.8^r) matched to the nearest requested density.
+DENSE_METHOD = "dense"
+ROUND_METHODS = ("lth",)
+
 REFERENCE = "vpns"  # the method the differences are taken from
 # Farthest a row's density may be from a column's (either way) to stand in for it.
 NEAREST_FACTOR = 1.25
@@ -118,7 +123,7 @@ def _pick(rows: list[dict[str, Any]], method: str, density: float) -> tuple[dict
     exact = [r for r in rows if math.isclose(float(r["density"]), density, rel_tol=1e-6)]
     if exact:
         return exact[-1], False
-    if method == sweep.DENSE_METHOD:
+    if method == DENSE_METHOD:
         return max(rows, key=lambda r: float(r["density"])), False  # one model serves every column
     best = min(rows, key=lambda r: abs(math.log(float(r["density"]) / density)))
     if abs(math.log(float(best["density"]) / density)) <= math.log(NEAREST_FACTOR) + 1e-9:
@@ -270,7 +275,7 @@ def ranking(summary: Summary, density: float, *, include_dense: bool = False) ->
     if column is None:
         raise ValueError(f"density {density} is not a column of the table ({summary.densities})")
     ranked = [(m, summary.cells[(m, column)].mean) for m in summary.methods
-              if summary.cells[(m, column)].mean is not None and (include_dense or m != sweep.DENSE_METHOD)]
+              if summary.cells[(m, column)].mean is not None and (include_dense or m != DENSE_METHOD)]
     return sorted(ranked, key=lambda item: -item[1])
 
 
@@ -287,7 +292,7 @@ def default_densities(root: str | pathlib.Path, rows: Sequence[dict[str, Any]]) 
     try:
         return [float(d) for d in json.loads((pathlib.Path(root) / sweep.MANIFEST_FILE).read_text())["densities"]]
     except (OSError, ValueError, KeyError, TypeError):
-        skip = (*sweep.ROUND_METHODS, sweep.DENSE_METHOD)
+        skip = (*ROUND_METHODS, DENSE_METHOD)
         return sorted({float(r["density"]) for r in rows if r["method"] not in skip}, reverse=True)
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from experiments import ablations, sweep
+from tests.test_experiments import assert_provenance
 from vpns_jax import config_checks, main, methods
 
 DEFAULT_CONFIG = str(sweep.REPO / "configs" / "default.py")
@@ -49,6 +50,7 @@ def _fake_cell(root, variant, seed, accuracy):
     rows = [{"method": "vpns" if variant != "hydra" else "hydra", "density": 0.1, "sparsity": 0.9,
              "test_accuracy": accuracy, "test_loss": 0.3, "wall_time_s": 10.0}]
     (workdir / "results.json").write_text(json.dumps(rows))
+    (workdir / "config.json").write_text(json.dumps({"densities": [0.1]}))  # a finished run of density 0.1
     epoch = {"step": 4, "time": 0.0, "density": 0.1, "stage": 1, "phase": "epoch", "epoch": 1, "epoch_seconds": 5.0,
              "train_seconds": 5.0, "optimizer_steps": 8, "peak_memory_mb": 200.0, "test_accuracy": accuracy}
     (workdir / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
@@ -91,6 +93,7 @@ def test_the_suite_runs_every_cell_then_writes_reports_and_the_wall_time_of_ever
 
     # A rerun skips the finished cells and keeps their wall time (here set by hand) in the total.
     manifest = json.loads((tmp_path / sweep.MANIFEST_FILE).read_text())
+    assert_provenance(manifest)  # the suite's manifest is the sweep's, with the commit, packages and machine
     for cell, seconds in zip(manifest["cells"], (100.0, 200.0, 300.0, 400.0)):
         cell["wall_s"] = seconds
     (tmp_path / sweep.MANIFEST_FILE).write_text(json.dumps(manifest))

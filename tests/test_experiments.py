@@ -1,8 +1,14 @@
-"""The experiment tools on hand-written cell workdirs: no training, no subprocesses."""
+"""The experiment tools on hand-written cell workdirs: no training; the only subprocesses are git and the
+manifest's jax device probe (sweep.provenance)."""
 
+import importlib.metadata
 import json
+import os
 import pathlib
+import platform
 import shlex
+import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -16,10 +22,13 @@ DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")
 LTH_ROUNDS = [0.8**r for r in range(1, 15)]  # 0.8 ... 0.044
 
 
-def _cell(root, method, seed, rows, masks_at=()):
-    """A fake workdir: results.json from (density, accuracy) pairs and a masks.npz per density in ``masks_at``."""
+def _cell(root, method, seed, rows, masks_at=(), ran=None):
+    """A fake workdir of a finished run of the densities ``ran`` (default: the rows'): results.json from
+    (density, accuracy) pairs, config.json, and a masks.npz per density in ``masks_at``."""
     workdir = sweep.cell_workdir(root, method, seed)
     workdir.mkdir(parents=True)
+    ran = [d for d, _ in rows] if ran is None else ran
+    (workdir / "config.json").write_text(json.dumps({"method": method, "densities": list(ran)}))
     results = [{"density": d, "sparsity": 1 - d, "model_sparsity": 1 - d, "test_accuracy": acc,
                 "test_loss": 0.3, "wall_time_s": 1.0, "method": method} for d, acc in rows]
     (workdir / "results.json").write_text(json.dumps(results))
@@ -218,6 +227,7 @@ def test_sweep_skips_complete_cells_and_goes_on_after_a_failure(tmp_path, capsys
         f"--config.model.init_from={tmp_path}/vpns/seed_7/source_model.npz")
     assert manifest["source_cell"] == {"method": "vpns", "seed": 7} and manifest["densities"] == [0.5, 0.1]
     assert "experiments.sweep" in (tmp_path / "command.txt").read_text()
+    assert_provenance(manifest)
 
     # The source cell stays the same when a rerun lists the methods in another order, and each cell's
     # wall seconds add up over the invocations (a skipped cell keeps its earlier ones).
@@ -242,15 +252,92 @@ def test_cells_without_the_shared_source_model_are_blocked(tmp_path, capsys, mon
     assert "BLOCKED" in capsys.readouterr().out
 
 
+def assert_provenance(manifest):
+    """``manifest`` records what it ran on: the commit, the package versions and the machine (sweep.provenance)."""
+    if sweep.git_state()["git_commit"] is None:  # run from a tree that is not a git checkout of its own
+        assert manifest["git_commit"] is None and manifest["git_dirty"] is None
+    else:
+        commit = manifest["git_commit"]
+        assert len(commit) == 40 and int(commit, 16) >= 0 and isinstance(manifest["git_dirty"], bool)
+    packages = manifest["packages"]
+    assert list(packages) == ["python", *sweep.RECORDED_PACKAGES]
+    assert packages["python"] == platform.python_version()
+    assert packages["jax"] == importlib.metadata.version("jax")
+    assert packages["numpy"] == importlib.metadata.version("numpy")
+    assert packages["tensorflow-datasets"] == importlib.metadata.version("tensorflow-datasets")
+    import jax  # the test process may import jax; the sweep's own process never does
+
+    assert manifest["machine"] == {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                                   "jax_backend": jax.default_backend(),
+                                   "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count()}
+
+
+def test_a_dry_run_asks_for_no_provenance(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "provenance", lambda: pytest.fail("a dry run writes no manifest"))
+    assert sweep.main([f"--config={DEFAULT_CONFIG}", "--methods=vpns", "--densities=0.5", "--seeds=7",
+                       f"--root={tmp_path}", "--dry_run"]) == 0
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_state_is_the_commit_and_whether_tracked_files_changed(tmp_path, monkeypatch):
+    repo = (tmp_path / "repo").resolve()
+    repo.mkdir()
+    monkeypatch.setattr(sweep, "REPO", repo)
+    assert sweep.git_state() == {"git_commit": None, "git_dirty": None}  # not a git checkout
+    _git(repo, "init", "-q")
+    assert sweep.git_state() == {"git_commit": None, "git_dirty": None}  # no commit yet
+    (repo / "tracked.txt").write_text("a\n")
+    _git(repo, "add", "tracked.txt")
+    _git(repo, "commit", "-q", "-m", "first")
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert sweep.git_state() == {"git_commit": head, "git_dirty": False}
+    (repo / "untracked.txt").write_text("new\n")  # untracked files do not count
+    assert sweep.git_state() == {"git_commit": head, "git_dirty": False}
+    (repo / "tracked.txt").write_text("b\n")
+    assert sweep.git_state() == {"git_commit": head, "git_dirty": True}
+    # A tree inside another repository is no checkout of its own: its commit would be the other one's.
+    inner = repo / "exported"
+    inner.mkdir()
+    monkeypatch.setattr(sweep, "REPO", inner)
+    assert sweep.git_state() == {"git_commit": None, "git_dirty": None}
+
+
+def test_provenance_is_null_where_it_cannot_be_found(monkeypatch):
+    monkeypatch.setattr(sweep, "_git", lambda *args: None)  # no git
+    monkeypatch.setattr(sweep, "RECORDED_PACKAGES", ("numpy", "no-such-distribution-vpns"))
+    monkeypatch.setattr(sweep, "_JAX_DEVICE_PROBE", "raise SystemExit(3)")
+    sweep._jax_devices.cache_clear()
+    try:
+        found = sweep.provenance()
+    finally:
+        sweep._jax_devices.cache_clear()  # the failed probe is not kept for the other tests
+    assert found["git_commit"] is None and found["git_dirty"] is None
+    assert found["packages"] == {"python": platform.python_version(), "numpy": importlib.metadata.version("numpy"),
+                                 "no-such-distribution-vpns": None}
+    assert found["machine"] == {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax_backend": None,
+                                "device_kind": None, "device_count": None}
+    json.dumps(found)  # a manifest is JSON
+
+
 def test_completeness_rules(tmp_path):
+    # Complete = results.json of a finished run whose config.json holds exactly the requested densities,
+    # whatever units the method made of them (LTH's rounds, the dense finetune's one row).
     vpns = _cell(tmp_path, "vpns", 7, [(0.5, 0.9), (0.1, 0.9)])
-    assert sweep.is_complete(vpns, "vpns", [0.5, 0.1])
-    assert not sweep.is_complete(vpns, "vpns", [0.5, 0.1, 0.05])
-    assert not sweep.is_complete(tmp_path / "missing", "vpns", [0.5])
-    lth = _cell(tmp_path, "lth", 7, [(d, 0.9) for d in LTH_ROUNDS])
-    assert sweep.is_complete(lth, "lth", [0.5, 0.05])  # its last round 0.044 is below 0.05
-    assert not sweep.is_complete(lth, "lth", [0.5, 0.02])
-    assert sweep.is_complete(_cell(tmp_path, "dense", 7, [(1.0, 0.96)]), "dense", [0.5, 0.1])
+    assert sweep.is_complete(vpns, [0.5, 0.1])
+    assert not sweep.is_complete(vpns, [0.5, 0.1, 0.05]) and not sweep.is_complete(vpns, [0.1, 0.5])
+    assert not sweep.is_complete(tmp_path / "missing", [0.5])
+    (_cell(tmp_path, "hydra", 7, [(0.5, 0.9)]) / "config.json").unlink()
+    assert not sweep.is_complete(sweep.cell_workdir(tmp_path, "hydra", 7), [0.5])  # no config.json
+    assert not sweep.is_complete(_cell(tmp_path, "omp", 7, [], ran=[0.5]), [0.5])  # no rows
+    lth = _cell(tmp_path, "lth", 7, [(d, 0.9) for d in LTH_ROUNDS], ran=[0.5, 0.05])
+    assert sweep.is_complete(lth, [0.5, 0.05]) and not sweep.is_complete(lth, [0.5, 0.02])
+    assert sweep.is_complete(_cell(tmp_path, "dense", 7, [(1.0, 0.96)], ran=[0.5, 0.1]), [0.5, 0.1])
 
 
 def test_overrides_refuse_the_sweeps_own_keys():
