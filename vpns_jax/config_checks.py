@@ -161,33 +161,31 @@ def _check_model(config: Any) -> int:
 
 
 def _check_data(config: Any, num_classes: int, num_devices: int) -> None:
-    check_choice(config, "data.name", tuple(registry.DATASETS))
-    dataset = get(config, "data.name")
-    num_target = _check_classes(config, "data.classes", dataset)
-    if num_target > num_classes:
-        raise ConfigError(
-            f"config.model.num_classes={num_classes} is smaller than the {num_target} target classes of "
-            f"{dataset}: label mapping gives each target class its own source class, so use >= {num_target}"
-        )
-    check_int_at_least(config, "data.train_limit", 0, "0 = every training example")
+    _check_task(config, "data", "name", num_classes, "target",
+                "label mapping gives each target class its own source class")
     check_int_at_least(config, "data.test_limit", 0, "0 = every test example")
     _check_batch(config, "data.batch_size", num_devices)
     _check_batch(config, "data.eval_batch_size", num_devices)
 
 
 def _check_source(config: Any, num_classes: int, num_devices: int) -> None:
-    check_choice(config, "source.dataset", tuple(registry.DATASETS))
-    source = get(config, "source.dataset")
-    num_source = _check_classes(config, "source.classes", source)
-    if num_source > num_classes:
-        raise ConfigError(
-            f"config.model.num_classes={num_classes} is smaller than the {num_source} source classes of "
-            f"{source}: the source head needs one output per class, so use >= {num_source}"
-        )
-    check_int_at_least(config, "source.train_limit", 0, "0 = every training example")
+    _check_task(config, "source", "dataset", num_classes, "source", "the source head needs one output per class")
     check_int_at_least(config, "source.epochs", 1)
     _check_batch(config, "source.batch_size", num_devices)
     check_optimizer(config, "source.optimizer")
+
+
+def _check_task(config: Any, section: str, dataset_field: str, num_classes: int, what: str, why: str) -> None:
+    """A task's dataset, its classes (no more than the head has) and its training-example limit."""
+    check_choice(config, f"{section}.{dataset_field}", tuple(registry.DATASETS))
+    dataset = get(config, f"{section}.{dataset_field}")
+    count = _check_classes(config, f"{section}.classes", dataset)
+    if count > num_classes:
+        raise ConfigError(
+            f"config.model.num_classes={num_classes} is smaller than the {count} {what} classes of "
+            f"{dataset}: {why}, so use >= {count}"
+        )
+    check_int_at_least(config, f"{section}.train_limit", 0, "0 = every training example")
 
 
 def fingerprint(config: Any) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def finetune_phase(prompt: bool) -> steps.Phase:
 
 
 class RunContext(Protocol):
-    """What a method may read from the run it belongs to (``vpns_jax.train.Run`` provides it)."""
+    """What a method may read from the run it belongs to (``vpns_jax.context.RunContext`` implements it)."""
 
     config: Any
     kinds: Params  # functional.leaf_kinds of the model
