@@ -162,7 +162,6 @@ def test_command_runs_in_the_default_workdir_of_its_arg(monkeypatch, tmp_path, c
 
     seen = []
     monkeypatch.setattr(train, "run", lambda config, workdir, **_: seen.append((config.method, workdir)) or [])
-    monkeypatch.setattr(train, "format_results", lambda results: "")
     monkeypatch.chdir(tmp_path)  # a relative --config as users give it, from another folder
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "mine.py").write_text((ROOT / "configs" / "default.py").read_text())
