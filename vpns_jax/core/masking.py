@@ -28,15 +28,14 @@ Params = dict[Any, Any]
 THRESHOLD_SCOPES = ("global", "layer")
 PRUNABLE_KINDS = (functional.CONV_KERNEL, functional.DENSE_KERNEL)
 
-# Bit patterns of non-negative float32 values sort like the values, so an exact k-th smallest is a search over
-# int32 candidates that only counts entries <= a candidate: no sort of the scores. A pass over every score costs
+# Bit patterns of non-negative float32 (float64) values sort like the values, so an exact k-th smallest is a
+# search over int32 (int64) candidates that only counts entries <= a candidate: no sort of the scores. A pass over every score costs
 # about as much for 7 candidates as for one (XLA:CPU fuses them into one variadic reduction that is memory
 # bound), so each round counts _PIVOTS candidates and narrows the bracket 8-fold; a sorted strided sample
 # places the first round's candidates near the answer (Floyd and Rivest's selection).
 _PIVOTS = 7
 _SAMPLE_SIZE = 1 << 14
 _SAMPLE_SIGMAS = 4.0
-_MAX_ROUNDS = 11  # 8**11 > 2**31: bit-range splitting alone finishes in time
 # Leaves smaller than this are concatenated per group (a cheap copy) and reduced as one array: every pass is
 # one reduction per array, and fewer reductions compile faster. Larger leaves are reduced in place.
 _SMALL_LEAF = 1 << 18
@@ -53,6 +52,7 @@ def init_scores(weights: Params, kinds: Params) -> Params:
 
     fan_in is kh*kw*in for an HWIO conv kernel and in for an (in, out) dense
     kernel, i.e. the product of all but the last dimension in both layouts.
+    Scores are float32, or float64 for float64 weights (a float64 run stays float64).
     """
     flat = traverse_util.flatten_dict(weights)
     scores = {}
@@ -61,7 +61,7 @@ def init_scores(weights: Params, kinds: Params) -> Params:
         fan_in = math.prod(w.shape[:-1])
         peak = jnp.max(jnp.abs(w))
         scale = jnp.where(peak > 0, math.sqrt(6.0 / fan_in) / jnp.where(peak > 0, peak, 1.0), 0.0)
-        scores[path] = (w * scale).astype(jnp.float32)
+        scores[path] = (w * scale).astype(jnp.promote_types(w.dtype, jnp.float32))
     return traverse_util.unflatten_dict(scores)
 
 
@@ -107,8 +107,8 @@ def _sample_pivots(bits: list[jax.Array], groups: Sequence[int], group: int, k: 
 
 
 def _reduce_flat(operands: tuple[jax.Array, ...], inits: tuple[int, ...], combine) -> tuple[jax.Array, ...]:
-    """One variadic reduction of same-shaped flat int32 arrays to scalars; ``combine`` merges two tuples."""
-    return jax.lax.reduce(operands, tuple(jnp.int32(i) for i in inits), combine, (0,))
+    """One variadic reduction of same-shaped flat integer arrays to scalars; ``combine`` merges two tuples."""
+    return jax.lax.reduce(operands, tuple(jnp.asarray(i, o.dtype) for i, o in zip(inits, operands)), combine, (0,))
 
 
 def _count_at_most(bits: list[jax.Array], groups: Sequence[int], num_groups: int, pivots: jax.Array) -> jax.Array:
@@ -136,10 +136,15 @@ def kth_smallest(values: Sequence[jax.Array], groups: tuple[int, ...], ks: jax.A
     """
     num_groups = ks.shape[0]
     arrays, groups = _search_leaves(values, groups, num_groups)
-    bits = [jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32) for a in arrays]
+    # float64 searches int64 patterns (under jax_enable_x64); narrower floats widen to float32 exactly.
+    float_dtype = jnp.float64 if jnp.result_type(*arrays) == jnp.float64 else jnp.float32
+    bit_dtype = jnp.int64 if float_dtype == jnp.float64 else jnp.int32
+    bits = [jax.lax.bitcast_convert_type(a.astype(float_dtype), bit_dtype) for a in arrays]
     search = _BitSearch(bits, tuple(groups), jnp.asarray(groups, dtype=jnp.int32), num_groups,
                         jnp.asarray(ks, jnp.int32))
-    ks = search.ks
+    ks, big = search.ks, search.largest_bits
+    # Splitting the bit range into _PIVOTS + 1 parts per round finishes any input in this many rounds.
+    max_rounds = math.ceil((8 * jnp.dtype(bit_dtype).itemsize - 1) / math.log2(_PIVOTS + 1))
 
     def search_round(state):
         bracket, rounds = state
@@ -147,7 +152,7 @@ def kth_smallest(values: Sequence[jax.Array], groups: tuple[int, ...], ks: jax.A
 
     def keep_searching(state) -> jax.Array:
         bracket, rounds = state
-        return jnp.any(~search.finished(bracket)) & (rounds < _MAX_ROUNDS)
+        return jnp.any(~search.finished(bracket)) & (rounds < max_rounds)
 
     sizes = jnp.zeros(num_groups, jnp.int32).at[search.group_index].add(jnp.asarray([b.size for b in bits], jnp.int32))
     smallest, largest = search.per_group_extremes([_min_max(b, b) for b in bits])
@@ -158,11 +163,11 @@ def kth_smallest(values: Sequence[jax.Array], groups: tuple[int, ...], ks: jax.A
     lo, hi, c_lo, c_hi = bracket
     # The k-th entry is the smallest above lo when lo's count is k - 1 (or hi is lo + 1), else the largest up to hi.
     above_lo, up_to_hi = search.per_group_extremes([
-        _min_max(jnp.where(b > lo[g], b, jnp.iinfo(jnp.int32).max), jnp.where(b <= hi[g], b, -1))
+        _min_max(jnp.where(b > lo[g], b, big), jnp.where(b <= hi[g], b, -1))
         for b, g in zip(bits, groups)
     ])
     answer = jnp.where((c_lo == ks - 1) | (hi - lo <= 1), above_lo, up_to_hi)
-    return jax.lax.bitcast_convert_type(answer, jnp.float32)
+    return jax.lax.bitcast_convert_type(answer, float_dtype)
 
 
 def _search_leaves(values: Sequence[jax.Array], groups: tuple[int, ...],
@@ -179,13 +184,13 @@ def _search_leaves(values: Sequence[jax.Array], groups: tuple[int, ...],
 
 
 def _min_max(smaller: jax.Array, larger: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _reduce_flat((smaller, larger), (jnp.iinfo(jnp.int32).max, -1),
+    return _reduce_flat((smaller, larger), (jnp.iinfo(smaller.dtype).max, -1),
                         lambda x, y: (jnp.minimum(x[0], y[0]), jnp.maximum(x[1], y[1])))
 
 
 @dataclasses.dataclass(frozen=True)
 class _BitSearch:
-    """The bracket arithmetic of ``kth_smallest`` over the int32 bit patterns of non-negative floats.
+    """The bracket arithmetic of ``kth_smallest`` over the integer bit patterns of non-negative floats.
 
     A bracket is (lo, hi, count(<= lo), count(<= hi)), one entry per group.
     """
@@ -198,9 +203,14 @@ class _BitSearch:
 
     def per_group_extremes(self, per_leaf: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
         smallest, largest = (jnp.stack(column) for column in zip(*per_leaf))
-        big = jnp.iinfo(jnp.int32).max
-        return (jnp.full(self.num_groups, big, jnp.int32).at[self.group_index].min(smallest),
-                jnp.full(self.num_groups, -1, jnp.int32).at[self.group_index].max(largest))
+        bit_dtype = self.bits[0].dtype
+        return (jnp.full(self.num_groups, self.largest_bits, bit_dtype).at[self.group_index].min(smallest),
+                jnp.full(self.num_groups, -1, bit_dtype).at[self.group_index].max(largest))
+
+    @property
+    def largest_bits(self) -> int:
+        """The largest value of the bit patterns' integer type."""
+        return int(jnp.iinfo(self.bits[0].dtype).max)
 
     def finished(self, bracket) -> jax.Array:
         lo, hi, c_lo, c_hi = bracket
@@ -214,7 +224,7 @@ class _BitSearch:
         # The largest pivot short of k raises lo; the smallest pivot reaching k lowers hi.
         new_lo = jnp.max(jnp.where(enough, -1, pivots), axis=1)
         new_c_lo = jnp.max(jnp.where(enough, -1, counts), axis=1)
-        new_hi = jnp.min(jnp.where(enough, pivots, jnp.iinfo(jnp.int32).max), axis=1)
+        new_hi = jnp.min(jnp.where(enough, pivots, self.largest_bits), axis=1)
         new_c_hi = jnp.min(jnp.where(enough, counts, jnp.iinfo(jnp.int32).max), axis=1)
         active = ~self.finished(bracket)
         raise_lo, lower_hi = active & (new_lo > lo), active & (new_hi < hi)
@@ -225,7 +235,7 @@ class _BitSearch:
     def split_evenly(bracket) -> jax.Array:
         lo, hi, _, _ = bracket
         step = jnp.maximum((hi - lo) // (_PIVOTS + 1), 1)
-        return lo[:, None] + step[:, None] * jnp.arange(1, _PIVOTS + 1, dtype=jnp.int32)
+        return lo[:, None] + step[:, None] * jnp.arange(1, _PIVOTS + 1, dtype=lo.dtype)
 
 
 def thresholds(scores: Params, ks: jax.Array, scope: str = "global") -> jax.Array:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
+from vpns_jax.models import layers
 from vpns_jax.models.resnet import STEMS, resnet18, resnet50
 from vpns_jax.models.vgg import vgg16, vgg16_bn
 
@@ -20,6 +22,9 @@ CLASSIFIER_PATHS: dict[str, tuple[Any, ...]] = {
 }
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 def create_model(
     name: str,
     *,
@@ -27,11 +32,19 @@ def create_model(
     width: float = 1.0,
     stem: str = "imagenet",
     rngs: nnx.Rngs,
+    dtype: str = "float32",
+    conv_impl: str = "auto",
+    pool_impl: str = "auto",
 ) -> nnx.Module:
     """Builds model ``name`` (one of ``MODEL_NAMES``).
 
     ``stem`` is 'imagenet' or 'cifar' for ResNets; VGGs only have the
-    'imagenet' layout.
+    'imagenet' layout. ``dtype`` is the compute dtype of convs, matmuls and
+    activations (``COMPUTE_DTYPES``); parameters stay float32, BatchNorm
+    statistics and the logits at least float32, and 'float32' computes in the
+    input's own dtype (float64 inputs stay float64). ``conv_impl`` and
+    ``pool_impl`` pick the kernels (``layers.CONV_IMPLS``, ``layers.POOL_IMPLS``).
+    All three are static: they live in the graphdef.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid models: {MODEL_NAMES}")
@@ -39,11 +52,31 @@ def create_model(
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r} for {name}; valid stems: {STEMS}")
         factory = resnet18 if name == "resnet18" else resnet50
-        return factory(num_classes=num_classes, width=width, stem=stem, rngs=rngs)
-    if stem != "imagenet":
+        model = factory(num_classes=num_classes, width=width, stem=stem, rngs=rngs)
+    elif stem != "imagenet":
         raise ValueError(f"{name} supports only stem 'imagenet', got {stem!r}; valid stems: ('imagenet',)")
-    factory = vgg16 if name == "vgg16" else vgg16_bn
-    return factory(num_classes=num_classes, width=width, rngs=rngs)
+    else:
+        factory = vgg16 if name == "vgg16" else vgg16_bn
+        model = factory(num_classes=num_classes, width=width, rngs=rngs)
+    return _set_kernels(model, dtype, conv_impl, pool_impl)
 
 
-__all__ = ["CLASSIFIER_PATHS", "MODEL_NAMES", "create_model"]
+def _set_kernels(model: nnx.Module, dtype: str, conv_impl: str, pool_impl: str) -> nnx.Module:
+    """Sets the compute dtype and kernel choices on every module they concern (checked first)."""
+    for value, choices, what in ((dtype, COMPUTE_DTYPES, "dtype"), (conv_impl, layers.CONV_IMPLS, "conv_impl"),
+                                 (pool_impl, layers.POOL_IMPLS, "pool_impl")):
+        if value not in choices:
+            raise ValueError(f"unknown {what} {value!r}; valid: {choices}")
+    compute = None if dtype == "float32" else dtype
+    model.compute_dtype = compute
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, layers.Conv2d):
+            module.impl = conv_impl
+        elif isinstance(module, layers.MaxPool2d):
+            module.impl = pool_impl
+        elif isinstance(module, nnx.Linear):
+            module.dtype = None if compute is None else jnp.dtype(compute)
+    return model
+
+
+__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "create_model"]

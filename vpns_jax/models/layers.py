@@ -69,6 +69,22 @@ def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.
 
 # Largest input map (px) on which a conv with a window larger than 1x1 runs as im2col + matmul.
 IM2COL_MAX_MAP = 4
+# How convs and max-pools are computed (config.model.conv_impl, pool_impl). 'auto' takes the CPU kernels on the
+# CPU backend only: they were made for and measured on XLA:CPU (docs/performance.md); GPU and TPU get plain lax ops.
+CONV_IMPLS = ("auto", "lax", "im2col")  # im2col: im2col + matmul on maps of at most IM2COL_MAX_MAP px
+POOL_IMPLS = ("auto", "lax", "argmax")  # argmax: the custom VJP routing by the saved argmax; lax: JAX's own
+
+
+def _cpu_kernels(impl: str, choices: tuple[str, ...], cpu_kernel: str) -> bool:
+    """Whether ``impl`` selects the CPU kernel: named, or 'auto' on the CPU backend (read at trace time)."""
+    if impl not in choices:
+        raise ValueError(f"implementation {impl!r} is unknown: use one of {choices}")
+    return impl == cpu_kernel or (impl == "auto" and backend() == "cpu")
+
+
+def backend() -> str:
+    """The backend programs are traced for ('cpu', 'gpu', 'tpu'): what 'auto' decides on."""
+    return jax.default_backend()
 
 
 def runs_as_im2col(map_size: tuple[int, int], kernel_size: tuple[int, int]) -> bool:
@@ -85,12 +101,14 @@ def runs_as_im2col(map_size: tuple[int, int], kernel_size: tuple[int, int]) -> b
     return kernel_size[0] * kernel_size[1] > 1 and min(map_size) <= IM2COL_MAX_MAP
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str = "auto") -> jax.Array:
     """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero padding.
 
-    All convolutions in the package go through here; see :func:`runs_as_im2col`.
+    All convolutions in the package go through here. ``impl`` (``CONV_IMPLS``):
+    'im2col' computes small maps as im2col + matmul (:func:`runs_as_im2col`),
+    'lax' always uses XLA's conv, 'auto' the first on CPU and the second elsewhere.
     """
-    if runs_as_im2col(x.shape[1:3], kernel.shape[:2]):
+    if _cpu_kernels(impl, CONV_IMPLS, "im2col") and runs_as_im2col(x.shape[1:3], kernel.shape[:2]):
         return conv2d_im2col(x, kernel, stride, padding)
     return jax.lax.conv_general_dilated(
         x,
@@ -144,11 +162,13 @@ class Conv2d(nnx.Module):
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
+        self.impl = "auto"  # CONV_IMPLS; models.create_model sets it
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = conv2d(x, self.kernel[...], self.stride, self.padding)
+        # In the activations' dtype: bfloat16 compute keeps float32 parameters (the cast's gradient is float32).
+        y = conv2d(x, self.kernel[...].astype(x.dtype), self.stride, self.padding, self.impl)
         if self.bias is not None:
-            y = y + self.bias[...]
+            y = y + self.bias[...].astype(x.dtype)
         return y
 
 
@@ -186,8 +206,9 @@ class BatchNorm2d(nnx.Module):
             batch_mean = jax.lax.stop_gradient(mean)
             batch_var = jax.lax.stop_gradient(var) * (n / (n - 1))
             # set_value is what the (deprecated in flax 0.12) `.value` setter calls.
-            self.mean.set_value((1.0 - m) * self.mean[...] + m * batch_mean)
-            self.var.set_value((1.0 - m) * self.var[...] + m * batch_var)
+            # Stored in the statistics' own dtype, so the state keeps its dtypes whatever the input's.
+            self.mean.set_value(((1.0 - m) * self.mean[...] + m * batch_mean).astype(self.mean[...].dtype))
+            self.var.set_value(((1.0 - m) * self.var[...] + m * batch_var).astype(self.var[...].dtype))
         else:
             mean = self.mean[...]
             var = self.var[...]
@@ -221,8 +242,12 @@ def _window_views(x: jax.Array, window: int, stride: int, padding: int):
             yield padded[:, i : i + span_h : stride, j : j + span_w : stride, :]
 
 
-def max_pool2d(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+def max_pool2d(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1, impl: str = "auto") -> jax.Array:
     """torch ``max_pool2d`` (floor mode) on NHWC; padding counts as -inf.
+
+    ``impl`` (``POOL_IMPLS``) picks the gradient: 'lax' is JAX's own
+    (:func:`max_pool2d_reference`), 'argmax' the custom VJP below, 'auto' the
+    custom VJP on CPU and JAX's own elsewhere.
 
     The gradient goes to the first maximum of each window in row-major order, as
     in torch. The forward keeps that position (one int8 per output) and the
@@ -233,6 +258,8 @@ def max_pool2d(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1)
     views also avoids XLA's select-and-scatter, which XLA:CPU expands into four
     int32 index arrays of the padded input's size plus a scatter.
     """
+    if not _cpu_kernels(impl, POOL_IMPLS, "argmax"):
+        return max_pool2d_reference(x, window, stride, padding)
     return _max_pool(x, window, stride, padding, x.shape)
 
 
@@ -315,6 +342,16 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def compute_input(x: jax.Array, compute_dtype: str | None) -> jax.Array:
+    """The network's input in the compute dtype (None: as given, so float64 inputs stay float64)."""
+    return x if compute_dtype is None else x.astype(compute_dtype)
+
+
+def logits_of(y: jax.Array) -> jax.Array:
+    """Logits in at least float32: the loss and softmax never run in bfloat16."""
+    return y.astype(jnp.promote_types(y.dtype, jnp.float32))
+
+
 # Parameter-free modules. They exist so that containers can keep torchvision's
 # indices (e.g. VGG's ``features.3``) while leaving no entry in the weights.
 
@@ -333,9 +370,10 @@ class MaxPool2d(nnx.Module):
         self.window = window
         self.stride = stride
         self.padding = padding
+        self.impl = "auto"  # POOL_IMPLS; models.create_model sets it
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return max_pool2d(x, self.window, self.stride, self.padding)
+        return max_pool2d(x, self.window, self.stride, self.padding, self.impl)
 
 
 class Dropout(nnx.Module):

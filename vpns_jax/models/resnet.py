@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vpns_jax.models.layers import BatchNorm2d, Conv2d, max_pool2d, scale_channels, torch_linear
+from vpns_jax.models.layers import BatchNorm2d, Conv2d, MaxPool2d, compute_input, logits_of, scale_channels, torch_linear
 
 STEMS = ("imagenet", "cifar")
 Stem = Literal["imagenet", "cifar"]
@@ -106,6 +106,8 @@ class ResNet(nnx.Module):
         else:
             self.conv1 = Conv2d(3, in_channels, 3, stride=1, padding=1, rngs=rngs)
         self.bn1 = BatchNorm2d(in_channels)
+        self.maxpool = MaxPool2d(3, 2, 1) if stem == "imagenet" else None
+        self.compute_dtype = None  # None: the input's dtype; models.create_model sets it
 
         stages = []
         for i, (base, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
@@ -122,14 +124,14 @@ class ResNet(nnx.Module):
     def __call__(self, x: jax.Array, *, train: bool, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits for NHWC images ``x``; ``dropout_key`` is unused (no dropout in ResNet)."""
         del dropout_key
-        x = jax.nn.relu(self.bn1(self.conv1(x), train=train))
-        if self.stem == "imagenet":
-            x = max_pool2d(x, 3, 2, 1)
+        x = jax.nn.relu(self.bn1(self.conv1(compute_input(x, self.compute_dtype)), train=train))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for blk in stage:
                 x = blk(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
-        return self.fc(x)
+        return logits_of(self.fc(x))
 
 
 def resnet18(*, num_classes: int, width: float = 1.0, stem: Stem = "imagenet", rngs: nnx.Rngs) -> ResNet:

@@ -20,6 +20,8 @@ from vpns_jax.models.layers import (
     MaxPool2d,
     ReLU,
     adaptive_avg_pool2d,
+    compute_input,
+    logits_of,
     scale_channels,
 )
 
@@ -67,6 +69,7 @@ class VGG(nnx.Module):
             features.append(ReLU())
             in_channels = out_channels
         self.features = nnx.List(features)
+        self.compute_dtype = None  # None: the input's dtype; models.create_model sets it
 
         hidden = scale_channels(4096, width)
         self.classifier = nnx.List(
@@ -85,6 +88,7 @@ class VGG(nnx.Module):
         """Logits for NHWC images ``x``; training mode needs ``dropout_key``."""
         if train and dropout_key is None:
             raise ValueError("VGG in training mode needs a dropout_key (dropout is active when train=True)")
+        x = compute_input(x, self.compute_dtype)
         for layer in self.features:
             x = layer(x, train=train) if isinstance(layer, BatchNorm2d) else layer(x)
         x = adaptive_avg_pool2d(x, 7)
@@ -96,7 +100,7 @@ class VGG(nnx.Module):
         keys = list(jax.random.split(dropout_key, num_dropouts)) if train else [None] * num_dropouts
         for layer in self.classifier:
             x = layer(x, key=keys.pop(0)) if isinstance(layer, Dropout) else layer(x)
-        return x
+        return logits_of(x)
 
 
 def vgg16(*, num_classes: int, width: float = 1.0, rngs: nnx.Rngs) -> VGG:
