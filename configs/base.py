@@ -36,6 +36,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.stem = "imagenet"
     config.model.num_classes = 1000  # the source head that label mapping reads
     config.model.init_from = ""  # a torchvision .pth/.safetensors state dict, or a vpns_jax .npz (vpns_jax.convert)
+    # Compute dtype of convs, matmuls and activations: 'float32' or 'bfloat16' (TPUs, recent GPUs). Parameters,
+    # scores, masks, prompt and optimiser state stay float32; BatchNorm statistics, the loss and the threshold
+    # search run in at least float32 (docs/performance.md, "Precision").
+    config.model.dtype = "float32"
+    # Kernels: 'auto' uses the CPU ones (im2col convs on maps of <= 4 px, the max-pool's argmax VJP) on the CPU
+    # backend only and plain lax ops on GPU and TPU; 'lax' / 'im2col' and 'lax' / 'argmax' force one.
+    config.model.conv_impl = "auto"
+    config.model.pool_impl = "auto"
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "cifar10"

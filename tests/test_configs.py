@@ -265,6 +265,9 @@ BAD = [
     ({"model.stem": "tiny"}, "model.stem", "'tiny'"),
     ({"model.name": "vgg16", "model.stem": "cifar"}, "model.stem", "'cifar'"),
     ({"model.width": 0.0}, "model.width", "0.0"),
+    ({"model.dtype": "float16"}, "model.dtype", "'float16'"),
+    ({"model.conv_impl": "winograd"}, "model.conv_impl", "'winograd'"),
+    ({"model.pool_impl": "scatter"}, "model.pool_impl", "'scatter'"),
     ({"model.width": -0.25}, "model.width", "-0.25"),
     ({"model.num_classes": 0}, "model.num_classes", "0"),
     ({"model.num_classes": 4}, "model.num_classes", "4"),  # fewer than the 5 target classes

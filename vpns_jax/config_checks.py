@@ -24,6 +24,7 @@ from vpns_jax.config_fields import (ConfigError, check_choice, check_int_at_leas
                                     group_optimizer, is_int, is_real, plain)
 from vpns_jax.core import health, masking, prompts, steps
 from vpns_jax.data import registry
+from vpns_jax.models import layers
 
 STEMS = ("imagenet", "cifar")
 # Models that only have the ImageNet stem (models.create_model refuses 'cifar' for them).
@@ -157,6 +158,9 @@ def _check_model(config: Any) -> int:
     width = get(config, "model.width")
     if not is_real(width) or not width > 0:
         raise ConfigError(f"config.model.width={width!r} must be a positive width multiplier, e.g. 1.0 or 0.25")
+    check_choice(config, "model.dtype", models.COMPUTE_DTYPES)
+    check_choice(config, "model.conv_impl", layers.CONV_IMPLS)
+    check_choice(config, "model.pool_impl", layers.POOL_IMPLS)
     return check_int_at_least(config, "model.num_classes", 1, "the source head's classes")
 
 
