@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py [--width 1] [--settings 32:cifar:128,64:imagenet:128,224:imagenet:32]
                                    [--repeats 3] [--no_torch] [--data_parallel]
+                                   [--dtypes float32,bfloat16] [--conv_impls auto,lax,im2col] [--pool_impl auto]
 
 Prints, per input setting and step kind, the compile time (first call minus a
 steady call), the median wall time of ``--repeats`` steady calls on this
@@ -9,7 +10,9 @@ machine's default device, images/s, XLA's estimate of the program's peak memory,
 and, where torch is installed, the PyTorch reference's median
 (benchmarks/torch_reference.py, the authors' semantics) and the ratio PyTorch
 time / JAX time. Stage iterations are two optimiser sub-steps (prompted clean
-batch, plain augmented batch), so about twice a dense step is the floor.
+batch, plain augmented batch), so about twice a dense step is the floor. Each
+setting runs once per compute dtype and conv kernel given (the precision policy
+and kernel choices of ``config.model``).
 """
 
 from __future__ import annotations
@@ -51,10 +54,12 @@ def peak_bytes(lowered) -> int:
             - stats.alias_size_in_bytes)
 
 
-def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: int, mesh=None):
+def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: int, mesh=None, *,
+               kernels: dict[str, str] | None = None):
     """(model, a closure running one dense SGD step on a fixed random batch, that batch, a function giving the
-    step's peak bytes; call it after timing, as lowering ahead of time would hide the compile time)."""
-    model = create_model(model_name, num_classes=10, width=width, stem=stem, rngs=nnx.Rngs(0))
+    step's peak bytes; call it after timing, as lowering ahead of time would hide the compile time).
+    ``kernels``: create_model's dtype, conv_impl and pool_impl."""
+    model = create_model(model_name, num_classes=10, width=width, stem=stem, rngs=nnx.Rngs(0), **(kernels or {}))
     graphdef, weights, batch_stats = functional.split_model(model)
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(size=(batch_size, size, size, 3)).astype(np.float32),
@@ -79,11 +84,13 @@ def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: 
 
 
 def jax_rows(model_name: str, width: float, stem: str, size: int, batch_size: int, repeats: int,
-             density: float, mesh=None) -> list[tuple[str, float, float, float, int]]:
+             density: float, mesh=None, *, kernels: dict[str, str] | None = None
+             ) -> list[tuple[str, float, float, float, int]]:
     """(name, compile s, median s, images/s, peak bytes) of the dense step, threshold, stage iterations, eval.
 
-    With ``mesh``, batches are split over its devices and the states replicated."""
-    model, dense_call, batch, dense_peak = dense_step(model_name, width, stem, size, batch_size, mesh)
+    With ``mesh``, batches are split over its devices and the states replicated; ``kernels`` as dense_step's."""
+    model, dense_call, batch, dense_peak = dense_step(model_name, width, stem, size, batch_size, mesh,
+                                                      kernels=kernels)
     graphdef, weights, batch_stats = functional.split_model(model)
     scores = masking.init_scores(weights, functional.leaf_kinds(model))
     # The authors' 16 px frame at 224 px, scaled (as benchmarks/torch_reference.prompt_pad).
@@ -148,19 +155,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated compute dtypes: float32, bfloat16")
+    parser.add_argument("--conv_impls", default="auto", help="comma-separated conv kernels: auto, lax, im2col")
+    parser.add_argument("--pool_impl", default="auto", help="max-pool gradient: auto, lax, argmax")
     parser.add_argument("--data_parallel", action="store_true",
                         help="split batches over all devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2)")
     args = parser.parse_args()
     mesh = parallel.make_mesh() if args.data_parallel else None
     devices = len(jax.devices()) if args.data_parallel else 1
-    print(f"{args.model} width {args.width}, {devices} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    for setting in args.settings.split(","):
+    print(f"{args.model} width {args.width}, {devices} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"jax {jax.__version__}")
+    combos = [{"dtype": d, "conv_impl": c, "pool_impl": args.pool_impl}
+              for d in args.dtypes.split(",") for c in args.conv_impls.split(",")]
+    for setting, kernels in ((s, k) for s in args.settings.split(",") for k in combos):
         size, stem, batch_size = setting.split(":")
         size, batch_size = int(size), int(batch_size)
-        rows = jax_rows(args.model, args.width, stem, size, batch_size, args.repeats, args.density, mesh)
+        rows = jax_rows(args.model, args.width, stem, size, batch_size, args.repeats, args.density, mesh,
+                        kernels=kernels)
         torch_rows = {} if args.no_torch else torch_medians(args.width, stem, size, batch_size, args.repeats,
                                                             args.density)
-        print(f"\n{stem} stem {size}x{size} batch {batch_size}")
+        print(f"\n{stem} stem {size}x{size} batch {batch_size}, {kernels['dtype']}, conv {kernels['conv_impl']}, "
+              f"pool {kernels['pool_impl']}")
         print(f"{'step':<34}{'compile s':>10}{'median s':>10}{'images/s':>10}{'peak MiB':>10}"
               f"{'torch s':>10}{'torch/jax':>10}")
         for name, compile_s, median, images, peak in rows:
