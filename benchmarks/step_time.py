@@ -2,7 +2,7 @@
 
     python benchmarks/step_time.py [--width 1] [--settings 32:cifar:128,64:imagenet:128,224:imagenet:32]
                                    [--repeats 3] [--no_torch] [--data_parallel]
-                                   [--dtypes float32,bfloat16] [--conv_impls auto,lax,im2col] [--pool_impl auto]
+                                   [--dtypes float32,bfloat16] [--conv_impls auto,lax,im2col] [--pool_impls auto,lax]
 
 Prints, per input setting and step kind, the compile time (first call minus a
 steady call), the median wall time of ``--repeats`` steady calls on this
@@ -11,8 +11,8 @@ and, where torch is installed, the PyTorch reference's median
 (benchmarks/torch_reference.py, the authors' semantics) and the ratio PyTorch
 time / JAX time. Stage iterations are two optimiser sub-steps (prompted clean
 batch, plain augmented batch), so about twice a dense step is the floor. Each
-setting runs once per compute dtype and conv kernel given (the precision policy
-and kernel choices of ``config.model``).
+setting runs once per compute dtype, conv kernel and max-pool gradient given (the
+precision policy and kernel choices of ``config.model``).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--dtypes", default="float32", help="comma-separated compute dtypes: float32, bfloat16")
     parser.add_argument("--conv_impls", default="auto", help="comma-separated conv kernels: auto, lax, im2col")
-    parser.add_argument("--pool_impl", default="auto", help="max-pool gradient: auto, lax, argmax")
+    parser.add_argument("--pool_impls", default="auto", help="comma-separated max-pool gradients: auto, lax, argmax")
     parser.add_argument("--data_parallel", action="store_true",
                         help="split batches over all devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=2)")
     args = parser.parse_args()
@@ -165,8 +165,8 @@ def main() -> None:
     devices = len(jax.devices()) if args.data_parallel else 1
     print(f"{args.model} width {args.width}, {devices} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"jax {jax.__version__}")
-    combos = [{"dtype": d, "conv_impl": c, "pool_impl": args.pool_impl}
-              for d in args.dtypes.split(",") for c in args.conv_impls.split(",")]
+    combos = [{"dtype": d, "conv_impl": c, "pool_impl": p} for d in args.dtypes.split(",")
+              for c in args.conv_impls.split(",") for p in args.pool_impls.split(",")]
     for setting, kernels in ((s, k) for s in args.settings.split(",") for k in combos):
         size, stem, batch_size = setting.split(":")
         size, batch_size = int(size), int(batch_size)
