@@ -99,6 +99,8 @@ def test_the_package_is_subpackages_and_entry_points():
 
 def test_no_tracked_file_cites_anything_outside_the_repository():
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    offenders = [f for f in files if (REPO / f).is_file() and f != "tests/test_architecture.py"
-                 and any(s in (REPO / f).read_text(errors="ignore") for s in ("vpns-method.md", "../shared/"))]
+    # Spelled in pieces, so that this file does not cite what it looks for.
+    outside = ("vpns-" + "method.md", ".." + "/shared/", "shared/" + "reference")
+    offenders = [f for f in files if (REPO / f).is_file()
+                 and any(s in (REPO / f).read_text(errors="ignore") for s in outside)]
     assert not offenders, offenders

@@ -153,14 +153,14 @@ class Run:
         """The unit's results row (test metrics, sparsity, MACs, wall time), logged, and its subnetwork saved."""
         context = self.context
         found = evaluation.found_subnetwork(context.spec, state)
-        result = {"method": self.plan.method.name, "density": unit.density}
         cost = evaluation.sparsity_and_cost(context.spec, state, found, input_size=self.config.prompt.input_size)
-        result.update(sparsity=cost.pop("sparsity"), model_sparsity=cost.pop("model_sparsity"))
-        result.update(self._test(state))
-        result.update(macs=cost.pop("macs"), speedup=cost.pop("speedup"))
+        result = {"method": self.plan.method.name, "density": unit.density, "sparsity": cost["sparsity"],
+                  "model_sparsity": cost["model_sparsity"], **self._test(state), "macs": cost["macs"],
+                  "speedup": cost["speedup"]}
         if unit.round is not None:
             result["round"] = unit.round
-        result.update(cost)  # channel_sparsity, for channel masks
+        if "channel_sparsity" in cost:
+            result["channel_sparsity"] = cost["channel_sparsity"]
         result["wall_time_s"] = round(time.perf_counter() - started, 2)
         writer.write(step, {k: v for k, v in result.items() if k not in ("density", "method")}, phase="result",
                      density=unit.density)
