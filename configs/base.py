@@ -53,7 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.test_limit = 0
     config.data.batch_size = 256  # global, over all devices and processes
     config.data.eval_batch_size = 256
-    config.data.num_threads = 4
+    config.data.num_threads = 4  # loader threads in this process, when there are no worker processes
+    # Worker processes that decode and augment (the same batches either way): -1 = auto, none on the CPU
+    # backend (training uses every core there), else one per CPU core but one, at most 16; 0 = none.
+    config.data.workers = -1
     config.data.auto_prepare = True  # prepare offline-preparable datasets (fashion_mnist, digits) if missing
 
     # Dense pretraining of the source model on another task, cached in the workdir: the

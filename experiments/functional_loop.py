@@ -29,7 +29,9 @@ SIZE = 32
 
 
 def as_jax(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {key: jnp.asarray(value) for key, value in batch.items()}
+    """A pipeline batch on the default device, its uint8 pixels scaled to [0, 1] as the trainer does."""
+    arrays = {key: jnp.asarray(value) for key, value in batch.items()}
+    return {**arrays, "image": prompts.unit_pixels(arrays["image"])}
 
 
 def main() -> None:

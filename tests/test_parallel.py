@@ -29,6 +29,16 @@ SCRIPT = textwrap.dedent("""
     assert len(weights["w"].sharding.device_set) == 4
     total = jax.jit(lambda w, b: jnp.sum(b["image"] @ w["w"]))(weights, batch)
     assert float(total) == float(local["image"].sum())
+    # uint8 pixels arrive as ToTensor's floats, still split over the devices.
+    pixels = {"image": np.arange(8 * 2 * 2 * 3, dtype=np.uint8).reshape(8, 2, 2, 3) * 2, "label": np.arange(8)}
+    scaled = parallel.global_batch(pixels, mesh)
+    assert scaled["image"].dtype == jnp.float32 and scaled["image"].sharding.spec == batch["label"].sharding.spec
+    assert np.asarray(scaled["image"]).tobytes() == (pixels["image"].astype(np.float32) / 255.0).tobytes()
+    # prefetch_to_device: every item, in order, in global form (tuples of batches too).
+    items = [({"label": np.full(8, i, np.int32)}, {"label": np.full(8, -i, np.int32)}) for i in range(5)]
+    got = list(parallel.prefetch_to_device(iter(items), mesh, size=2))
+    assert [(int(a["label"][0]), int(b["label"][7])) for a, b in got] == [(i, -i) for i in range(5)]
+    assert all(len(a["label"].sharding.device_set) == 4 for a, _ in got)
     print("OK")
 """)
 

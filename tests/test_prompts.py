@@ -332,3 +332,15 @@ def test_model_inputs_choose_between_prompt_and_plain_normalisation():
     big = jnp.asarray(np.random.default_rng(6).uniform(size=(2, 48, 48, 3)), jnp.float32)
     np.testing.assert_allclose(prompts.model_inputs(spec, program, big, prompted=False),
                                prompts.normalize(prompts.resize_images(big, 24)), rtol=0, atol=0)
+
+
+def test_unit_pixels_is_totensor_scaling_bit_for_bit_and_normalize_refuses_integers():
+    pixels = np.arange(256, dtype=np.uint8).reshape(4, 4, 4, 4)[..., :3]
+    expected = pixels.astype(np.float32) / 255.0  # torchvision's ToTensor: a correctly rounded division
+    got = np.asarray(prompts.unit_pixels(jnp.asarray(pixels)))
+    assert got.dtype == np.float32 and got.tobytes() == expected.tobytes()
+    assert got[0, 0, 0, 0] == 0.0 and got.max() == np.float32(254 / 255)
+    with pytest.raises(TypeError, match="uint8"):
+        prompts.unit_pixels(jnp.zeros((1, 2, 2, 3), jnp.float32))
+    with pytest.raises(TypeError, match="floats in \\[0, 1\\].*unit_pixels"):
+        prompts.normalize(jnp.asarray(pixels))

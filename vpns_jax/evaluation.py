@@ -24,9 +24,9 @@ def label_mapped(spec: steps.StepSpec, state: steps.TrainState, stream, mesh: Me
                  with_prompt: bool) -> steps.TrainState:
     """``state`` with the frequency label mapping of ``stream``'s batches through its masks (and prompt)."""
     counts = sum(
-        np.asarray(steps.source_prediction_counts(state, parallel.global_batch(batch, mesh), spec=spec,
-                                                  num_target=num_target, with_prompt=with_prompt))
-        for batch in stream.epoch_batches()
+        np.asarray(steps.source_prediction_counts(state, batch, spec=spec, num_target=num_target,
+                                                  with_prompt=with_prompt))
+        for batch in parallel.prefetch_to_device(stream.epoch_batches(), mesh)
     )
     mapping = label_mapping.frequency_label_mapping(counts)
     return state.replace(label_map=parallel.replicate(jnp.asarray(mapping), mesh))
@@ -36,9 +36,8 @@ def test_metrics(spec: steps.StepSpec, state: steps.TrainState, stream, mesh: Me
                  with_prompt: bool) -> dict[str, float]:
     """Test accuracy and mean loss of ``state`` over ``stream`` (through the masks in force)."""
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    for batch in stream.epoch_batches():
-        out = jax.device_get(steps.eval_step(state, parallel.global_batch(batch, mesh), spec=spec,
-                                             with_prompt=with_prompt))
+    for batch in parallel.prefetch_to_device(stream.epoch_batches(), mesh):
+        out = jax.device_get(steps.eval_step(state, batch, spec=spec, with_prompt=with_prompt))
         for key in totals:
             totals[key] += out[key].item()
     return {"test_accuracy": round(totals["correct"] / totals["count"], 6),

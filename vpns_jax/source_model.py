@@ -21,7 +21,7 @@ from flax import nnx, traverse_util
 from vpns_jax import config_checks
 from vpns_jax.core import dense, health, label_mapping, optim, parallel
 from vpns_jax.io import checkpoint, metrics, pretrained
-from vpns_jax.data import pipeline, registry
+from vpns_jax.data import pipeline, registry, run_data
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]
@@ -90,6 +90,19 @@ def _mismatches(part: str, expected: Params, got: Params) -> list[str]:
     return problems
 
 
+def _source_stream(config: ml_collections.ConfigDict) -> tuple[pipeline.BatchStream, Any]:
+    """The source task's augmented training stream, and the worker pool behind it (None without workers)."""
+    cfg = config.source
+    train = pipeline.open_subset(cfg.dataset, registry.get_dataset_spec(cfg.dataset).train_split,
+                                 config.data.data_dir or None, classes=cfg.classes, limit=cfg.train_limit)
+    readable, pool = run_data.stream_sources({"train": train}, config.data.workers)
+    stream = pipeline.BatchStream(
+        readable["train"], global_batch_size=cfg.batch_size, image_size=config.prompt.input_size, view="augmented",
+        seed=config.seed, stream=3, num_threads=config.data.num_threads,
+    )
+    return stream, pool
+
+
 def pretrain(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
@@ -103,13 +116,7 @@ def pretrain(
     if cached.is_file():
         return load_weights(cached, weights, batch_stats)
     cfg = config.source
-    data_dir = config.data.data_dir or None
-    train = pipeline.open_subset(cfg.dataset, registry.get_dataset_spec(cfg.dataset).train_split, data_dir,
-                                 classes=cfg.classes, limit=cfg.train_limit)
-    stream = pipeline.BatchStream(
-        train, global_batch_size=cfg.batch_size, image_size=config.prompt.input_size, view="augmented",
-        seed=config.seed, stream=3, num_threads=config.data.num_threads,
-    )
+    stream, pool = _source_stream(config)
     steps_per_epoch = stream.batches_per_epoch
     group = config_checks.group_optimizer(cfg.optimizer)
     tx = optim.group_transform(group, optim.epoch_cosine_schedule(group.learning_rate, cfg.epochs, steps_per_epoch))
@@ -129,8 +136,9 @@ def pretrain(
         check = health.FiniteCheck(config.on_nonfinite, hint="lower config.source.optimizer.lr",
                                    on_skip=lambda step: writer.write(step, {"skipped_batches": check.skipped},
                                                                      phase="source"))
+        batches = parallel.prefetch_to_device(stream, mesh)
         for step in range(start, total):
-            batch = parallel.global_batch(next(stream), mesh)
+            batch = next(batches)
             state, step_metrics = dense.dense_train_step(state, batch, graphdef=graphdef, tx=tx)
             check.push(step_metrics[health.FINITE], step + 1, f"source pretraining, step {step + 1} (epoch "
                        f"{step // steps_per_epoch}, batch {step % steps_per_epoch})")
@@ -143,6 +151,8 @@ def pretrain(
                 ckpt.save(done, state, {"step": done})
         check.flush()
         bar.close()
+    if pool is not None:
+        pool.close()
     weights, batch_stats = jax.device_get((state.weights, state.batch_stats))
     if jax.process_index() == 0:
         checkpoint.save_arrays(cached, {"weights": weights, "batch_stats": batch_stats})

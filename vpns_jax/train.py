@@ -15,6 +15,7 @@ command continues exactly where a killed run stopped.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pathlib
 import time
 from typing import Any
@@ -74,7 +75,10 @@ class Run:
         with checkpoint.workdir_lock(self.workdir):
             checkpoint.guard_workdir(self.workdir, config_checks.fingerprint(self.config),
                                      replace=self.replace_workdir)
-            return self._run_units()
+            try:
+                return self._run_units()
+            finally:
+                self.context.data.close()
 
     def _run_units(self) -> list[dict[str, Any]]:
         with metrics.MetricsWriter(self.workdir) as writer, checkpoint.Checkpointer(
@@ -199,8 +203,11 @@ class Run:
             config.on_nonfinite, hint="lower this stage's learning rates",
             on_skip=lambda step: writer.write(step, {"skipped_batches": check.skipped}, density=unit.density,
                                               stage=stage))
+        # The next iterations' batches are on the devices while this one runs.
+        iterations = parallel.prefetch_to_device((tuple(next(streams[name]) for name in reads)
+                                                  for _ in itertools.count()), self.mesh)
         while position.epoch < epochs:
-            batches = tuple(parallel.global_batch(next(streams[name]), self.mesh) for name in reads)
+            batches = next(iterations)
             state, step_metrics = steps.train_iteration(state, batches, spec=spec, stage=stage)
             position.global_step += 1
             check.push(step_metrics[health.FINITE], position.global_step,

@@ -6,11 +6,16 @@ shardings, and XLA inserts the gradient all-reduces.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import collections
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from vpns_jax.core import prompts
 
 DATA_AXIS = "data"
 
@@ -46,9 +51,31 @@ def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> None:
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a global batch -> global jax Arrays sharded over ``data``."""
+    """This process's rows of a global batch -> global jax Arrays sharded over ``data``; uint8 pixels (the input
+    pipeline's) become float32 in [0, 1] on the device (``prompts.unit_pixels``)."""
     sharding = batch_sharding(mesh)
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local.items()}
+    placed = {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local.items()}
+    return {key: prompts.unit_pixels(value) if value.dtype == np.uint8 else value for key, value in placed.items()}
+
+
+def prefetch_to_device(local_batches: Iterator[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]:
+    """The global form (``global_batch`` of every batch in each item) of ``local_batches``, ``size`` items ahead:
+    their host-to-device copies and pixel scaling are queued while the steps before them run."""
+    ahead: collections.deque = collections.deque()
+    local_batches = iter(local_batches)
+
+    def enqueue(count: int) -> None:
+        for item in itertools.islice(local_batches, count):
+            ahead.append(jax.tree.map(lambda b: global_batch(b, mesh), item, is_leaf=_is_batch))
+
+    enqueue(size)
+    while ahead:
+        yield ahead.popleft()
+        enqueue(1)
+
+
+def _is_batch(node: Any) -> bool:
+    return isinstance(node, Mapping) and all(isinstance(v, np.ndarray) for v in node.values())
 
 
 def replicate(tree, mesh: Mesh):

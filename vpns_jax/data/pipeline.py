@@ -7,26 +7,30 @@ view, or the augmented training view) for this process: batch ``b`` of epoch
 process's rows of that global batch, and per-example augmentation draws seeded
 by the example's index — so any position can be saved as two integers and a
 restart yields exactly the batches an uninterrupted run would have seen, on any
-number of processes and loader threads. Training streams drop the last partial
-batch (fixed shapes under jit); evaluation streams pad it with label -1, which
-the eval step and the label-mapping counts ignore.
+number of processes, loader threads or worker processes (``workers.py``).
+Training streams drop the last partial batch (fixed shapes under jit);
+evaluation streams pad it with label -1, which the eval step and the
+label-mapping counts ignore. Batches hold uint8 pixels: ``ToTensor``'s scaling
+to [0, 1] happens on the device (``parallel.global_batch``), bit for bit.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import math
 from collections.abc import Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vpns_jax.data import registry, transforms
+from vpns_jax.data import registry, workers
+from vpns_jax.data.examples import PAD_LABEL, load_pixels, read_examples
 
 VIEWS = ("clean", "augmented")
-PAD_LABEL = -1
 
 
 def open_split(
@@ -95,6 +99,11 @@ class ClassSubset(Sequence):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.source[self.indices[index]], "label": self.labels[index]}
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Several examples in one read of the underlying source (``examples.read_examples``)."""
+        records = read_examples(self.source, [self.indices[i] for i in indices])
+        return [{**record, "label": self.labels[i]} for i, record in zip(indices, records)]
+
 
 def open_subset(name: str, split: str, data_dir: str | None = None, *, classes: Sequence[int] = (),
                 limit: int = 0) -> Sequence[dict[str, Any]]:
@@ -107,16 +116,28 @@ def open_subset(name: str, split: str, data_dir: str | None = None, *, classes: 
     return ClassSubset(source, classes, limit or None, labels=read_labels(name, split, data_dir))
 
 
+def _assemble(parts: list[concurrent.futures.Future]) -> dict[str, np.ndarray]:
+    try:
+        images, labels = zip(*(part.result() for part in parts))
+    except BrokenProcessPool as error:
+        raise workers.worker_died(error) from error
+    return {"image": np.concatenate(images), "label": np.concatenate(labels)}
+
+
 class BatchStream:
     """Batches of one view of a split, for this process, at explicit (epoch, batch) positions.
 
     ``global_batch_size`` counts every process's rows; this process reads only
     its ``global_batch_size / process_count`` rows of each global batch.
+    ``source`` is either the examples themselves, loaded by ``num_threads``
+    threads here, or a ``workers.RemoteSource``, loaded by a pool of worker
+    processes; the batches are the same bytes either way. ``prefetch`` batches
+    after the current one are being built while it is used.
     """
 
     def __init__(
         self,
-        source: Sequence[dict[str, Any]],
+        source: Sequence[dict[str, Any]] | workers.RemoteSource,
         *,
         global_batch_size: int,
         image_size: int,
@@ -148,19 +169,16 @@ class BatchStream:
             )
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // self.process_count
-        self.image_size = image_size
-        self.view = view
-        self.seed = seed
-        self.stream = stream
-        self.training = training
+        self.image_size, self.view, self.seed, self.stream, self.training = image_size, view, seed, stream, training
         self.epoch = 0
         self.batch = 0
         self._prefetch = prefetch
-        self._num_threads = max(1, num_threads)
-        # Two pools: batches are prefetched one after another, and each batch fans out to
-        # example workers; one shared pool could deadlock with every worker waiting on a batch.
+        self._remote = isinstance(source, workers.RemoteSource)
+        self._chunks = source.pool.workers if self._remote else max(1, num_threads)
+        # Batches are assembled one after another in their own thread; their chunks load in the example
+        # threads (or worker processes), which never wait on anything, so no pool waits on itself.
         self._batch_pool = concurrent.futures.ThreadPoolExecutor(1)
-        self._example_pool = concurrent.futures.ThreadPoolExecutor(self._num_threads)
+        self._example_pool = None if self._remote else concurrent.futures.ThreadPoolExecutor(self._chunks)
         self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}
 
     @property
@@ -184,26 +202,23 @@ class BatchStream:
         start = self.process_index * self.local_batch_size
         return self.global_indices(epoch, batch)[start : start + self.local_batch_size]
 
-    def _example(self, index: int, record: dict[str, Any] | None, epoch: int) -> tuple[np.ndarray, int]:
-        if record is None:
-            return np.zeros((self.image_size, self.image_size, 3), np.float32), PAD_LABEL
-        if self.view == "clean":
-            return transforms.clean_view(record["image"], self.image_size), int(record["label"])
-        rng = np.random.default_rng((self.seed, self.stream, epoch, index))
-        return transforms.augmented_view(record["image"], self.image_size, rng), int(record["label"])
-
-    def _load_chunk(self, indices: np.ndarray, epoch: int) -> list[tuple[np.ndarray, int]]:
-        return [self._example(int(i), self.source[int(i)] if i >= 0 else None, epoch) for i in indices]
+    def _start(self, epoch: int, batch: int) -> concurrent.futures.Future:
+        """Starts building this process's batch at a position; the future gives what ``load`` returns."""
+        indices = self.local_indices(epoch, batch)
+        task = {"view": self.view, "image_size": self.image_size, "seed": self.seed, "stream": self.stream,
+                "epoch": epoch}
+        chunks = np.array_split(indices, min(len(indices), self._chunks))
+        if self._remote:
+            parts = [self.source.submit(chunk, task) for chunk in chunks]
+        else:
+            parts = [self._example_pool.submit(load_pixels, self.source, chunk, **task) for chunk in chunks]
+        return self._batch_pool.submit(_assemble, parts)
 
     def load(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
-        """This process's batch at a position: {'image': (b, S, S, 3) float32 in [0, 1], 'label': (b,) int32}."""
-        indices = self.local_indices(epoch, batch)
-        chunks = np.array_split(indices, min(len(indices), self._num_threads))
-        examples = [ex for part in self._example_pool.map(lambda c: self._load_chunk(c, epoch), chunks) for ex in part]
-        return {
-            "image": np.stack([image for image, _ in examples]),
-            "label": np.asarray([label for _, label in examples], np.int32),
-        }
+        """This process's batch at a position: {'image': (b, S, S, 3) uint8, 'label': (b,) int32}.
+
+        The pixels are ``ToTensor``'s input: ``parallel.global_batch`` scales them to [0, 1] on the device."""
+        return self._start(epoch, batch).result()
 
     def _position_after(self, epoch: int, batch: int) -> tuple[int, int]:
         batch += 1
@@ -218,7 +233,7 @@ class BatchStream:
         ahead = position
         for _ in range(self._prefetch + 1):
             if ahead not in self._pending:
-                self._pending[ahead] = self._batch_pool.submit(self.load, *ahead)
+                self._pending[ahead] = self._start(*ahead)
             ahead = self._position_after(*ahead)
         batch = self._pending.pop(position).result()
         self.epoch, self.batch = self._position_after(*position)
@@ -226,8 +241,13 @@ class BatchStream:
 
     def epoch_batches(self, epoch: int = 0):
         """Every batch of one epoch in order, without moving the stream's position (for evaluation)."""
-        for batch in range(self.batches_per_epoch):
-            yield self.load(epoch, batch)
+        ahead: collections.deque[concurrent.futures.Future] = collections.deque()
+        started = 0
+        for _ in range(self.batches_per_epoch):
+            while started < self.batches_per_epoch and len(ahead) <= self._prefetch:
+                ahead.append(self._start(epoch, started))
+                started += 1
+            yield ahead.popleft().result()
 
     def get_state(self) -> dict[str, int]:
         """The position of the next batch, as plain ints (JSON-serialisable)."""

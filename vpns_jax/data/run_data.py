@@ -8,13 +8,14 @@ resumed run continues exactly where a killed one stopped
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
 
-from vpns_jax.data import pipeline, prepare, registry
+from vpns_jax.data import pipeline, prepare, registry, workers
 
 OFFLINE_PREPARABLE = ("fashion_mnist", "digits")
 
@@ -28,11 +29,40 @@ class RunData:
     test: pipeline.BatchStream
     num_target: int
     class_names: list[str] | None
+    pool: workers.WorkerPool | None = None  # the worker processes behind the streams, if any
+
+    def close(self) -> None:
+        """Stops the worker processes (the streams cannot load after this)."""
+        if self.pool is not None:
+            self.pool.close()
 
     @property
     def iterations_per_epoch(self) -> int:
         """Training iterations per epoch (every training stream has the same number of batches)."""
         return self.streams["clean"].batches_per_epoch
+
+
+AUTO_WORKERS_CAP = 16  # each worker holds its own Python, NumPy and PIL: a few hundred MB
+
+
+def worker_count(setting: int) -> int:
+    """Worker processes for ``config.data.workers``: ``-1`` (auto) is none on the CPU backend, where training
+    already uses every core, else one per core but one (for the training loop), at most ``AUTO_WORKERS_CAP``."""
+    if setting >= 0:
+        return setting
+    if jax.default_backend() == "cpu":
+        return 0
+    return min(AUTO_WORKERS_CAP, max(1, (os.cpu_count() or 2) - 1))
+
+
+def stream_sources(sources: dict[str, Sequence], setting: int) -> tuple[dict[str, Sequence], workers.WorkerPool | None]:
+    """``sources`` as the streams should read them: themselves (``num_threads`` threads here) or, with worker
+    processes, their ``workers.RemoteSource`` in a new pool (returned too, for closing)."""
+    count = worker_count(setting)
+    if count == 0:
+        return sources, None
+    pool = workers.WorkerPool(sources, count)
+    return {key: pool.source(key) for key in sources}, pool
 
 
 def ensure_prepared(name: str, data_dir: str | None, auto_prepare: bool) -> None:
@@ -90,6 +120,8 @@ def open_run_data(config: Any) -> RunData:
                                                   limit=limit), config, split)
                    for split, limit in ((data_spec.train_split, config.data.train_limit),
                                         (data_spec.test_split, config.data.test_limit)))
+    readable, pool = stream_sources({"train": train, "test": test}, config.data.workers)
+    train, test = readable["train"], readable["test"]
     size, threads, seed = config.prompt.input_size, config.data.num_threads, config.seed
     batch, eval_batch = config.data.batch_size, config.data.eval_batch_size
     clean, augmented = pipeline.training_streams(train, global_batch_size=batch, image_size=size, seed=seed,
@@ -103,4 +135,5 @@ def open_run_data(config: Any) -> RunData:
     test_stream = pipeline.eval_stream(test, global_batch_size=eval_batch, image_size=size, num_threads=threads)
     class_names = dataset_class_names(config.data.name, data_dir, config.data.classes, num_target)
     return RunData({"clean": clean, "augmented": augmented, "second": second}, mapping, test_stream, num_target,
-                   class_names)
+                   class_names, pool)
+

@@ -4,7 +4,9 @@ The authors' pipeline (docs/method.md, section 2.1) resizes the whole image to a
 square with PIL's antialiased bilinear filter (``Resize((s, s))``), and for
 training first to 9/8 of the size, then ``RandomCrop`` and
 ``RandomHorizontalFlip``; ``ToTensor`` maps uint8 to [0, 1]. Normalisation is
-not done here: it happens at the prompt or the model input. Doing the resize in
+not done here: it happens at the prompt or the model input. The ``*_pixels``
+functions stop before ``ToTensor`` (uint8, a quarter of the bytes to move
+between processes); the pipeline scales whole batches. Doing the resize in
 PIL on uint8, as torchvision does, keeps CIFAR's 32 -> 252 upsampling
 bit-identical to the reference.
 """
@@ -56,13 +58,22 @@ def to_float(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / 255.0
 
 
+def clean_pixels(image: np.ndarray, size: int) -> np.ndarray:
+    """The test-transform view's uint8 pixels (also the prompted training stream's): RGB, resized."""
+    return resize_square(to_rgb(image), size)
+
+
+def augmented_pixels(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The training-transform view's uint8 pixels: resize to 9/8 of ``size``, random crop, random flip."""
+    image = resize_square(to_rgb(image), augmented_size(size))
+    return random_horizontal_flip(random_crop(image, size, rng), rng)
+
+
 def clean_view(image: np.ndarray, size: int) -> np.ndarray:
-    """The test-transform view (also the prompted training stream): resize, then scale to [0, 1]."""
-    return to_float(resize_square(to_rgb(image), size))
+    """The test-transform view: resize, then scale to [0, 1]."""
+    return to_float(clean_pixels(image, size))
 
 
 def augmented_view(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """The training-transform view: resize to 9/8 of ``size``, random crop, random flip, scale to [0, 1]."""
-    image = resize_square(to_rgb(image), augmented_size(size))
-    image = random_horizontal_flip(random_crop(image, size, rng), rng)
-    return to_float(image)
+    return to_float(augmented_pixels(image, size, rng))
