@@ -6,6 +6,7 @@ import pathlib
 import shlex
 import sys
 
+import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -279,6 +280,10 @@ BAD = [
     ({"prompt.output_size": 0}, "prompt.output_size", "0"),
     ({"prompt.kind": "fix", "prompt.mask_size": 33}, "prompt.mask_size", "33"),
     ({"data.batch_size": 0}, "data.batch_size", "0"),
+    ({"data.workers": -2}, "data.workers", "-2"),
+    ({"model.dtype": "float64"}, "model.dtype", "'float64'"),
+    ({"model.dtype": "float16"}, "model.dtype", "'float16'"),
+    ({"data.num_threads": 0}, "data.num_threads", "0"),
     ({"data.eval_batch_size": -250}, "data.eval_batch_size", "-250"),
     ({"source.batch_size": 0}, "source.batch_size", "0"),
     ({"stage1.epochs": 0}, "stage1.epochs", "0"),
@@ -389,7 +394,7 @@ def test_missing_field_is_named():
 
 @pytest.mark.parametrize("updates", [
     {"checkpoint.every_steps": 7}, {"checkpoint.max_to_keep": 1}, {"log_every_steps": 1},
-    {"data.num_threads": 16}, {"data.auto_prepare": False}, {"data.data_dir": "/elsewhere"},
+    {"data.num_threads": 16}, {"data.workers": 3}, {"data.auto_prepare": False}, {"data.data_dir": "/elsewhere"},
     {"compilation_cache_dir": "none"}, {"on_nonfinite": "skip"}, {"eval.every_epochs": 1},
 ])
 def test_fingerprint_ignores_what_does_not_change_results(updates):
@@ -413,3 +418,18 @@ def test_fingerprint_is_plain_json_that_survives_a_round_trip():
     assert fp["stage1"]["scores"] == {"optimizer": "adam", "lr": 1e-4, "weight_decay": 1e-4, "momentum": 0.9,
                                       "clip_value": 0.0}
     assert fp["model"]["name"] == "resnet18" and fp["method"] == "vpns"
+
+
+def test_a_compute_dtype_the_backend_cannot_run_is_one_line(monkeypatch):
+    config = _set(load("default.py"), {"model.dtype": "bfloat16"})
+    config_checks.validate(config, num_devices=1)  # the CPU backend computes in bfloat16
+
+    def refuse(a):
+        raise RuntimeError("UNIMPLEMENTED: bf16 dot\nmore detail")
+
+    monkeypatch.setattr(jax, "jit", lambda fn: refuse)
+    with pytest.raises(config_checks.ConfigError) as error:
+        config_checks.validate(config, num_devices=1)
+    message = str(error.value)
+    assert "\n" not in message and "config.model.dtype='bfloat16'" in message
+    assert "cpu backend cannot compute in bfloat16 (UNIMPLEMENTED: bf16 dot)" in message and "'float32'" in message

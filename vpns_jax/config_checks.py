@@ -34,6 +34,7 @@ NON_RESULT_FIELDS = (
     "checkpoint",
     "log_every_steps",
     "data.num_threads",
+    "data.workers",
     "data.auto_prepare",
     "data.data_dir",
     "compilation_cache_dir",
@@ -42,6 +43,19 @@ NON_RESULT_FIELDS = (
     # Extra test evaluations read the state and a separate test stream: the training is the same.
     "eval.every_epochs",
 )
+
+
+def _check_dtype(config: Any) -> None:
+    dtype = get(config, "model.dtype")
+    if dtype == "float64":
+        raise ConfigError("config.model.dtype='float64' is not a training dtype: use 'float32' or 'bfloat16'; "
+                          "float64 checks go through the functional API with x64 on (docs/performance.md, Precision)")
+    check_choice(config, "model.dtype", models.COMPUTE_DTYPES)
+    if dtype != "float32":  # float32 runs everywhere; only the others cost a probe
+        try:
+            models.check_dtype_runs(dtype)
+        except ValueError as error:
+            raise ConfigError(f"config.model.dtype={dtype!r}: {error}") from None
 
 
 def _check_batch(config: Any, path: str, num_devices: int) -> None:
@@ -158,7 +172,7 @@ def _check_model(config: Any) -> int:
     width = get(config, "model.width")
     if not is_real(width) or not width > 0:
         raise ConfigError(f"config.model.width={width!r} must be a positive width multiplier, e.g. 1.0 or 0.25")
-    check_choice(config, "model.dtype", models.COMPUTE_DTYPES)
+    _check_dtype(config)
     check_choice(config, "model.conv_impl", layers.CONV_IMPLS)
     check_choice(config, "model.pool_impl", layers.POOL_IMPLS)
     return check_int_at_least(config, "model.num_classes", 1, "the source head's classes")
@@ -170,6 +184,8 @@ def _check_data(config: Any, num_classes: int, num_devices: int) -> None:
     check_int_at_least(config, "data.test_limit", 0, "0 = every test example")
     _check_batch(config, "data.batch_size", num_devices)
     _check_batch(config, "data.eval_batch_size", num_devices)
+    check_int_at_least(config, "data.num_threads", 1, "loader threads")
+    check_int_at_least(config, "data.workers", -1, "worker processes: -1 = auto, 0 = none")
 
 
 def _check_source(config: Any, num_classes: int, num_devices: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -23,6 +24,16 @@ CLASSIFIER_PATHS: dict[str, tuple[Any, ...]] = {
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype_runs(dtype: str) -> None:
+    """A one-line ValueError when the default backend cannot run a matmul in ``dtype`` (probed once, tiny)."""
+    try:
+        jax.block_until_ready(jax.jit(lambda a: a @ a)(jnp.ones((2, 2), dtype)))
+    except Exception as error:  # noqa: BLE001 - whatever the backend raises, the user needs one line
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ValueError(f"the {jax.default_backend()} backend cannot compute in {dtype} ({first}): "
+                         "use model.dtype='float32'") from None
 
 
 def create_model(
@@ -79,4 +90,4 @@ def _set_kernels(model: nnx.Module, dtype: str, conv_impl: str, pool_impl: str) 
     return model
 
 
-__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "create_model"]
+__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "check_dtype_runs", "create_model"]
