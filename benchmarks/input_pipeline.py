@@ -1,40 +1,125 @@
-"""Input pipeline throughput next to the training step's, so the pipeline is known not to be the bottleneck.
+"""Input pipeline throughput per loader setting, and the training loop's speed on real data against synthetic batches.
 
     python benchmarks/input_pipeline.py [--dataset fashion_mnist] [--data_dir DIR] [--sizes 32 224]
+                                        [--workers 0 1 2] [--threads 2] [--batch 128] [--batches 12]
+                                        [--loop_workers 0 2] [--iterations 30] [--out FILE.md]
 
-For each image size: images/s of the clean and the augmented training view
-(decode + PIL resize + crop/flip + float conversion, with --threads loader
-threads) and of one dense ResNet-18 training step at that size (CIFAR stem at
-32 px, ImageNet stem otherwise). A stage-1 or stage-2 VPNs iteration consumes
-two batches per step at about the dense step's rate per batch, so the pipeline
-keeps up when each view alone is faster than the step.
-Prepares the dataset into --data_dir first if it is not there (offline
-datasets only: fashion_mnist, digits).
+1. Augmented training-view images/s (decode + PIL resize + crop/flip, uint8 batches as the trainer receives
+   them) at each size, for in-process threads (``--workers 0``, ``--threads`` threads) and for each worker
+   count, after the workers have started. From the one-worker rate at the largest size: how many workers a
+   target rate (``--target``, 5,000 images/s by default) needs.
+2. The training loop: VPNs stage-1 iterations of the offline default's model (ResNet-18 at width 1/4, CIFAR
+   stem, 32 px, batch 64, two batches per iteration), fed as the trainer feeds them (two streams,
+   ``parallel.prefetch_to_device``), against the same iterations on synthetic batches already on the device;
+   per ``--loop_workers`` setting, images/s of each and the ratio real / synthetic.
+Prepares the dataset into --data_dir first if it is not there (offline datasets only: fashion_mnist, digits).
+Writes the tables, with the command, date, commit and machine, to ``--out`` when given.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
+import os
+import platform
+import subprocess
+import sys
 import time
 
 import jax
+import numpy as np
+from flax import nnx
 
-from step_time import dense_step, time_call
-from vpns_jax.data import pipeline, prepare, registry
+from step_time import vpns_state
+from vpns_jax.core import parallel, steps
+from vpns_jax.data import pipeline, prepare, registry, run_data
+from vpns_jax.models import create_model
 
 
-def views_rate(source, size: int, batch: int, batches: int, threads: int) -> dict[str, float]:
-    """Steady images/s of each training view (after one warm-up batch)."""
-    rates = {}
-    clean, augmented = pipeline.training_streams(source, global_batch_size=batch, image_size=size, seed=0,
-                                                 num_threads=threads, prefetch=0)
-    for name, stream in (("clean", clean), ("augmented", augmented)):
+def _streams(source, setting: int, size: int, batch: int, threads: int, views=("augmented",)):
+    """Training streams of ``views`` over ``source``, loaded per ``setting`` (0 = threads here, else that many
+    workers, started before returning), and the pool to close."""
+    readable, pool = run_data.stream_sources({"train": source}, setting)
+    if pool is not None:
+        pool.wait_ready()
+    streams = [pipeline.BatchStream(readable["train"], global_batch_size=batch, image_size=size, view=view, seed=0,
+                                    stream=number, num_threads=threads) for number, view in enumerate(views)]
+    return streams, pool
+
+
+def view_rate(source, setting: int, size: int, batch: int, batches: int, threads: int) -> float:
+    """Steady augmented images/s of one stream (after a warm-up batch), prefetching as the trainer does."""
+    (stream,), pool = _streams(source, setting, size, batch, threads)
+    try:
         next(stream)
         start = time.perf_counter()
         for _ in range(batches):
             next(stream)
-        rates[name] = batches * batch / (time.perf_counter() - start)
-    return rates
+        return batches * batch / (time.perf_counter() - start)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def loop_rates(source, setting: int, iterations: int, threads: int) -> tuple[float, float]:
+    """(real, synthetic) images/s of the offline default's stage-1 iterations (two batches of 64 at 32 px)."""
+    mesh = parallel.make_mesh()
+    model = create_model("resnet18", num_classes=10, width=0.25, stem="cifar", rngs=nnx.Rngs(0))
+    spec, state, _ = vpns_state(model, 32, 0.1, mesh)
+    streams, pool = _streams(source, setting, 32, 64, threads, views=("clean", "augmented"))
+    real = parallel.prefetch_to_device(((next(streams[0]), next(streams[1])) for _ in itertools.count()), mesh)
+    fixed = next(real)
+    synthetic = itertools.repeat(fixed)
+    rates = []
+    try:
+        for batches in (synthetic, real):
+            for _ in range(2):  # compile, and settle the prefetch
+                state, metrics = steps.train_iteration(state, next(batches), spec=spec, stage=1)
+            jax.block_until_ready(metrics)
+            start = time.perf_counter()
+            for _ in range(iterations):
+                state, metrics = steps.train_iteration(state, next(batches), spec=spec, stage=1)
+            jax.block_until_ready(metrics)
+            rates.append(iterations * 2 * 64 / (time.perf_counter() - start))
+    finally:
+        if pool is not None:
+            pool.close()
+    return rates[1], rates[0]
+
+
+def _machine() -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return (f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, commit {commit.stdout.strip() or 'unknown'}\n"
+            f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax "
+            f"{jax.__version__} on {jax.devices()[0].device_kind}")
+
+
+def view_table(source, args) -> list[str]:
+    """Markdown rows of the augmented view's images/s per size and loader setting, and the workers a target needs."""
+    names = {w: (f"{args.threads} threads" if w == 0 else f"{w} worker{'s' * (w > 1)}") for w in args.workers}
+    lines = ["| size | " + " | ".join(names.values()) + " | 2 / 1 workers |", "| --: |" + " --: |" * (len(names) + 1)]
+    one_worker = {}
+    for size in args.sizes:
+        rates = {w: view_rate(source, w, size, args.batch, args.batches, args.threads) for w in args.workers}
+        one_worker[size] = rates.get(1, float("nan"))
+        scaling = rates[2] / rates[1] if 1 in rates and 2 in rates else float("nan")
+        lines.append(f"| {size} px | " + " | ".join(f"{rates[w]:.0f}" for w in args.workers) + f" | {scaling:.2f}x |")
+    size = max(args.sizes)
+    need = math.ceil(args.target / one_worker[size]) if one_worker[size] == one_worker[size] else "?"
+    lines += ["", f"- {args.target:,} augmented images/s at {size} px needs {need} workers at the one-worker rate "
+                  f"measured here ({one_worker[size]:.0f} images/s per worker), with a core for each."]
+    return lines
+
+
+def loop_table(source, args) -> list[str]:
+    """Markdown rows of the training loop's images/s on real and synthetic batches per loader setting."""
+    lines = ["| loader | real data img/s | synthetic img/s | real / synthetic |", "| :-- | --: | --: | --: |"]
+    for setting in args.loop_workers:
+        real, synthetic = loop_rates(source, setting, args.iterations, args.threads)
+        name = f"{args.threads} threads" if setting == 0 else f"{setting} workers"
+        lines.append(f"| {name} | {real:.0f} | {synthetic:.0f} | {real / synthetic:.1%} |")
+    return lines
 
 
 def main() -> None:
@@ -42,11 +127,14 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="0 = in-process threads")
+    parser.add_argument("--threads", type=int, default=2, help="loader threads when there are no workers")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--step_batch", type=int, default=32, help="batch of the timed training step")
-    parser.add_argument("--no_step", action="store_true", help="skip timing the training step")
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--target", type=int, default=5000, help="images/s to size the worker count for")
+    parser.add_argument("--loop_workers", type=int, nargs="*", default=[0, 2])
+    parser.add_argument("--iterations", type=int, default=30, help="timed stage-1 iterations per loop setting")
+    parser.add_argument("--out", default=None, help="also write the report (markdown) here")
     args = parser.parse_args()
 
     try:
@@ -54,18 +142,17 @@ def main() -> None:
     except registry.DataNotFoundError:
         prepare.prepare(args.dataset, data_dir=args.data_dir)
     source = pipeline.open_split(args.dataset, registry.get_dataset_spec(args.dataset).train_split, args.data_dir)
-    print(f"{args.dataset}: {len(source):,} training images, {args.threads} loader threads, batch {args.batch}, "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    print(f"{'size':>6}{'clean view img/s':>18}{'augmented img/s':>17}{'train step img/s':>18}")
-    for size in args.sizes:
-        rates = views_rate(source, size, args.batch, args.batches, args.threads)
-        step = float("nan")
-        if not args.no_step:
-            stem = "cifar" if size <= 32 else "imagenet"
-            _, call, _, _ = dense_step("resnet18", 1.0, stem, size, args.step_batch)
-            _, seconds = time_call(call, repeats=2)
-            step = args.step_batch / seconds
-        print(f"{size:>6}{rates['clean']:>18.0f}{rates['augmented']:>17.0f}{step:>18.1f}")
+    lines = ["# Input pipeline", "", f"- command: `python benchmarks/input_pipeline.py {' '.join(sys.argv[1:])}`",
+             _machine(), f"- {args.dataset}: {len(source):,} training images, batch {args.batch}", "",
+             "Augmented training view, images/s:", "", *view_table(source, args)]
+    if args.loop_workers:
+        lines += ["", "Training loop, VPNs stage-1 iterations of the offline default's model (32 px, batch 64):", "",
+                  *loop_table(source, args)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as out:
+            out.write(text)
 
 
 if __name__ == "__main__":

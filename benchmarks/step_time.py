@@ -83,14 +83,9 @@ def dense_step(model_name: str, width: float, stem: str, size: int, batch_size: 
     return model, call, batch, peak
 
 
-def jax_rows(model_name: str, width: float, stem: str, size: int, batch_size: int, repeats: int,
-             density: float, mesh=None, *, kernels: dict[str, str] | None = None
-             ) -> list[tuple[str, float, float, float, int]]:
-    """(name, compile s, median s, images/s, peak bytes) of the dense step, threshold, stage iterations, eval.
-
-    With ``mesh``, batches are split over its devices and the states replicated; ``kernels`` as dense_step's."""
-    model, dense_call, batch, dense_peak = dense_step(model_name, width, stem, size, batch_size, mesh,
-                                                      kernels=kernels)
+def vpns_state(model, size: int, density: float, mesh=None) -> tuple[steps.StepSpec, steps.TrainState, dict]:
+    """(spec, stage-1 state, scores) of VPNs on ``model`` (the reference's optimisers, a pad prompt whose frame is
+    the authors' 16 px at 224 px, scaled), replicated over ``mesh`` when given."""
     graphdef, weights, batch_stats = functional.split_model(model)
     scores = masking.init_scores(weights, functional.leaf_kinds(model))
     # The authors' 16 px frame at 224 px, scaled (as benchmarks/torch_reference.prompt_pad).
@@ -105,6 +100,18 @@ def jax_rows(model_name: str, width: float, stem: str, size: int, batch_size: in
                              density=density, label_map=label_mapping.identity_mapping(10), rng=jax.random.PRNGKey(1))
     if mesh is not None:
         state = parallel.replicate(state, mesh)
+    return spec, state, scores
+
+
+def jax_rows(model_name: str, width: float, stem: str, size: int, batch_size: int, repeats: int,
+             density: float, mesh=None, *, kernels: dict[str, str] | None = None
+             ) -> list[tuple[str, float, float, float, int]]:
+    """(name, compile s, median s, images/s, peak bytes) of the dense step, threshold, stage iterations, eval.
+
+    With ``mesh``, batches are split over its devices and the states replicated; ``kernels`` as dense_step's."""
+    model, dense_call, batch, dense_peak = dense_step(model_name, width, stem, size, batch_size, mesh,
+                                                      kernels=kernels)
+    spec, state, scores = vpns_state(model, size, density, mesh)
 
     def stage_call(stage):
         def call():

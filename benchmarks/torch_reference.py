@@ -2,6 +2,7 @@
 
     python benchmarks/torch_reference.py [--size 32] [--stem cifar] [--batch 128] [--repeats 3]
                                          [--width 1] [--density 0.1] [--pad SIZE//8] [--threads 2]
+                                         [--device cpu|cuda] [--channels_last] [--autocast none|bf16] [--json]
 
 Used to time the authors' way of doing one iteration next to the JAX version
 (``benchmarks/step_time.py``). Imports torch only (no torchvision). The
@@ -30,14 +31,31 @@ semantics follow ``docs/method.md`` (sections 1-6 and 11):
   training sub-step; evaluation uses running statistics, no prompt.
 
 ``torch.set_num_threads`` is the caller's business; ``main`` sets ``--threads``.
+
+Placement and precision (``measure``, ``medians``, the CLI): ``--device`` runs
+the model, the prompt and the batches on a torch device (default ``cpu``, where
+with the other defaults every move is a no-op and nothing is autocast, so the
+CPU numbers are those of the plain reference); ``--channels_last`` stores 4-D
+weights and images as NHWC (the layout cuDNN's fastest convolutions want);
+``--autocast bf16`` runs forward and loss under ``torch.autocast(device,
+bfloat16)`` (backward and the optimisers stay float32, as mixed precision does
+it). On CUDA each timed call ends with ``torch.cuda.synchronize()`` (kernels run
+asynchronously), cuDNN's autotuner is on (XLA autotunes its convolutions too;
+the warm-up call pays for it), and each row also gives
+``torch.cuda.max_memory_allocated``. ``--json`` prints one JSON line (torch
+version, device name, medians, peak bytes) for ``benchmarks/device_check.py``,
+which runs this file in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +64,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STEMS = ("imagenet", "cifar")
+AUTOCAST = {"none": None, "bf16": torch.bfloat16}
 
 
 # --------------------------------------------------------------------------- masks
@@ -134,7 +153,7 @@ def set_threshold(model: nn.Module, density: float) -> torch.Tensor:
     layers = scored_layers(model)
     flat = torch.cat([m.scores.detach().abs().flatten() for m in layers])
     k = int((1 - density) * flat.numel())
-    tau = torch.kthvalue(flat, k).values if k >= 1 else torch.tensor(float("-inf"))
+    tau = torch.kthvalue(flat, k).values if k >= 1 else torch.tensor(float("-inf"), device=flat.device)
     for m in layers:
         m.threshold = tau
     return tau
@@ -302,26 +321,38 @@ def _logits(model: nn.Module, x: torch.Tensor, label_map: torch.Tensor | None) -
     return logits if label_map is None else logits.index_select(1, label_map)
 
 
+def _precision(x: torch.Tensor, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``x``'s device type, or nothing at all (plain float32) for None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, dtype=dtype)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 # --------------------------------------------------------------------------- iterations
 
 
 class DenseStep:
     """One dense SGD step (0.01, momentum 0.9, wd 1e-4) on all non-score parameters.
 
-    Puts ``model`` in dense mode (``set_dense``), so give it its own model.
+    Puts ``model`` in dense mode (``set_dense``), so give it its own model. ``autocast``: a dtype to run
+    forward and loss in under ``torch.autocast``, or None (float32).
     """
 
-    def __init__(self, model: nn.Module, *, lr: float = 0.01, label_map: torch.Tensor | None = None) -> None:
+    def __init__(self, model: nn.Module, *, lr: float = 0.01, label_map: torch.Tensor | None = None,
+                 autocast: torch.dtype | None = None) -> None:
         set_dense(model)
         for p in non_score_parameters(model):
             p.requires_grad_(True)
-        self.model, self.label_map = model, label_map
-        self.normalize = Normalize()
+        self.model, self.label_map, self.autocast = model, label_map, autocast
+        self.normalize = Normalize().to(_device_of(model))  # a no-op on CPU
         self.optimizer = torch.optim.SGD(non_score_parameters(model), lr=lr, momentum=0.9, weight_decay=1e-4)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.model.train()
-        loss = F.cross_entropy(_logits(self.model, self.normalize(images), self.label_map), labels)
+        with _precision(images, self.autocast):
+            loss = F.cross_entropy(_logits(self.model, self.normalize(images), self.label_map), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -337,9 +368,11 @@ class _TwoSubSteps:
     prompt_opt: torch.optim.Optimizer
     label_map: torch.Tensor | None
     density: float | None  # stage 1: recompute tau after every step; stage 2: None
+    autocast: torch.dtype | None = None  # forward and loss under torch.autocast to this dtype; None: float32
 
     def _sub_step(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(_logits(self.model, x, self.label_map), labels)
+        with _precision(x, self.autocast):
+            loss = F.cross_entropy(_logits(self.model, x, self.label_map), labels)
         self.main_opt.zero_grad(set_to_none=True)
         self.prompt_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -367,13 +400,15 @@ class Stage1Iteration(_TwoSubSteps):
     """
 
     def __init__(self, model: nn.Module, prompt: PadPrompt, density: float, *, lr: float = 1e-4,
-                 prompt_lr: float = 1e-4, label_map: torch.Tensor | None = None) -> None:
+                 prompt_lr: float = 1e-4, label_map: torch.Tensor | None = None,
+                 autocast: torch.dtype | None = None) -> None:
         for p in layer_weights(model):
             p.requires_grad_(False)
         for p in score_parameters(model):
             p.requires_grad_(True)
         prompt.program.requires_grad_(True)
         self.model, self.prompt, self.density, self.label_map = model, prompt, density, label_map
+        self.autocast = autocast
         self.main_opt = torch.optim.Adam(score_parameters(model), lr=lr, weight_decay=1e-4)
         self.prompt_opt = torch.optim.Adam(prompt.parameters(), lr=prompt_lr, weight_decay=1e-4)
         set_threshold(model, density)
@@ -387,7 +422,7 @@ class Stage2Iteration(_TwoSubSteps):
     """
 
     def __init__(self, model: nn.Module, prompt: PadPrompt, *, lr: float = 0.01, prompt_lr: float = 0.01,
-                 label_map: torch.Tensor | None = None) -> None:
+                 label_map: torch.Tensor | None = None, autocast: torch.dtype | None = None) -> None:
         if any(m.threshold is None for m in scored_layers(model)):
             raise ValueError("Stage2Iteration needs a threshold: run set_threshold (or stage 1) first")
         for p in score_parameters(model):
@@ -396,6 +431,7 @@ class Stage2Iteration(_TwoSubSteps):
             p.requires_grad_(True)
         prompt.program.requires_grad_(True)
         self.model, self.prompt, self.density, self.label_map = model, prompt, None, label_map
+        self.autocast = autocast
         self.main_opt = torch.optim.SGD(non_score_parameters(model), lr=lr, momentum=0.9, weight_decay=1e-4)
         self.prompt_opt = torch.optim.SGD(prompt.parameters(), lr=prompt_lr, momentum=0.9, weight_decay=1e-4)
 
@@ -403,14 +439,16 @@ class Stage2Iteration(_TwoSubSteps):
 class EvalStep:
     """Eval mode, no grad, normalised input without the prompt: number of correct top-1 predictions."""
 
-    def __init__(self, model: nn.Module, *, label_map: torch.Tensor | None = None) -> None:
-        self.model, self.label_map = model, label_map
-        self.normalize = Normalize()
+    def __init__(self, model: nn.Module, *, label_map: torch.Tensor | None = None,
+                 autocast: torch.dtype | None = None) -> None:
+        self.model, self.label_map, self.autocast = model, label_map, autocast
+        self.normalize = Normalize().to(_device_of(model))  # a no-op on CPU
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> int:
         self.model.eval()
-        logits = _logits(self.model, self.normalize(images), self.label_map)
+        with _precision(images, self.autocast):
+            logits = _logits(self.model, self.normalize(images), self.label_map)
         self.model.train()
         return int((logits.argmax(1) == labels).sum().item())
 
@@ -418,13 +456,18 @@ class EvalStep:
 # --------------------------------------------------------------------------- CLI
 
 
-def time_call(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call."""
+def time_call(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call.
+
+    ``sync`` runs after each call, inside the timed span: ``torch.cuda.synchronize`` on CUDA, where a call
+    returns once its kernels are queued rather than done."""
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -434,24 +477,69 @@ def prompt_pad(size: int) -> int:
     return max(1, size * 16 // 224)
 
 
-def medians(*, width: float = 1.0, stem: str = "cifar", size: int = 32, batch: int = 128, repeats: int = 3,
-            density: float = 0.1, num_classes: int = 10, pad: int | None = None) -> dict[str, float]:
-    """Median seconds of the dense step, both stage iterations and the eval step (a warm-up call each)."""
+def placer(device: torch.device, channels_last: bool) -> Callable:
+    """A function moving a module or tensor to ``device``, 4-D ones NHWC in memory when ``channels_last``.
+
+    On CPU without channels_last every move is a no-op: the default run is the one before these options."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+
+    def place(x):
+        if isinstance(x, nn.Module) or x.dim() == 4:
+            return x.to(device=device, memory_format=layout)
+        return x.to(device=device)
+
+    return place
+
+
+def measure(*, width: float = 1.0, stem: str = "cifar", size: int = 32, batch: int = 128, repeats: int = 3,
+            density: float = 0.1, num_classes: int = 10, pad: int | None = None, device: str = "cpu",
+            channels_last: bool = False, autocast: torch.dtype | None = None) -> dict[str, dict[str, float]]:
+    """``{"median_s": {row: seconds}, "peak_bytes": {row: bytes}}`` of the dense step, both stage iterations
+    and the eval step (a warm-up call each); peak bytes (``torch.cuda.max_memory_allocated`` over the row) on
+    CUDA only. ``device``, ``channels_last``, ``autocast``: as the module docstring says."""
     torch.manual_seed(0)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # XLA autotunes its convolutions; the reference gets cuDNN's autotuner
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    place = placer(device, channels_last)
     pad = prompt_pad(size) if pad is None else pad
-    vp_x, vp_y = make_inputs(batch, size, num_classes, seed=0)
-    tr_x, tr_y = make_inputs(batch, size, num_classes, seed=1)
-    dense = DenseStep(build_resnet18(num_classes, width, stem))
-    model = build_resnet18(num_classes, width, stem)
-    prompt = PadPrompt(size, pad)
-    times = {"dense train step": time_call(lambda: dense(tr_x, tr_y), repeats)}
-    stage1 = Stage1Iteration(model, prompt, density)
-    times["VPNs stage-1 iteration"] = time_call(lambda: stage1(vp_x, vp_y, tr_x, tr_y), repeats)
-    stage2 = Stage2Iteration(model, prompt)
-    times["VPNs stage-2 iteration"] = time_call(lambda: stage2(vp_x, vp_y, tr_x, tr_y), repeats)
-    evaluate = EvalStep(model)
-    times["eval step"] = time_call(lambda: evaluate(tr_x, tr_y), repeats)
-    return times
+    vp_x, vp_y = map(place, make_inputs(batch, size, num_classes, seed=0))
+    tr_x, tr_y = map(place, make_inputs(batch, size, num_classes, seed=1))
+    dense = DenseStep(place(build_resnet18(num_classes, width, stem)), autocast=autocast)
+    model = place(build_resnet18(num_classes, width, stem))
+    prompt = place(PadPrompt(size, pad))
+    out: dict[str, dict[str, float]] = {"median_s": {}, "peak_bytes": {}}
+
+    def row(name: str, fn: Callable[[], object]) -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        out["median_s"][name] = time_call(fn, repeats, sync)
+        if cuda:
+            out["peak_bytes"][name] = torch.cuda.max_memory_allocated(device)
+
+    row("dense train step", lambda: dense(tr_x, tr_y))
+    stage1 = Stage1Iteration(model, prompt, density, autocast=autocast)
+    row("VPNs stage-1 iteration", lambda: stage1(vp_x, vp_y, tr_x, tr_y))
+    stage2 = Stage2Iteration(model, prompt, autocast=autocast)
+    row("VPNs stage-2 iteration", lambda: stage2(vp_x, vp_y, tr_x, tr_y))
+    evaluate = EvalStep(model, autocast=autocast)
+    row("eval step", lambda: evaluate(tr_x, tr_y))
+    return out
+
+
+def medians(*, width: float = 1.0, stem: str = "cifar", size: int = 32, batch: int = 128, repeats: int = 3,
+            density: float = 0.1, num_classes: int = 10, pad: int | None = None, device: str = "cpu",
+            channels_last: bool = False, autocast: torch.dtype | None = None) -> dict[str, float]:
+    """Median seconds of the dense step, both stage iterations and the eval step (a warm-up call each)."""
+    return measure(width=width, stem=stem, size=size, batch=batch, repeats=repeats, density=density,
+                   num_classes=num_classes, pad=pad, device=device, channels_last=channels_last,
+                   autocast=autocast)["median_s"]
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
 
 
 def main() -> None:
@@ -465,15 +553,28 @@ def main() -> None:
     parser.add_argument("--pad", type=int, default=None, help="prompt frame width (default: 16 px at 224, scaled)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
+    parser.add_argument("--channels_last", action="store_true", help="NHWC weights and images")
+    parser.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="forward and loss dtype")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False (torch {torch.__version__})")
     torch.set_num_threads(args.threads)
-    times = medians(width=args.width, stem=args.stem, size=args.size, batch=args.batch, repeats=args.repeats,
-                    density=args.density, num_classes=args.num_classes, pad=args.pad)
+    result = measure(width=args.width, stem=args.stem, size=args.size, batch=args.batch, repeats=args.repeats,
+                     density=args.density, num_classes=args.num_classes, pad=args.pad, device=args.device,
+                     channels_last=args.channels_last, autocast=AUTOCAST[args.autocast])
+    if args.json:
+        print(json.dumps({"torch": torch.__version__, "device": _device_name(args.device), **result}))
+        return
+    options = (f", autocast {args.autocast}" if args.autocast != "none" else "") + (
+        ", channels_last" if args.channels_last else "")
     print(f"resnet18 width {args.width} {args.stem} stem {args.size}x{args.size} batch {args.batch}, "
-          f"density {args.density}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"density {args.density}{options}")
+    on = "" if args.device == "cpu" else f", on {_device_name(args.device)}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads{on}")
     print(f"{'step':<26}{'median s':>10}{'images/s':>10}")
-    for name, median in times.items():
+    for name, median in result["median_s"].items():
         batches = 2 if name.startswith("VPNs") else 1
         print(f"{name:<26}{median:>10.3f}{args.batch * batches / median:>10.1f}")
 
