@@ -8,8 +8,9 @@ peak-memory estimate) in float32 with each conv kernel (``lax``, ``im2col``) and
 to them, where torch is installed and sees a CUDA device, the PyTorch reference (benchmarks/torch_reference.py,
 the authors' semantics) on the same card, channels_last, in float32 and under bfloat16 autocast: conv column
 ``torch, channels_last``, peak MiB from ``torch.cuda.max_memory_allocated``; otherwise one line says why it was
-skipped. Then the input pipeline's augmented images/s at both sizes, and the offline default's wall time end to
-end (``python -m vpns_jax.main``, in a temporary workdir).
+skipped. Then the input pipeline's augmented images/s at both sizes with in-process threads, one worker process
+and the ``data.workers`` auto count, and the offline default's wall time end to end (``python -m vpns_jax.main``,
+in a temporary workdir).
 
 ``--budget_s`` bounds the whole run: a piece of work starts only while one like the last of its kind still fits
 (rows past that are listed as skipped), and the subprocesses (the PyTorch reference, the end-to-end run) are
