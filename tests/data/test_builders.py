@@ -18,15 +18,19 @@ from PIL import Image
 
 from vpns_jax.data import registry
 from vpns_jax.data.builders import FashionMnistLocal, SklearnDigits, TinyImagenet
-from vpns_jax.data.builders import fashion_mnist_local, sklearn_digits
+from vpns_jax.data.builders import fashion_mnist_local, sklearn_digits, tiny_imagenet
 from vpns_jax.data.idx import read_idx
 
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot"]
 REAL_FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
-# Tiny-ImageNet fake: wnids in UNSORTED order; n02's second train image is grayscale.
+# Tiny-ImageNet fake: wnids in UNSORTED order; n02's second train image is grayscale. words.txt names n02 and
+# n03 both "crane" first (as ImageNet's bird and machine), and lists wnids of no class, as the real one does.
 TINY_WNIDS = ["n03", "n01", "n02"]
+TINY_WORDS = ["n00\tentity", "n01\tgoldfish, Carassius auratus", "n02\tcrane", "n03\tcrane, derrick",
+              "n04\tgoldfish bowl"]
+TINY_NAMES = ["goldfish", "crane (n02)", "crane (n03)"]  # of the sorted wnids n01, n02, n03
 TINY_TRAIN = {"n03": 2, "n01": 3, "n02": 2}
 TINY_GRAY = "n02_1.JPEG"
 TINY_VAL = {"val_0.JPEG": "n02", "val_1.JPEG": "n03", "val_2.JPEG": "n01"}
@@ -60,6 +64,7 @@ def make_tiny_imagenet(root: pathlib.Path) -> dict[str, tuple[bytes, str]]:
         lines.append(f"{name}\t{wnid}\t0\t0\t63\t63")
     (tree / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     (tree / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    (tree / "words.txt").write_text("\n".join(TINY_WORDS) + "\n")
     return originals
 
 
@@ -105,7 +110,9 @@ def test_tiny_imagenet_round_trip(tmp_path, layout):
 
     spec = registry.get_dataset_spec("tiny_imagenet")
     read_back = tfds.builder_from_directory(str(registry.prepared_dir(spec, str(data_dir))))
-    assert read_back.info.features["label"].names == ["n01", "n02", "n03"]
+    assert read_back.info.features["label"].names == TINY_NAMES  # from words.txt, in the sorted wnids' order
+    assert read_back.info.features["label"].num_classes == 3
+    assert str(read_back.info.version) == "1.1.0"
     seen = {}
     for split, expected_names in (("train", {n for n in originals if not n.startswith("val_")}),
                                   ("validation", set(TINY_VAL))):
@@ -281,3 +288,60 @@ def test_digits_split_and_scaling(tmp_path):
     np.testing.assert_array_equal(zero[0]["image"][..., 0], [[round(v * 255 / 16) for v in row]
                                                             for row in digits.images[0]])
     assert sklearn_digits.to_uint8(np.array([0.0, 1.0, 8.0, 15.0, 16.0]))[..., 0].tolist() == [0, 16, 128, 239, 255]
+
+
+TRUNCATED = "train/n01/images/n01_1.JPEG"
+
+
+def truncate(path: pathlib.Path) -> None:
+    """Cuts a JPEG in the middle of its pixel data, as an interrupted copy does: its header still opens."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with Image.open(path) as image:
+        assert image.size == (64, 64)  # what storing it unchecked relied on
+        with pytest.raises(OSError, match="image file is truncated"):
+            image.load()
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_tiny_imagenet_truncated_jpeg_names_the_file(tmp_path, zipped):
+    make_tiny_imagenet(tmp_path / "src")
+    truncate(tmp_path / "src" / "tiny-imagenet-200" / TRUNCATED)
+    manual = tmp_path / "src"
+    if zipped:
+        manual = tmp_path / "zipped"
+        manual.mkdir()
+        zip_tree(tmp_path / "src" / "tiny-imagenet-200", manual / "tiny-imagenet-200.zip")
+    where = (f"{manual / 'tiny-imagenet-200.zip'}:tiny-imagenet-200/{TRUNCATED}" if zipped
+             else str(tmp_path / "src" / "tiny-imagenet-200" / TRUNCATED))
+    with pytest.raises(ValueError) as error:
+        _prepare(TinyImagenet, tmp_path / "data", manual)
+    message = str(error.value)
+    assert message.startswith(f"{where}: not a readable image (image file is truncated"), message
+    assert message.endswith("); replace it with an intact copy or delete it, then run the same prepare command again")
+    assert "\n" not in message
+    assert not list((tmp_path / "data").glob("tiny_imagenet/*/dataset_info.json"))
+
+
+def test_broken_val_image_fix_names_its_annotation_line():
+    data = _jpeg(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    with pytest.raises(ValueError) as error:
+        tiny_imagenet.image_for_storage(data[: len(data) // 2], "copy/val/images/val_7.JPEG")
+    message = str(error.value)
+    assert message.startswith("copy/val/images/val_7.JPEG: not a readable image (image file is truncated ("), message
+    assert message.endswith("); replace it with an intact copy or delete it and its line in val/val_annotations.txt, "
+                            "then run the same prepare command again")
+    with pytest.raises(ValueError, match=r"^x.JPEG: not a readable image \(cannot identify image file"):
+        tiny_imagenet.image_for_storage(b"not an image", "x.JPEG")
+    assert tiny_imagenet.image_for_storage(data, "ok.JPEG") == data  # an intact RGB JPEG is stored as it is
+
+
+def test_tiny_imagenet_class_names_need_words_txt(tmp_path):
+    make_tiny_imagenet(tmp_path / "src")
+    words = tmp_path / "src" / "tiny-imagenet-200" / "words.txt"
+    words.write_text("n01\tgoldfish\nn03\tcrane\n")  # no line for n02
+    with pytest.raises(ValueError, match=r"words.txt: no name for 1 wnid\(s\) of wnids.txt, e.g. n02; re-download"):
+        _prepare(TinyImagenet, tmp_path / "d1", tmp_path / "src")
+    words.unlink()
+    with pytest.raises(FileNotFoundError, match=r"tiny-imagenet-200/words.txt is missing: the copy is incomplete"):
+        _prepare(TinyImagenet, tmp_path / "d2", tmp_path / "src")

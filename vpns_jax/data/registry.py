@@ -103,6 +103,9 @@ def prepared_dir(spec: DatasetSpec, data_dir: str | None) -> pathlib.Path:
     """
     root = resolve_data_dir(data_dir) / spec.tfds_name
     infos = sorted(root.glob("*/dataset_info.json")) + sorted(root.glob("*/*/dataset_info.json"))
+    # Only version folders count: TFDS writes into ``incomplete.<id>_<version>`` and renames it when done,
+    # so a preparation killed after its dataset_info.json was written must not pass for a finished one.
+    infos = [info for info in infos if _version_key(info.parent.name) != (-1,)]
     if not infos:
         raise DataNotFoundError(f"dataset {spec.name!r} is not prepared in {root}: {spec.how_to_get}")
     return max(infos, key=lambda p: _version_key(p.parent.name)).parent
@@ -119,3 +122,42 @@ def prepared_file_formats(version_dir: pathlib.Path) -> list[str]:
     """The file formats a prepared dataset is stored in: its main one, then any converted alternatives."""
     info = json.loads((version_dir / "dataset_info.json").read_text() or "{}")
     return [info.get("fileFormat", "array_record"), *info.get("alternativeFileFormats", [])]
+
+
+def prepared_num_classes(version_dir: pathlib.Path) -> int | None:
+    """The class count of a prepared dataset's ``label`` feature, read from its metadata files (no TFDS).
+
+    ``features.json`` records it; a copy without one (older TFDS) is counted by its label names
+    file; None when neither says.
+    """
+    try:
+        features = json.loads((version_dir / "features.json").read_text())
+        return int(features["featuresDict"]["features"]["label"]["classLabel"]["numClasses"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return sum(1 for line in (version_dir / "label.labels.txt").read_text().splitlines() if line.strip())
+    except OSError:
+        return None
+
+
+def class_count_problem(spec: DatasetSpec, version_dir: pathlib.Path) -> str | None:
+    """Why the prepared copy ``version_dir`` of ``spec`` does not fit its configs (another class count), or None.
+
+    A copy prepared from an incomplete source (say a Tiny-ImageNet with 199 class folders)
+    would otherwise train with missing classes and report against the wrong head size.
+    """
+    found = prepared_num_classes(version_dir)
+    if found is None or found == spec.num_classes:
+        return None
+    return (f"dataset {spec.name!r} in {version_dir} has {found} classes where the config expects "
+            f"{spec.num_classes}: prepare it again from a complete copy, adding --force to replace this one "
+            f"({spec.how_to_get})")
+
+
+def check_class_count(spec: DatasetSpec, data_dir: str | None) -> None:
+    """A one-line ValueError when the prepared copy of ``spec`` has another class count than ``spec.num_classes``
+    (read from its metadata files: cheap)."""
+    problem = class_count_problem(spec, prepared_dir(spec, data_dir))
+    if problem is not None:
+        raise ValueError(problem)

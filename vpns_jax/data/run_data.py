@@ -114,6 +114,7 @@ def open_run_data(config: Any) -> RunData:
     names = [config.data.name] + ([config.source.dataset] if config.source.enabled else [])
     for name in dict.fromkeys(names):
         ensure_prepared(name, data_dir, config.data.auto_prepare)
+        registry.check_class_count(registry.get_dataset_spec(name), data_dir)  # metadata only: cheap
     data_spec = registry.get_dataset_spec(config.data.name)
     num_target = len(config.data.classes) or data_spec.num_classes  # config_checks.validate: it fits the head
     train, test = (_nonempty(pipeline.open_subset(config.data.name, split, data_dir, classes=config.data.classes,

@@ -7,20 +7,28 @@ TFDS's default is ``<data_dir>/downloads/manual``), first match wins:
 2. the extracted ``tiny-imagenet-200/`` folder;
 3. the manual dir itself, when it is that folder (holds ``wnids.txt``).
 
-Layout read: ``wnids.txt``; ``train/<wnid>/images/*.JPEG``; ``val/images/*.JPEG`` with
-``val/val_annotations.txt`` (tab separated: file name, wnid, bounding box). The
-label is the index of the wnid in the SORTED wnids (``ClassLabel`` names, set from
-``wnids.txt`` while preparing). Splits: ``train`` (100,000) and ``validation``
-(the official val set, 10,000; the registry uses it as the test split). Example
-keys are the image file names.
+Layout read: ``wnids.txt``; ``words.txt``; ``train/<wnid>/images/*.JPEG``;
+``val/images/*.JPEG`` with ``val/val_annotations.txt`` (tab separated: file name,
+wnid, bounding box). The label is the index of the wnid in the SORTED wnids; the
+``ClassLabel`` names are the wnids' readable names from ``words.txt`` (the first of
+each wnid's comma-separated names, e.g. ``goldfish``), in that same order. Splits:
+``train`` (100,000) and ``validation`` (the official val set, 10,000; the registry
+uses it as the test split). Example keys are the image file names.
 
-Images: RGB JPEGs are stored as their original bytes, so they decode exactly as
-the originals; the few non-RGB (grayscale) ones are converted to RGB with PIL and
+Images: every file is decoded in full while preparing, so a truncated or corrupt
+one stops the preparation with one line naming it (and nothing is left prepared,
+see ``vpns_jax.data.prepare``) instead of failing a run at its first batch. RGB
+JPEGs are stored as their original bytes, so they decode exactly as the
+originals; the few non-RGB (grayscale) ones are converted to RGB with PIL and
 stored as lossless PNG, so every image decodes to (64, 64, 3) uint8.
+
+Versions: 1.1.0 has the readable label names and checked images; a 1.0.0 copy
+(label names = wnids, same labels and image bytes) is still read.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import pathlib
 import zipfile
@@ -113,6 +121,26 @@ def read_wnids(source: _Source) -> list[str]:
     return sorted(wnids)
 
 
+def read_class_names(source: _Source, wnids: list[str]) -> list[str]:
+    """The readable name of each of ``wnids``, in their order, from ``words.txt`` (``wnid<TAB>name, name, ...``).
+
+    Each wnid gets its first comma-separated name; a name two wnids share (ImageNet has
+    two "crane"s) gets its wnid appended, because TFDS label names must be unique.
+    """
+    wanted = set(wnids)
+    first: dict[str, str] = {}
+    for line in source.read_text("words.txt").splitlines():
+        wnid, _, names = line.partition("\t")
+        if wnid.strip() in wanted:
+            first[wnid.strip()] = names.split(",")[0].strip()
+    missing = [wnid for wnid in wnids if not first.get(wnid)]
+    if missing:
+        raise ValueError(f"{source.describe('words.txt')}: no name for {len(missing)} wnid(s) of wnids.txt, "
+                         f"e.g. {missing[0]}; re-download the dataset")
+    counts = collections.Counter(first[wnid] for wnid in wnids)
+    return [first[wnid] if counts[first[wnid]] == 1 else f"{first[wnid]} ({wnid})" for wnid in wnids]
+
+
 def read_val_annotations(source: _Source, wnids: list[str]) -> dict[str, str]:
     """{val file name: wnid} from ``val/val_annotations.txt``."""
     where = source.describe("val/val_annotations.txt")
@@ -132,16 +160,25 @@ def read_val_annotations(source: _Source, wnids: list[str]) -> dict[str, str]:
 
 
 def image_for_storage(data: bytes, where: str) -> bytes:
-    """The original bytes of a 64x64 RGB image; a lossless RGB PNG of any other mode (grayscale)."""
+    """The original bytes of a 64x64 RGB image; a lossless RGB PNG of any other mode (grayscale).
+
+    The image is decoded in full first: ``Image.open`` reads only the header, so a
+    truncated file would otherwise be stored and fail only when a run decodes it.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.size != IMAGE_SIZE:
-                raise ValueError(f"{where}: image of size {image.size}, expected {IMAGE_SIZE}")
-            if image.mode == "RGB":
-                return data
-            return encode_png(image.convert("RGB"))
-    except (OSError, SyntaxError) as error:  # PIL's errors for broken files
-        raise ValueError(f"{where}: not a readable image ({error}); re-download the dataset") from None
+        image = Image.open(io.BytesIO(data))
+        image.load()  # PIL's decoder is the one the reader uses (TFDS decodes with PIL when OpenCV is absent)
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for broken files
+        # A val image is also listed in val_annotations.txt, which would then name a missing file.
+        delete = "delete it and its line in val/val_annotations.txt" if "val/images/" in where else "delete it"
+        raise ValueError(f"{where}: not a readable image ({error}); replace it with an intact copy or {delete}, "
+                         "then run the same prepare command again") from None
+    with image:
+        if image.size != IMAGE_SIZE:
+            raise ValueError(f"{where}: image of size {image.size}, expected {IMAGE_SIZE}")
+        if image.mode == "RGB":
+            return data
+        return encode_png(image.convert("RGB"))
 
 
 def list_train(source: _Source, wnids: list[str]) -> list[tuple[str, int]]:
@@ -159,15 +196,20 @@ def list_train(source: _Source, wnids: list[str]) -> list[tuple[str, int]]:
 class TinyImagenet(tfds.core.GeneratorBasedBuilder):
     """Tiny-ImageNet-200 (64x64 RGB, 200 classes) from tiny-imagenet-200.zip or its extracted folder."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: train and official val (as 'validation') from a manual copy."}
+    VERSION = tfds.core.Version("1.1.0")
+    # 1.0.0 copies have the same labels and image bytes, so runs may keep reading them.
+    SUPPORTED_VERSIONS = [tfds.core.Version("1.0.0")]
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: train and official val (as 'validation') from a manual copy.",
+        "1.1.0": "Readable label names from words.txt (same label order); every image decoded while preparing.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         f"Download {URL} and put {ZIP_NAME} (or its extracted {FOLDER_NAME}/ folder) in the manual dir "
         "(python -m vpns_jax.data.prepare --dataset=tiny_imagenet --manual_dir=FOLDER)."
     )
 
     def _info(self) -> tfds.core.DatasetInfo:
-        """Label names are left open here and set from wnids.txt while preparing."""
+        """Label names are left open here and set from wnids.txt and words.txt while preparing."""
         return self.dataset_info_from_configs(
             description="Tiny-ImageNet-200: 200 ImageNet classes, 500 train and 50 val 64x64 images each.",
             features=tfds.features.FeaturesDict({
@@ -180,7 +222,7 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-        """Finds the source, reads wnids and val annotations (sets the label names) before writing."""
+        """Finds the source, reads wnids, names and val annotations (sets the label names) before writing."""
         try:
             manual_dir = pathlib.Path(dl_manager.manual_dir)
         except AssertionError:  # TFDS: the manual dir does not exist or is empty
@@ -192,6 +234,7 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
         source = _Source(location)
         try:
             wnids = read_wnids(source)
+            names = read_class_names(source, wnids)
             val = read_val_annotations(source, wnids)
             unannotated = sorted(set(source.list_images("val/images")) - set(val))
             if unannotated:
@@ -202,7 +245,7 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
             source.close()
         index = {wnid: i for i, wnid in enumerate(wnids)}
         validation = [(f"val/images/{name}", index[val[name]]) for name in sorted(val)]
-        self.info.features["label"].names = wnids
+        self.info.features["label"].names = names
         return {
             "train": self._generate_examples(location, train),
             "validation": self._generate_examples(location, validation),
