@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_pretrained import FIXTURES, ROOT, TOLERANCE, load_fixture, run, templates
+from tests.test_pretrained import (BAD_TENSORS, FIXTURES, NOT_FINITE, NOT_FLOAT, ROOT, TOLERANCE, UNREADABLE,
+                                   load_fixture, run, templates, write_weights)
 from vpns_jax import convert, source_model
 from vpns_jax.io import checkpoint
 
@@ -158,3 +159,77 @@ def test_init_from_our_npz_of_another_width_keeps_its_message(tmp_path: pathlib.
     assert message.startswith(f"{tmp_path / 'ours.npz'} does not fit the model (weights/bn1.bias has shape (8,)")
     assert "weights/conv1.kernel has shape (7, 7, 3, 8), the model needs (3, 3, 3, 4);" in message
     assert message.endswith("and 95 more): check model.name, width, stem and num_classes")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+@pytest.mark.parametrize("kind", BAD_TENSORS)
+def test_convert_refuses_a_bad_tensor_in_one_line_and_writes_nothing(tmp_path: pathlib.Path, capsys, suffix: str,
+                                                                     kind: str) -> None:
+    bad, expected = BAD_TENSORS[kind]
+    source = write_weights(tmp_path / f"r18{suffix}", {"fc.weight": bad})
+    output = tmp_path / "out.npz"
+    assert convert.main(_args(_fixture("resnet18_w0.0625_cifar"), source, output)) == 2
+    assert capsys.readouterr().err == f"error: {source} {expected}\n"
+    assert not output.exists()
+
+
+def test_convert_refuses_a_file_that_is_no_weights_file(tmp_path: pathlib.Path, capsys) -> None:
+    source = tmp_path / "r18.npz"
+    source.write_text("not weights\n")
+    assert convert.main(_args(_fixture("resnet18_w0.0625_cifar"), source, tmp_path / "out.npz")) == 2
+    reason = "a NumPy .npz archive of plain arrays", "no complete zip archive in it"
+    assert capsys.readouterr().err == f"error: {source} {UNREADABLE.format(*reason)}\n"
+
+
+def _init_from_error(path: pathlib.Path) -> str:
+    _, weights_t, stats_t = templates(_fixture("resnet18_w0.0625_cifar"))
+    with pytest.raises(ValueError) as info:
+        source_model.load_weights(path, weights_t, stats_t)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("kind", BAD_TENSORS)
+def test_init_from_refuses_a_bad_tensor_of_a_torchvision_file(tmp_path: pathlib.Path, kind: str) -> None:
+    bad, expected = BAD_TENSORS[kind]
+    state_dict = {**_fixture("resnet18_w0.0625_cifar")["state_dict"], "fc.weight": bad}  # checked before fitted
+    for suffix in (".npz", ".safetensors"):
+        path = write_weights(tmp_path / f"r18{suffix}", state_dict)
+        assert _init_from_error(path) == f"{path} {expected}"
+
+
+def test_init_from_refuses_a_bad_tensor_of_our_npz(tmp_path: pathlib.Path) -> None:
+    fixture = _fixture("resnet18_w0.0625_cifar")
+    source = write_weights(tmp_path / "r18.npz", fixture["state_dict"])
+    assert convert.main(_args(fixture, source, tmp_path / "ours.npz")) == 0
+    tree = checkpoint.load_arrays(tmp_path / "ours.npz")
+    for name, value, expected in (
+        ("int.npz", tree["weights"]["fc"]["bias"].astype(np.int32), NOT_FLOAT.format("weights.fc.bias: int32")),
+        ("bool.npz", tree["weights"]["fc"]["bias"] > 0, NOT_FLOAT.format("weights.fc.bias: bool")),
+        ("inf.npz", np.full_like(tree["weights"]["fc"]["bias"], -np.inf), NOT_FINITE.format("weights.fc.bias")),
+    ):
+        bad = {**tree, "weights": {**tree["weights"], "fc": {**tree["weights"]["fc"], "bias": value}}}
+        checkpoint.save_arrays(tmp_path / name, bad)
+        assert _init_from_error(tmp_path / name) == f"{tmp_path / name} {expected}"
+
+
+@pytest.mark.parametrize("suffix, what, reason", [
+    (".npz", "a NumPy .npz archive of plain arrays", "no complete zip archive in it"),
+    (".safetensors", "a safetensors file", "Error while deserializing header: header too large"),
+    (".pth", "a torch .pth/.pt file", "it starts with b'not weig': not a zip archive or a pickle"),
+    (".bin", "a NumPy .npz archive of plain arrays", "no complete zip archive in it"),
+])
+def test_init_from_names_a_file_that_is_no_weights_file(tmp_path: pathlib.Path, suffix: str, what: str,
+                                                        reason: str) -> None:
+    path = tmp_path / f"W{suffix}"
+    path.write_text("not weights\n")
+    assert _init_from_error(path) == f"{path} {UNREADABLE.format(what, reason)}"
+
+
+def test_init_from_names_a_truncated_safetensors(tmp_path: pathlib.Path) -> None:
+    data = write_weights(tmp_path / "whole.safetensors", _fixture("resnet18_w0.0625_cifar")["state_dict"]).read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    reason = "Error while deserializing header: incomplete metadata, file not fully covered"
+    assert _init_from_error(tmp_path / "cut.safetensors") == (
+        f"{tmp_path / 'cut.safetensors'} {UNREADABLE.format('a safetensors file', reason)}")

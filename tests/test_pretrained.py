@@ -288,6 +288,128 @@ def test_pth_round_trip(tmp_path: pathlib.Path, resnet18_cifar) -> None:
         pretrained.read_state_dict(tmp_path / "nested.pth")
 
 
+# What every weights file is checked for where it enters (pretrained.check_tensors), and how it says so.
+NOT_FLOAT = ("holds tensors that are not floating point ({}): every weight must be float16, bfloat16, float32 or "
+             "float64; give the float weights of the model, not a quantized or integer export")
+NOT_FINITE = ("holds NaN/Inf values (in {}): every weight must be finite; the file is damaged or comes from a "
+              "diverged training, use another")
+UNREADABLE = ("cannot be read: it is not {} ({}); give a weights file written by python -m vpns_jax.convert, or a "
+              "torchvision .pth/.safetensors state dict (download or convert it again if this one was cut short)")
+BAD_TENSORS = {
+    "int32": (np.arange(6, dtype=np.int32).reshape(2, 3), NOT_FLOAT.format("fc.weight: int32")),
+    "bool": (np.ones((2, 3), bool), NOT_FLOAT.format("fc.weight: bool")),
+    "nan": (np.array([[0.5, np.nan, 1.0], [1.0, 2.0, 3.0]], np.float32), NOT_FINITE.format("fc.weight")),
+    "inf": (np.array([[0.5, 1.0, 1.0], [1.0, -np.inf, 3.0]], np.float32), NOT_FINITE.format("fc.weight")),
+}
+
+
+def write_weights(path: pathlib.Path, state_dict: dict[str, np.ndarray]) -> pathlib.Path:
+    """``state_dict`` as the .npz or .safetensors file ``path``; returns ``path``."""
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(state_dict, str(path))
+    else:
+        np.savez(path, **state_dict)
+    return path
+
+
+def read_error(path: pathlib.Path) -> str:
+    """The message of the ValueError that reading ``path`` raises; asserted to be one line."""
+    with pytest.raises(ValueError) as info:
+        pretrained.read_state_dict(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+@pytest.mark.parametrize("kind", BAD_TENSORS)
+def test_tensor_that_is_not_float_or_not_finite_is_named(tmp_path: pathlib.Path, suffix: str, kind: str) -> None:
+    bad, expected = BAD_TENSORS[kind]
+    # The int64 BatchNorm counter of torchvision files passes: it is dropped, never a weight.
+    state_dict = {"bn1.num_batches_tracked": np.array(7, np.int64), "fc.weight": bad,
+                  "fc.bias": np.zeros(2, np.float32)}
+    path = write_weights(tmp_path / f"w{suffix}", state_dict)
+    assert read_error(path) == f"{path} {expected}"
+
+
+def test_every_bad_tensor_is_listed(tmp_path: pathlib.Path) -> None:
+    state_dict = {"a": np.ones(2, np.float32), "b": np.ones(2, np.int8), "c": np.ones(2, np.uint8),
+                  "d": np.ones(2, np.complex64), "e.num_batches_tracked": np.ones(2, bool)}
+    path = write_weights(tmp_path / "w.npz", state_dict)
+    assert read_error(path) == f"{path} " + NOT_FLOAT.format("b: int8, c: uint8, d: complex64")
+    state_dict = {"a": np.full(2, np.nan, np.float16), "b": np.ones(2, np.float32), "c": np.full(1, np.inf)}
+    path = write_weights(tmp_path / "w2.npz", state_dict)  # .npz keeps the order (safetensors sorts its tensors)
+    assert read_error(path) == f"{path} " + NOT_FINITE.format("a, c")
+
+
+def test_half_bfloat16_and_double_tensors_are_read_and_mapped_to_float32(tmp_path: pathlib.Path,
+                                                                         resnet18_cifar) -> None:
+    import ml_dtypes
+
+    state_dict, weights_t, stats_t = resnet18_cifar
+    narrow = {**state_dict, "fc.weight": state_dict["fc.weight"].astype(ml_dtypes.bfloat16),
+              "conv1.weight": state_dict["conv1.weight"].astype(np.float16),
+              "fc.bias": state_dict["fc.bias"].astype(np.float64)}
+    read = pretrained.read_state_dict(write_weights(tmp_path / "w.safetensors", narrow))
+    assert [str(read[name].dtype) for name in ("fc.weight", "conv1.weight", "fc.bias", "bn1.num_batches_tracked")] \
+        == ["bfloat16", "float16", "float64", "int64"]
+    weights, _ = pretrained.from_torchvision(read, weights_t, stats_t)
+    assert {weights["fc"]["kernel"].dtype, weights["conv1"]["kernel"].dtype, weights["fc"]["bias"].dtype} == {
+        np.dtype(np.float32)}
+    np.testing.assert_array_equal(weights["fc"]["kernel"], narrow["fc.weight"].astype(np.float32).T)
+    np.testing.assert_array_equal(weights["conv1"]["kernel"],
+                                  narrow["conv1.weight"].astype(np.float32).transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(weights["fc"]["bias"], state_dict["fc.bias"])
+
+
+@pytest.mark.parametrize("suffix, what, reason", [
+    (".npz", "a NumPy .npz archive of plain arrays", "no complete zip archive in it"),
+    (".safetensors", "a safetensors file", "Error while deserializing header: header too large"),
+    (".pth", "a torch .pth/.pt file", "it starts with b'fc.weigh': not a zip archive or a pickle"),
+])
+def test_text_file_named_as_weights_names_the_file_and_the_fix(tmp_path: pathlib.Path, suffix: str, what: str,
+                                                               reason: str) -> None:
+    # No torch needed for .pth: its first bytes already show that torch.save did not write it.
+    path = tmp_path / f"W{suffix}"
+    path.write_text("fc.weight = [[1, 2, 3]]\n")
+    assert read_error(path) == f"{path} " + UNREADABLE.format(what, reason)
+
+
+def test_truncated_files_name_the_file_and_the_fix(tmp_path: pathlib.Path, resnet18_cifar) -> None:
+    state_dict, _, _ = resnet18_cifar
+    header = "Error while deserializing header: "
+    for suffix, what, reasons in (
+        (".safetensors", "a safetensors file", [f"{header}header too small"] * 2 + [f"{header}invalid header length"]
+         + [f"{header}incomplete metadata, file not fully covered"] * 2),
+        (".npz", "a NumPy .npz archive of plain arrays", ["no complete zip archive in it"] * 5),
+    ):
+        data = write_weights(tmp_path / f"whole{suffix}", state_dict).read_bytes()
+        for size, reason in zip((0, 5, 100, len(data) // 2, len(data) - 1), reasons):
+            path = tmp_path / f"cut{size}{suffix}"
+            path.write_bytes(data[:size])
+            assert read_error(path) == f"{path} " + UNREADABLE.format(what, reason)
+
+
+def test_pth_of_integer_nan_or_cut_tensors_is_refused(tmp_path: pathlib.Path) -> None:
+    torch = pytest.importorskip("torch")
+    counter = {"bn1.num_batches_tracked": torch.tensor(7)}
+    torch.save({**counter, "fc.weight": torch.ones(2, 3, dtype=torch.int32)}, tmp_path / "int.pth")
+    assert read_error(tmp_path / "int.pth") == f"{tmp_path / 'int.pth'} " + NOT_FLOAT.format("fc.weight: int32")
+    torch.save({**counter, "fc.bias": torch.tensor([0.0, float("nan")])}, tmp_path / "nan.pt")
+    assert read_error(tmp_path / "nan.pt") == f"{tmp_path / 'nan.pt'} " + NOT_FINITE.format("fc.bias")
+    torch.save({"fc.bias": torch.ones(2, dtype=torch.bfloat16)}, tmp_path / "bf16.pth")
+    assert pretrained.read_state_dict(tmp_path / "bf16.pth")["fc.bias"].tolist() == [1.0, 1.0]
+    data = (tmp_path / "bf16.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    assert read_error(tmp_path / "cut.pth").startswith(
+        f"{tmp_path / 'cut.pth'} cannot be read: it is not a torch .pth/.pt file")
+    if hasattr(torch, "float8_e4m3fn"):  # a float numpy has no type for: named like an integer tensor
+        torch.save({"fc.bias": torch.ones(2).to(torch.float8_e4m3fn)}, tmp_path / "f8.pth")
+        assert read_error(tmp_path / "f8.pth") == f"{tmp_path / 'f8.pth'} " + NOT_FLOAT.format("fc.bias: float8_e4m3fn")
+
+
 class _Payload:
     """Unpickling this would create a directory: the test checks that it never happens."""
 

@@ -8,8 +8,9 @@ with ``weights_only=True``), ``.safetensors`` or ``.npz`` (torchvision names as
 keys). The output holds {'weights', 'batch_stats'} as ``checkpoint.save_arrays``
 writes them, ready for ``--config.model.init_from``. (``init_from`` also takes
 the torchvision file directly; converting once saves reading it every run and
-checks it against the model up front.) Errors are one line (exit status 2)
-unless ``--verbose``.
+checks it against the model up front.) Every tensor must be float16, bfloat16,
+float32 or float64 and finite (BatchNorm ``num_batches_tracked`` counters
+excepted). Errors are one line naming the file (exit status 2) unless ``--verbose``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import zipfile
+import zlib
 from typing import Any
 
 import jax
@@ -34,8 +35,9 @@ def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params)
     The file is a .npz of {'weights': ..., 'batch_stats': ...} trees (``checkpoint.save_arrays``,
     e.g. from ``python -m vpns_jax.convert``), or a torchvision state dict: ``.pth``/``.pt``
     (needs torch), ``.safetensors``, or an ``.npz`` keyed by torchvision names
-    (``pretrained.from_torchvision`` maps it). Every tensor must match the model: a
-    one-line error lists the missing, extra and misshapen ones.
+    (``pretrained.from_torchvision`` maps it). Every tensor must be float and finite
+    (``pretrained.check_tensors``) and match the model: a one-line error names the
+    file, and lists the missing, extra and misshapen tensors.
     """
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
@@ -43,20 +45,11 @@ def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params)
             f"model.init_from {path} does not exist: give a .npz of vpns_jax weights or a torchvision "
             ".pth/.pt/.safetensors/.npz state dict"
         )
-    suffix = path.suffix.lower()
-    try:
-        torchvision = suffix in pretrained.SUFFIXES and (suffix != ".npz" or pretrained.is_torchvision_npz(path))
-        if torchvision:
-            state_dict = pretrained.read_state_dict(path)
-        else:
-            loaded = checkpoint.load_arrays(path)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"model.init_from {path} cannot be read ({error}): it is truncated or not a weights file; "
-                         "download or convert it again") from None
+    # Errors name the file, not model.init_from: pretrain() reads its cached source model here too.
+    torchvision, loaded = _read_checked(path)
     if torchvision:
         try:
-            mapped = pretrained.from_torchvision(state_dict, weights, batch_stats)
-            loaded = dict(zip(("weights", "batch_stats"), mapped))
+            loaded = dict(zip(("weights", "batch_stats"), pretrained.from_torchvision(loaded, weights, batch_stats)))
         except ValueError as error:
             raise ValueError(f"{path} (a torchvision state dict): {error}") from None
     else:
@@ -68,13 +61,25 @@ def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params)
             raise ValueError(
                 f"{path} does not fit the model ({shown}): check model.name, width, stem and num_classes"
             )
-    bad = [".".join(map(str, path)) for path, leaf in traverse_util.flatten_dict(loaded).items()
-           if not np.isfinite(leaf).all()]
-    if bad:
-        raise ValueError(f"{path} holds NaN/Inf values (in {', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}):"
-                         " the file is damaged or comes from a diverged training; use another")
     cast = lambda tree, like: jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), tree, like)  # noqa: E731
     return cast(loaded["weights"], weights), cast(loaded["batch_stats"], batch_stats)
+
+
+def _read_checked(path: pathlib.Path) -> tuple[bool, dict]:
+    """(whether ``path`` is a torchvision state dict, its tensors by state-dict name or as our trees), each
+    tensor checked where it enters; unreadable files and bad tensors are one-line ValueErrors."""
+    suffix = path.suffix.lower()
+    if suffix in pretrained.SUFFIXES and (suffix != ".npz" or pretrained.is_torchvision_npz(path)):
+        return True, pretrained.read_state_dict(path)
+    pretrained.require_zip(path)
+    try:
+        loaded = checkpoint.load_arrays(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise pretrained.unreadable(path, pretrained.NPZ, error) from None
+    # Dotted names, as the NaN/Inf message has always named them (weights.fc.bias).
+    flat = traverse_util.flatten_dict(loaded)
+    pretrained.check_tensors(path, {".".join(str(part) for part in key): leaf for key, leaf in flat.items()})
+    return False, loaded
 
 
 def _mismatches(part: str, expected: Params, got: Params) -> list[str]:

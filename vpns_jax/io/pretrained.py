@@ -17,12 +17,19 @@ of ``create_model(name, num_classes=..., width=..., stem=...)``.
 torch is optional: only reading a ``.pth``/``.pt`` needs it (``torch.load``
 with ``weights_only=True``, which never runs pickled code). ``.safetensors``
 and ``.npz`` files (torchvision names as keys) are read without it.
+
+Weights are checked where they enter (:func:`check_tensors`): every tensor of a
+file is float16, bfloat16, float32 or float64 and finite, BatchNorm counters
+(``num_batches_tracked``, integers in torchvision files) excepted. A file that
+cannot be read at all gives one line naming it and what it should be.
 """
 
 from __future__ import annotations
 
 import pathlib
 import pickle
+import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,12 +48,25 @@ _DROPPED = "num_batches_tracked"
 _STAT_NAMES = {"running_mean": "mean", "running_var": "var"}
 FIX_HINT = "check the model name, width, stem and num_classes"
 
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+NPZ = "a NumPy .npz archive of plain arrays"
+_TORCH_FILE = "a torch .pth/.pt file"
+_UNPICKLER = "WeightsUnpickler error"  # where torch's weights_only message says what it refused
+_SAFETENSORS_FILE = "a safetensors file"
+WEIGHTS_FILES = ("a weights file written by python -m vpns_jax.convert, or a torchvision .pth/.safetensors state dict "
+                 "(download or convert it again if this one was cut short)")
+# What torch.save starts a file with: a zip archive (torch >= 1.6), a pickle of protocol >= 2 (older files, such
+# as some torchvision downloads), or a tar archive (torch < 0.4, "ustar" at byte 257).
+_TORCH_ZIP, _PICKLE, _TAR_MAGIC, _TAR_AT = b"PK\x03\x04", b"\x80", b"ustar", 257
+
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """The tensors of a torchvision-style state dict file as numpy arrays, by state-dict name.
+    """The tensors of a torchvision-style state dict file as numpy arrays, by state-dict name, checked.
 
     ``.pth``/``.pt`` need torch (loaded with ``weights_only=True``);
-    ``.safetensors`` and ``.npz`` (loaded without pickle) do not.
+    ``.safetensors`` and ``.npz`` (loaded without pickle) do not. A file that
+    cannot be read, or a tensor that is not float or not finite
+    (:func:`check_tensors`), is a one-line ValueError naming the file.
     """
     path = pathlib.Path(path).expanduser()
     suffix = path.suffix.lower()
@@ -55,32 +75,100 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     if suffix in TORCH_SUFFIXES:
-        return _read_torch(path)
-    if suffix == SAFETENSORS_SUFFIX:
-        from safetensors.numpy import load_file
+        arrays = _read_torch(path)
+    elif suffix == SAFETENSORS_SUFFIX:
+        arrays = _read_safetensors(path)
+    else:
+        arrays = _read_npz(path)
+    check_tensors(path, arrays)
+    return arrays
 
+
+def unreadable(path: pathlib.Path, what: str, reason: object) -> ValueError:
+    """The one-line error for a weights file that cannot be read: the file, what it should be, why not, the fix."""
+    why = " ".join(str(reason).split()) or type(reason).__name__
+    return ValueError(f"{path} cannot be read: it is not {what} ({why}); give {WEIGHTS_FILES}")
+
+
+def check_tensors(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Raises one ValueError line unless every tensor is of FLOAT_DTYPES and finite (names listed by key).
+
+    ``num_batches_tracked`` counters are exempt: torchvision stores them as
+    int64, and they never become weights (``from_torchvision`` drops a
+    BatchNorm's and reports any other as unexpected).
+    """
+    checked = {name: array for name, array in arrays.items() if str(name).rsplit(".", 1)[-1] != _DROPPED}
+    # An int or bool tensor would be cast to float silently and load as a model of zeros and ones.
+    not_float = [f"{name}: {array.dtype}" for name, array in checked.items() if array.dtype.name not in FLOAT_DTYPES]
+    if not_float:
+        raise _not_float(path, not_float)
+    not_finite = [str(name) for name, array in checked.items() if not np.isfinite(array).all()]
+    if not_finite:
+        raise ValueError(
+            f"{path} holds NaN/Inf values (in {_listed(not_finite)}): every weight must be finite; the file is "
+            "damaged or comes from a diverged training, use another"
+        )
+
+
+def _not_float(path: pathlib.Path, named_dtypes: list[str]) -> ValueError:
+    return ValueError(
+        f"{path} holds tensors that are not floating point ({_listed(named_dtypes)}): every weight must be "
+        f"{', '.join(FLOAT_DTYPES[:-1])} or {FLOAT_DTYPES[-1]}; give the float weights of the model, not a "
+        "quantized or integer export"
+    )
+
+
+def require_zip(path: pathlib.Path, what: str = NPZ) -> None:
+    """Raises the one-line :func:`unreadable` error unless ``path`` is a whole zip archive (as every .npz is)."""
+    try:
+        with open(path, "rb") as file:
+            whole = zipfile.is_zipfile(file)
+    except OSError as error:
+        raise unreadable(path, what, error) from None
+    # np.load would call a text file "pickled data", and a cut one "not a zip file": say both plainly.
+    if not whole:
+        raise unreadable(path, what, "no complete zip archive in it")
+
+
+def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+    require_zip(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise unreadable(path, NPZ, error) from None
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
         return dict(load_file(str(path)))
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    except (SafetensorError, OSError, ValueError, TypeError) as error:
+        raise unreadable(path, _SAFETENSORS_FILE, error) from None
+
+
+def _require_torch_file(path: pathlib.Path) -> None:
+    """Refuses a file that torch.save cannot have written, with or without torch installed."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_TAR_AT + len(_TAR_MAGIC))
+    except OSError as error:
+        raise unreadable(path, _TORCH_FILE, error) from None
+    if not (head.startswith((_TORCH_ZIP, _PICKLE)) or head[_TAR_AT:] == _TAR_MAGIC):
+        raise unreadable(path, _TORCH_FILE, f"it starts with {head[:8]!r}: not a zip archive or a pickle")
 
 
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+    _require_torch_file(path)
     try:
         import torch
     except ImportError:
         raise ImportError(
             f"reading {path} needs torch (pip install torch); or give the weights as .safetensors or .npz"
         ) from None
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's message suggests weights_only=False, which would run the file's pickled code: never do that here.
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line), lines[-1] if lines else "unsupported content")
-        raise ValueError(
-            f"{path} holds more than tensors and is refused (torch.load with weights_only=True: {reason}); "
-            "save model.state_dict() or convert the file to .safetensors"
-        ) from None
+    loaded = _torch_load(path, torch)
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict (a dict of tensors)")
     not_tensors = [str(name) for name, value in loaded.items() if not isinstance(value, torch.Tensor)]
@@ -92,10 +180,32 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
     arrays = {}
     for name, tensor in loaded.items():
         tensor = tensor.detach().cpu()
-        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds each bfloat16 exactly
             tensor = tensor.float()
-        arrays[str(name)] = tensor.numpy()
+        try:
+            arrays[str(name)] = tensor.numpy()
+        except (TypeError, RuntimeError):  # float8, quantized, ...: numpy has no such type, nor do we
+            raise _not_float(path, [f"{name}: {str(tensor.dtype).removeprefix('torch.')}"]) from None
     return arrays
+
+
+def _torch_load(path: pathlib.Path, torch: Any) -> Any:
+    """torch.load with weights_only=True; its failures as one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False, which would run the file's pickled code: never do that here.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused is None:  # no class or function named: a broken stream, or content other than tensors
+            unpickler = next((line[line.index(_UNPICKLER):] for line in lines if _UNPICKLER in line), None)
+            raise unreadable(path, f"{_TORCH_FILE} of plain tensors", unpickler or type(error).__name__) from None
+        raise ValueError(
+            f"{path} holds more than tensors and is refused (torch.load with weights_only=True: {refused}); "
+            "save model.state_dict() or convert the file to .safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:  # e.g. a zip archive cut short
+        raise unreadable(path, _TORCH_FILE, error) from None
 
 
 def _listed(items: list[str]) -> str:
@@ -198,11 +308,20 @@ def from_torchvision(
 
 
 def is_torchvision_npz(path: str | pathlib.Path) -> bool:
-    """Whether the .npz at ``path`` is a state dict by torchvision names, not our {'weights', 'batch_stats'} trees."""
-    with np.load(pathlib.Path(path), allow_pickle=False) as data:
-        names = data.files
+    """Whether the .npz at ``path`` is a state dict by torchvision names, not our {'weights', 'batch_stats'} trees.
+
+    A file that is no .npz archive is the one-line :func:`unreadable` ValueError.
+    """
+    path = pathlib.Path(path)
+    require_zip(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = data.files
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise unreadable(path, NPZ, error) from None
     ours = any(name.split("/", 1)[0] in ("weights", "batch_stats") for name in names)
     return bool(names) and not ours
 
 
-__all__ = ["SUFFIXES", "from_torchvision", "is_torchvision_npz", "read_state_dict"]
+__all__ = ["FLOAT_DTYPES", "SUFFIXES", "check_tensors", "from_torchvision", "is_torchvision_npz", "read_state_dict",
+           "require_zip", "unreadable"]
