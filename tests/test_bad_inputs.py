@@ -13,13 +13,18 @@ import hashlib
 import pathlib
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
+from safetensors.numpy import save_file
 
-from tests.data.test_builders import make_fashion, make_tiny_imagenet, zip_tree
-from vpns_jax import config_checks, main
-from vpns_jax.io import checkpoint
+from tests import test_export
+from tests.data.test_builders import TRUNCATED, make_fashion, make_tiny_imagenet, truncate, zip_tree
+from vpns_jax import config_checks, main, predict
+from vpns_jax.core import masking
+from vpns_jax.io import checkpoint, export
 from vpns_jax.data import prepare
 from vpns_jax.models import create_model, functional
 
@@ -31,6 +36,7 @@ class Env:
     tmp: pathlib.Path
     data_dir: str
     source: pathlib.Path
+    subnetwork: pathlib.Path  # an exported subnetwork, for predict's cases
 
     @property
     def workdir(self) -> pathlib.Path:
@@ -56,7 +62,7 @@ class Case:
     name: str
     make: Callable[[Env], list[str]]  # builds the bad input; returns the command line
     expect: str  # in the error line
-    cli: str = "main"  # or "prepare"
+    cli: str = "main"  # or "prepare", "predict"
 
 
 def _prepare_argv(env: Env, dataset: str, manual: pathlib.Path) -> list[str]:
@@ -130,6 +136,50 @@ def _locked(env: Env) -> list[str]:
     return env.argv()
 
 
+def _unprepared_version_folder(env: Env) -> list[str]:
+    folder = env.tmp / "tfds" / "sklearn_digits" / "1.0.0"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("the user's")
+    return ["--dataset=digits", f"--data_dir={env.tmp / 'tfds'}"]
+
+
+def _too_few_classes(env: Env) -> list[str]:
+    # The fake Tiny-ImageNet has 3 classes; the config's tiny_imagenet has 200.
+    make_tiny_imagenet(env.tmp / "src")
+    prepare.prepare("tiny_imagenet", data_dir=str(env.tmp / "tiny"), manual_dir=str(env.tmp / "src"))
+    return env.argv(f"--config.data.data_dir={env.tmp / 'tiny'}", "--config.data.name=tiny_imagenet")
+
+
+def _weights_file(name: str, tensors: dict[str, np.ndarray], cut: int = 0) -> Callable[[Env], list[str]]:
+    """A case's ``make``: ``tensors`` saved as ``name`` (.npz or .safetensors, its last ``cut`` bytes dropped),
+    as ``model.init_from``."""
+    def make(env: Env) -> list[str]:
+        path = env.tmp / name
+        if name.endswith(".npz"):
+            np.savez(path, **tensors)
+        else:
+            save_file(tensors, str(path))
+        if cut:
+            path.write_bytes(path.read_bytes()[:-cut])
+        return env.argv(f"--config.model.init_from={path}")
+    return make
+
+
+def _text_weights(name: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        (env.tmp / name).write_text("not weights\n")
+        return env.argv(f"--config.model.init_from={env.tmp / name}")
+    return make
+
+
+def _image(name: str, pixels: np.ndarray) -> Callable[[Env], list[str]]:
+    """A case's ``make``: ``pixels`` saved as image file ``name`` (mode from their dtype), for predict."""
+    def make(env: Env) -> list[str]:
+        Image.fromarray(pixels).save(env.tmp / name)
+        return [f"--subnetwork={env.subnetwork}", str(env.tmp / name)]
+    return make
+
+
 def _changed_weights(path: str, value: Callable | None) -> Callable[[Env], list[str]]:
     """A case's ``make``: the source model's arrays with the leaf at ``path`` replaced by ``value(old leaf)``
     (removed when ``value`` is None), as ``model.init_from``."""
@@ -160,6 +210,9 @@ CASES = [
     Case("unknown optimiser", lambda e: e.argv("--config.stage2.weights.optimizer=adamw"),
          "config.stage2.weights.optimizer"),
     Case("zero batch size", lambda e: e.argv("--config.data.batch_size=0"), "config.data.batch_size"),
+    Case("negative worker count", lambda e: e.argv("--config.data.workers=-3"), "config.data.workers=-3"),
+    Case("float64 compute dtype", lambda e: e.argv("--config.model.dtype=float64"),
+         "config.model.dtype='float64' is not a training dtype"),
     Case("unknown NaN policy", lambda e: e.argv("--config.on_nonfinite=ignore"), "config.on_nonfinite"),
     Case("class out of range", lambda e: e.argv("--config.data.classes=(5,10)"), "config.data.classes"),
     Case("mistyped config field", lambda e: e.argv("--config.stage1.epochz=3"),
@@ -186,6 +239,19 @@ CASES = [
     Case("image of the wrong size", lambda e: _tiny_imagenet(e, _small_jpeg), "image of size (32, 32)",
          cli="prepare"),
     Case("empty validation split", lambda e: _tiny_imagenet(e, _empty_validation), "is empty", cli="prepare"),
+    Case("truncated JPEG", lambda e: _tiny_imagenet(e, lambda tree: truncate(tree / TRUNCATED)),
+         "train/n01/images/n01_1.JPEG: not a readable image (image file is truncated", cli="prepare"),
+    Case("class names missing from words.txt",
+         lambda e: _tiny_imagenet(e, lambda tree: (tree / "words.txt").write_text("n01\tgoldfish\n")),
+         "words.txt: no name for 2 wnid(s) of wnids.txt, e.g. n02", cli="prepare"),
+    Case("--force for a TFDS builder without --download",
+         lambda e: ["--dataset=cifar10", f"--data_dir={e.tmp / 'tfds'}", "--force"],
+         "--force prepares 'cifar10' again from its source, which for TFDS's own builders needs --download",
+         cli="prepare"),
+    Case("version folder that is not a prepared dataset", _unprepared_version_folder,
+         "exists but is not a prepared dataset (no dataset_info.json): delete it, or pass --force", cli="prepare"),
+    Case("prepared dataset with another class count", _too_few_classes,
+         "has 3 classes where the config expects 200: prepare it again from a complete copy, adding --force"),
     # Pretrained weights.
     Case("weights file missing", lambda e: e.argv(f"--config.model.init_from={e.tmp / 'w.npz'}"),
          "w.npz does not exist"),
@@ -198,6 +264,27 @@ CASES = [
          "holds NaN/Inf values (in weights.fc.bias)"),
     Case("truncated weights file", _truncated_weights, "cut.npz cannot be read"),
     Case("weights file with pickled objects", _pickled_weights, "pickled.npz cannot be read"),
+    *[Case(f"weights tensor of {kind} ({name[2:]})", _weights_file(name, {"fc.weight": np.ones((5, 4), dtype)}),
+           f"{name} holds tensors that are not floating point (fc.weight: {kind}): every weight must be float16")
+      for name in ("w.npz", "w.safetensors") for kind, dtype in (("int32", np.int32), ("bool", bool))],
+    *[Case(f"weights tensor with {what} ({name[2:]})", _weights_file(name, {"fc.bias": np.full(5, value, np.float32)}),
+           f"{name} holds NaN/Inf values (in fc.bias): every weight must be finite")
+      for name in ("w.npz", "w.safetensors") for what, value in (("NaN", np.nan), ("Inf", -np.inf))],
+    Case("text file named .safetensors", _text_weights("w.safetensors"),
+         "w.safetensors cannot be read: it is not a safetensors file (Error while deserializing header"),
+    Case("text file named .npz", _text_weights("w.npz"),
+         "w.npz cannot be read: it is not a NumPy .npz archive of plain arrays (no complete zip archive in it)"),
+    Case("text file named .pth", _text_weights("w.pth"),
+         "w.pth cannot be read: it is not a torch .pth/.pt file (it starts with b'not weig'"),
+    Case("truncated .safetensors", _weights_file("cut.safetensors", {"fc.bias": np.ones(5, np.float32)}, cut=8),
+         "cut.safetensors cannot be read: it is not a safetensors file (Error while deserializing header: incomplete"),
+    # Images given to predict.
+    Case("float image above 1", _image("f.tif", np.array([[0.0, 2.0], [0.5, 1.0]], np.float32)),
+         "has mode F (32-bit float) with values from 0.0 to 2.0, not all in [0, 1]", cli="predict"),
+    Case("float image with NaN", _image("f.tif", np.array([[0.0, np.nan], [0.5, 0.625]], np.float32)),
+         "has mode F (32-bit float) with values from 0.0 to 0.625 and NaN", cli="predict"),
+    Case("32-bit integer image", _image("i.tif", np.array([[1, 70000], [3, 4]], np.int32)),
+         "has mode I (32-bit integer) with values from 1 to 70000, not all in [0, 65535]", cli="predict"),
     # Workdirs and checkpoints.
     Case("workdir of another config", lambda e: e.run_of_this_config("--config.seed=8") or e.argv(),
          "holds a run of a different config (differs in: seed); use another --workdir, or pass --replace_workdir"),
@@ -223,13 +310,26 @@ def source(tmp_path_factory) -> pathlib.Path:
     return path
 
 
-def test_the_catalogue_has_at_least_25_distinct_cases():
-    assert len(CASES) >= 25 and len({case.name for case in CASES}) == len(CASES)
+@pytest.fixture(scope="module")
+def subnetwork(tmp_path_factory) -> pathlib.Path:
+    """A tiny exported subnetwork (random weights), for predict's cases."""
+    _, weights, batch_stats, scores, prompt = test_export.random_model("cifar")
+    masks = masking.masks_from_scores(scores, jnp.asarray(masking.prune_counts(scores, 0.5)))
+    path = tmp_path_factory.mktemp("subnetwork") / "subnetwork.npz"
+    export.export_subnetwork(path, model_name="resnet18", num_classes=10, width=test_export.WIDTH, stem="cifar",
+                             weights=weights, batch_stats=batch_stats, masks=masks, prompt_spec=test_export.SPEC,
+                             prompt=prompt, label_map=[0, 1, 2, 3], eval_with_prompt=True)
+    return path
+
+
+def test_the_catalogue_has_at_least_58_distinct_cases():
+    assert len(CASES) >= 58 and len({case.name for case in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir, source, tmp_path, capsys):
-    env = Env(tmp_path, fashion_data_dir, source)
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir, source, subnetwork, tmp_path,
+                                                        capsys):
+    env = Env(tmp_path, fashion_data_dir, source, subnetwork)
     argv = case.make(env)
     existed = env.workdir.exists()
     before = _snapshot(tmp_path)
@@ -239,6 +339,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir
             status = main.command(argv)
     elif case.cli == "prepare":
         status = prepare.main(argv)
+    elif case.cli == "predict":
+        status = predict.main(argv)
     else:
         status = main.command(argv)
     err = capsys.readouterr().err
@@ -253,7 +355,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir
 
 
 def test_verbose_adds_the_traceback_and_keeps_the_one_line_last(fashion_data_dir, source, tmp_path, capsys):
-    env = Env(tmp_path, fashion_data_dir, source)
+    env = Env(tmp_path, fashion_data_dir, source, tmp_path / "unused.npz")
     assert main.command(env.argv("--config.method=magic", "--verbose")) == 2
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.strip().splitlines()[-1].startswith("error: config.method='magic'")
