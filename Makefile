@@ -22,7 +22,8 @@ data:
 	@if [ -d $(FASHION_MNIST) ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-		|| echo "warning: could not install dataset-fashion-mnist; tests that need it will be skipped"; \
+		|| { if [ "$$CI" = true ]; then echo "error: CI=true and dataset-fashion-mnist could not be installed (apt-get install dataset-fashion-mnist): the end-to-end tests need it"; exit 1; \
+		else echo "warning: could not install dataset-fashion-mnist; tests that need it will be skipped"; fi; }; \
 	else echo "note: no apt-get here; install Debian's dataset-fashion-mnist to $(FASHION_MNIST) for the offline data"; fi
 
 # The offline default: pretrain a small source model, then VPNs at four densities (about 3 minutes on 2 cores).
