@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.mask = ml_collections.ConfigDict()
     config.mask.scope = "global"  # 'global' (VPNs, the authors' HYDRA) or 'layer' (original HYDRA)
     config.mask.granularity = "weight"  # 'weight' (unstructured) or 'channel' (one score per conv output channel)
+    # Layer floor: every prunable layer (channel group) keeps at least ceil(f * n) of its n entries, so the
+    # global threshold cannot empty one; the density becomes a lower bound. 0.0 = the authors' rule.
+    config.mask.min_layer_density = 0.0
 
     # Each method's own sections (stage1, stage2, vpns, structured, hydra, finetune, bip, oneshot, slim), with
     # their defaults and comments in the method's module under vpns_jax/methods/ (docs/methods.md).

@@ -210,6 +210,8 @@ CASES = [
     Case("unknown optimiser", lambda e: e.argv("--config.stage2.weights.optimizer=adamw"),
          "config.stage2.weights.optimizer"),
     Case("zero batch size", lambda e: e.argv("--config.data.batch_size=0"), "config.data.batch_size"),
+    Case("layer floor out of range", lambda e: e.argv("--config.mask.min_layer_density=1.0"),
+         "config.mask.min_layer_density=1.0 must be a fraction in [0, 1)"),
     Case("negative worker count", lambda e: e.argv("--config.data.workers=-3"), "config.data.workers=-3"),
     Case("float64 compute dtype", lambda e: e.argv("--config.model.dtype=float64"),
          "config.model.dtype='float64' is not a training dtype"),

@@ -281,6 +281,11 @@ BAD = [
     ({"prompt.kind": "fix", "prompt.mask_size": 33}, "prompt.mask_size", "33"),
     ({"data.batch_size": 0}, "data.batch_size", "0"),
     ({"data.workers": -2}, "data.workers", "-2"),
+    ({"mask.min_layer_density": 1.0}, "mask.min_layer_density", "1.0"),
+    ({"mask.min_layer_density": -0.1}, "mask.min_layer_density", "-0.1"),
+    ({"mask.min_layer_density": 0.05, "transfer.masks_from": "workdir/a"}, "mask.min_layer_density", "0.05"),
+    ({"method": "slim", "mask.granularity": "channel", "mask.min_layer_density": 0.05}, "mask.min_layer_density",
+     "0.05"),
     ({"model.dtype": "float64"}, "model.dtype", "'float64'"),
     ({"model.dtype": "float16"}, "model.dtype", "'float16'"),
     ({"data.num_threads": 0}, "data.num_threads", "0"),
@@ -404,6 +409,7 @@ def test_fingerprint_ignores_what_does_not_change_results(updates):
 @pytest.mark.parametrize("updates", [
     {"densities": (0.5, 0.1)}, {"seed": 9}, {"stage1.scores.lr": 1e-4}, {"data.batch_size": 32},
     {"model.init_from": "w.npz"}, {"prompt.pad_size": 8}, {"eval.with_prompt": True}, {"data.train_limit": 10},
+    {"mask.min_layer_density": 0.05},
 ])
 def test_fingerprint_sees_what_changes_results(updates):
     assert config_checks.fingerprint(_set(load("default.py"), updates)) != config_checks.fingerprint(load("default.py"))

@@ -43,6 +43,9 @@ NON_RESULT_FIELDS = (
     # Extra test evaluations read the state and a separate test stream: the training is the same.
     "eval.every_epochs",
 )
+# Result fields added after workdirs were fingerprinted: left out at their default (which reproduces the
+# behaviour from before them), so those workdirs still resume; any other value is in the fingerprint.
+OMITTED_AT_DEFAULT = {"mask.min_layer_density": 0.0}
 
 
 def _check_dtype(config: Any) -> None:
@@ -152,6 +155,7 @@ def validate(config: Any, *, num_devices: int) -> None:
     masks_from = get(config, "transfer.masks_from")
     if not isinstance(masks_from, str):
         raise ConfigError(f"config.transfer.masks_from={masks_from!r} must be a workdir path, or '' for no transfer")
+    _check_min_layer_density(config)
     methods.check_config(config)
     if not isinstance(get(config, "eval.with_prompt"), bool):
         raise ConfigError(f"config.eval.with_prompt={get(config, 'eval.with_prompt')!r} must be True or False")
@@ -160,6 +164,19 @@ def validate(config: Any, *, num_devices: int) -> None:
     check_int_at_least(config, "log_every_steps", 1)
     check_choice(config, "on_nonfinite", health.ON_NONFINITE)
     check_int_at_least(config, "eval.every_epochs", 0, "0 = test only at the end")
+
+
+def _check_min_layer_density(config: Any) -> None:
+    """The layer floor: a fraction in [0, 1), and only where this run chooses its masks."""
+    value = get(config, "mask.min_layer_density")
+    try:
+        masking.validate_min_layer_density(value)
+    except ValueError:
+        raise ConfigError(f"config.mask.min_layer_density={value!r} must be a fraction in [0, 1): use 0 for the "
+                          "authors' rule, or e.g. 0.01 to keep at least 1% of every layer") from None
+    if value and get(config, "transfer.masks_from"):
+        raise ConfigError(f"config.mask.min_layer_density={value!r} has no effect with config.transfer.masks_from "
+                          "(the masks come from that run): use 0 here, and the floor in the run that found them")
 
 
 def _check_model(config: Any) -> int:
@@ -209,18 +226,28 @@ def _check_task(config: Any, section: str, dataset_field: str, num_classes: int,
 
 
 def fingerprint(config: Any) -> dict[str, Any]:
-    """The config as a plain JSON-able dict, without the ``NON_RESULT_FIELDS``.
+    """The config as a plain JSON-able dict, without the ``NON_RESULT_FIELDS`` (and the ``OMITTED_AT_DEFAULT``
+    fields at their defaults).
 
     Two configs with equal fingerprints give the same results. Sequences become
     lists, so a fingerprint read back from JSON compares equal to a fresh one.
     """
     result = copy.deepcopy(plain(config))
     for path in NON_RESULT_FIELDS:
-        *parents, leaf = path.split(".")
-        node = result
-        for part in parents:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+        node, leaf = _parent(result, path)
+        node.pop(leaf, None)
+    for path, default in OMITTED_AT_DEFAULT.items():
+        node, leaf = _parent(result, path)
+        if leaf in node and node[leaf] == default:
+            del node[leaf]
     json.dumps(result)  # fails loudly if anything is not JSON-able
     return result
+
+
+def _parent(tree: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
+    """(the dict holding the dotted ``path``'s leaf, or an empty one where there is none; the leaf's name)."""
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return (node if isinstance(node, dict) else {}), leaf

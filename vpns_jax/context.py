@@ -92,6 +92,7 @@ class RunContext:
             stage_groups=plan.groups, epochs=plan.epochs, iterations_per_epoch=self.data.iterations_per_epoch,
             threshold_scope=config.mask.scope, phases=plan.phases, granularity=config.mask.granularity,
             channel_groups=self.channel_groups, channel_max=config.structured.channel_max,
+            min_layer_density=config.mask.min_layer_density,
         )
 
     # -- what methods read (methods.RunContext) ----------------------------------------------------------------

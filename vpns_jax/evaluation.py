@@ -1,7 +1,9 @@
 """What a unit is measured by: label mapping through its masks, test accuracy and loss, sparsity, MACs.
 
 Host-side loops over a stream of the run's data, calling the jitted steps of
-``vpns_jax.core.steps`` on batches placed on the device mesh.
+``vpns_jax.core.steps`` on batches placed on the device mesh. A unit whose
+masks empty a whole layer (channel group) is reported: a warning naming the
+layers, and ``COLLAPSE_FIELDS`` in its measurements.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh
 
@@ -18,6 +21,9 @@ from vpns_jax.core import label_mapping, masking, parallel, steps, structured
 from vpns_jax.models import macs
 
 Params = dict[Any, Any]
+# A unit's collapsed layers: their count and their names joined by ';' ('' for none). The names are text:
+# keep them out of scalar metric writers.
+COLLAPSE_FIELDS = ("collapsed_layers", "collapsed_layer_names")
 
 
 def label_mapped(spec: steps.StepSpec, state: steps.TrainState, stream, mesh: Mesh, *, num_target: int,
@@ -63,4 +69,17 @@ def sparsity_and_cost(spec: steps.StepSpec, state: steps.TrainState, found: dict
               "macs": counted.total, "speedup": round(counted.speedup, 4)}
     if spec.granularity == "channel":
         result["channel_sparsity"] = round(structured.channel_sparsity(found["masks"]), 6)
+    result.update(collapse_fields(found["masks"], sparsity=report.prunable_sparsity))
     return result
+
+
+def collapse_fields(masks: Params, *, sparsity: float | None = None) -> dict[str, Any]:
+    """``COLLAPSE_FIELDS`` of a unit's masks (weight or channel), with a warning naming the layers they empty."""
+    names = masking.collapsed_layers(masks)
+    if names:
+        at = "" if sparsity is None else f" at sparsity {sparsity:.4%}"
+        # Nothing else would say it: accuracy alone does not show that the output ignores the input.
+        logging.warning("the masks%s keep nothing of %d layer(s): %s; no signal passes them (on the "
+                        "network's only path the output no longer depends on the input): raise the density or "
+                        "set config.mask.min_layer_density", at, len(names), ", ".join(names))
+    return dict(zip(COLLAPSE_FIELDS, (len(names), ";".join(names))))

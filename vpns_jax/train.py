@@ -165,9 +165,10 @@ class Run:
             result["round"] = unit.round
         if "channel_sparsity" in cost:
             result["channel_sparsity"] = cost["channel_sparsity"]
+        result.update({field: cost[field] for field in evaluation.COLLAPSE_FIELDS})
         result["wall_time_s"] = round(time.perf_counter() - started, 2)
-        writer.write(step, {k: v for k, v in result.items() if k not in ("density", "method")}, phase="result",
-                     density=unit.density)
+        logged = {k: v for k, v in result.items() if k not in ("density", "method", "collapsed_layer_names")}
+        writer.write(step, logged, phase="result", density=unit.density)  # (TensorBoard takes no strings)
         if jax.process_index() == 0:
             workdir.save_unit(workdir.unit_folder(self.workdir, unit.density), state, found,
                               model=self.config.model, prompt_spec=context.prompt_spec,

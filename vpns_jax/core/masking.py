@@ -7,6 +7,15 @@ per threshold group: one group over all prunable leaves (``'global'``, VPNs and
 the authors' HYDRA) or one group per leaf (``'layer'``, the original HYDRA).
 The threshold tau is the k-th smallest |s| of the group and an entry is kept
 iff |s| > tau (ties at tau are pruned); k = 0 keeps everything.
+
+A layer floor f = ``min_layer_density`` in (0, 1) (0: none, the authors' rule)
+gives every leaf of n entries its own threshold tau_l, the one that prunes
+int((1 - f) * n) of its entries (``prune_counts(scores, f, 'layer')``), and the
+leaf's effective threshold is min(tau, tau_l): a leaf keeps whatever the group
+threshold keeps, or its own top n - int((1 - f) * n) = ceil(f * n) entries if
+those are more (ties at tau_l pruned as at tau). The density then is a lower
+bound: kept = (N - k, ties aside) + what the floor adds. ``collapsed_layers``
+names the leaves a mask empties.
 """
 
 from __future__ import annotations
@@ -70,6 +79,26 @@ def validate_density(density: float) -> float:
     if not (isinstance(density, (int, float)) and 0.0 < float(density) <= 1.0):
         raise ValueError(f"density {density!r} is not a keep ratio in (0, 1]: use e.g. 0.1 to keep 10% of the weights")
     return float(density)
+
+
+def validate_min_layer_density(value: float) -> float:
+    """Returns ``value`` if it is a layer floor in [0, 1) (0 = no floor); a one-line error otherwise."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= float(value) < 1.0):
+        raise ValueError(f"min_layer_density {value!r} is not a fraction in [0, 1): use 0 for no floor, or e.g. "
+                         "0.01 to keep at least 1% of every layer")
+    return float(value)
+
+
+def floor_prune_counts(scores: Params, min_layer_density: float) -> np.ndarray:
+    """Per leaf, the most entries the layer floor lets go: int((1 - f) * n), as ``prune_counts`` at density f
+    with scope 'layer' (float64, as torch computes keep counts).
+
+    So each leaf keeps at least n - int((1 - f) * n) entries, ceil(f * n) in exact arithmetic; in floats it
+    is what density f keeps of that leaf, e.g. all 10 of n = 10 at f = 0.9 (1 - 0.9 = 0.09999999999999998).
+    """
+    floor = validate_min_layer_density(min_layer_density)
+    sizes = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(scores)]
+    return np.array([int((1.0 - floor) * n) for n in sizes], dtype=np.int32)
 
 
 def prune_counts(scores: Params, density: float, scope: str = "global") -> np.ndarray:
@@ -246,34 +275,53 @@ def thresholds(scores: Params, ks: jax.Array, scope: str = "global") -> jax.Arra
     return jnp.where(ks >= 1, tau, -1.0)
 
 
-def _leaf_thresholds(scores: Params, ks: jax.Array, scope: str) -> list[jax.Array]:
+def _leaf_thresholds(scores: Params, ks: jax.Array, scope: str, min_layer_density: float) -> list[jax.Array]:
     tau = jax.lax.stop_gradient(thresholds(scores, ks, scope))
-    return [tau[g] for g in _groups(len(jax.tree.leaves(scores)), scope)]
+    taus = [tau[g] for g in _groups(len(jax.tree.leaves(scores)), scope)]
+    if not validate_min_layer_density(min_layer_density):
+        return taus  # no floor: the authors' rule, not one operation more
+    # The floor's counts depend only on shapes and the (static) floor, so they are constants under jit.
+    floor = jax.lax.stop_gradient(thresholds(scores, floor_prune_counts(scores, min_layer_density), "layer"))
+    # The smaller threshold keeps what either rule keeps: the floor only adds entries to a leaf.
+    return [jnp.minimum(t, floor[i]) for i, t in enumerate(taus)]
 
 
-def masks_from_scores(scores: Params, ks: jax.Array, scope: str = "global") -> Params:
-    """Binary float32 masks 1[|s| > tau], without gradient."""
+def masks_from_scores(scores: Params, ks: jax.Array, scope: str = "global", min_layer_density: float = 0.0) -> Params:
+    """Binary float32 masks 1[|s| > tau], without gradient.
+
+    ``min_layer_density`` (a Python float, static under jit): the layer floor of the module docstring.
+    """
     leaves, treedef = jax.tree.flatten(scores)
-    taus = _leaf_thresholds(scores, ks, scope)
+    taus = _leaf_thresholds(scores, ks, scope, min_layer_density)
     masks = [(jnp.abs(s) > t).astype(jnp.float32) for s, t in zip(leaves, taus)]
     return jax.tree.unflatten(treedef, masks)
 
 
-def ste_masks(scores: Params, ks: jax.Array, scope: str = "global") -> Params:
+def ste_masks(scores: Params, ks: jax.Array, scope: str = "global", min_layer_density: float = 0.0) -> Params:
     """Masks whose forward value is exactly 1[|s| > tau] and whose gradient w.r.t. |s| is the identity.
 
     So dL/ds = sign(s) * W * dL/dw, for pruned entries too. Written as
     m + (a - stop_gradient(a)) rather than a + stop_gradient(m - a), which can
-    round 1 to 0.99999994 in float32.
+    round 1 to 0.99999994 in float32. ``min_layer_density``: as ``masks_from_scores``.
     """
     leaves, treedef = jax.tree.flatten(scores)
-    taus = _leaf_thresholds(scores, ks, scope)
+    taus = _leaf_thresholds(scores, ks, scope, min_layer_density)
     masks = []
     for s, t in zip(leaves, taus):
         a = jnp.abs(s)
         hard = (a > t).astype(a.dtype)
         masks.append(hard + (a - jax.lax.stop_gradient(a)))
     return jax.tree.unflatten(treedef, masks)
+
+
+def collapsed_layers(masks: Params) -> list[str]:
+    """Dotted names of the mask leaves that keep nothing (weight masks: kernels; channel masks: groups).
+
+    Such a layer passes no signal: on the network's only path, the output no longer depends on the input.
+    """
+    flat = traverse_util.flatten_dict(masks) if masks else {}
+    return [".".join(str(p) for p in path) for path, mask in flat.items()
+            if np.size(mask) and not np.any(np.asarray(mask))]
 
 
 def apply_masks(weights: Params, masks: Params) -> Params:

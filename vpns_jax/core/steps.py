@@ -185,6 +185,7 @@ class MaskedModel:
     granularity: str = "weight"
     channel_groups: tuple = ()
     channel_max: float = 1.0
+    min_layer_density: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -204,12 +205,13 @@ class StepSpec:
     granularity: str = "weight"  # 'weight': one score per kernel entry; 'channel': one per conv output channel
     channel_groups: tuple = ()  # structured.ChannelGroup per scored conv ('channel' only)
     channel_max: float = 1.0  # the cap on a capped channel group's pruned fraction ('channel' only)
+    min_layer_density: float = 0.0  # the layer floor of masks from scores (masking's module docstring); 0 = none
 
     @property
     def masked_model(self) -> MaskedModel:
         """The evaluation-relevant part of this spec, compared by value."""
         return MaskedModel(self.graphdef, self.prompt, self.threshold_scope, self.granularity, self.channel_groups,
-                           self.channel_max)
+                           self.channel_max, self.min_layer_density)
 
 
 @struct.dataclass
@@ -247,8 +249,13 @@ def make_step_spec(
     granularity: str = "weight",
     channel_groups: tuple = (),
     channel_max: float = 1.0,
+    min_layer_density: float = 0.0,
 ) -> StepSpec:
-    """Builds the spec: labels and one partitioned optimiser per stage of ``phases`` (default VPNs')."""
+    """Builds the spec: labels and one partitioned optimiser per stage of ``phases`` (default VPNs').
+
+    ``min_layer_density``: every layer (channel group) of a mask from scores keeps at least this share.
+    """
+    min_layer_density = masking.validate_min_layer_density(min_layer_density)
     if threshold_scope not in masking.THRESHOLD_SCOPES:
         raise ValueError(f"threshold scope {threshold_scope!r} is unknown: use one of {masking.THRESHOLD_SCOPES}")
     if granularity not in GRANULARITIES:
@@ -265,7 +272,7 @@ def make_step_spec(
             updates_per_iteration=phase.updates_per_iteration,
         )
     return StepSpec(graphdef, kinds, prompt, threshold_scope, optimizers, labels, phases, granularity,
-                    tuple(channel_groups), float(channel_max))
+                    tuple(channel_groups), float(channel_max), min_layer_density)
 
 
 Spec = StepSpec | MaskedModel  # the helpers below only read MaskedModel's fields
@@ -338,9 +345,10 @@ def masks_from_scores(spec: Spec, scores: Params, prune_k: jax.Array, *, ste: bo
     """The masks ``scores`` give; with ``ste`` their gradient w.r.t. |s| is the identity."""
     if spec.granularity == "channel":
         select = structured.ste_channel_masks if ste else structured.channel_masks
-        return select(scores, spec.channel_groups, prune_k[0], spec.channel_max)
+        return select(scores, spec.channel_groups, prune_k[0], spec.channel_max,
+                      min_layer_density=spec.min_layer_density)
     select = masking.ste_masks if ste else masking.masks_from_scores
-    return select(scores, prune_k, spec.threshold_scope)
+    return select(scores, prune_k, spec.threshold_scope, spec.min_layer_density)
 
 
 def masked_weights(spec: Spec, weights: Params, masks: Params) -> Params:

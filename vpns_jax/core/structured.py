@@ -13,6 +13,12 @@ cannot take is re-thresholded over the uncapped groups, as the reference's
 ``set_limited_threshold`` does. Unlike torch's ``kthvalue`` + strict ``>``,
 ties are broken by position (group order, then channel index), so exactly k
 channels are pruned whenever the caps allow it.
+
+A layer floor f = ``min_layer_density`` in (0, 1) (0: none) then gives back,
+in every group of C channels that lost more than int((1 - f) * C), its largest
+|s| (ties: the later channel, the reverse of the pruning order) until it keeps
+C - int((1 - f) * C) = ceil(f * C): the density becomes a lower bound, as for
+weight masks (``vpns_jax.core.masking``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vpns_jax.core import masking
 from vpns_jax.models.vgg import VGG16_CFG
 
 Params = dict[Any, Any]
@@ -183,9 +190,10 @@ def _rank_among(flags: jax.Array, order: jax.Array) -> jax.Array:
 
 
 # Jitted on its own so that eager callers compile one program, not dozens of small ops.
-@functools.partial(jax.jit, static_argnames=("groups", "channel_max"))
+@functools.partial(jax.jit, static_argnames=("groups", "channel_max", "min_layer_density"))
 def _pruned_flags(
-    magnitudes: jax.Array, k: jax.Array, *, groups: tuple[ChannelGroup, ...], channel_max: float
+    magnitudes: jax.Array, k: jax.Array, *, groups: tuple[ChannelGroup, ...], channel_max: float,
+    min_layer_density: float = 0.0,
 ) -> jax.Array:
     """Boolean (N,) over the concatenated channels: which ones to prune (see the module docstring)."""
     sizes = np.array([g.num_channels for g in groups])
@@ -217,7 +225,13 @@ def _pruned_flags(
     overflow = jnp.maximum(rest - num_uncapped, 0)
     room = capped & (within >= capped_counts[gid]) & (within < caps[gid])
     overflow_pruned = room & (_rank_among(room, order) < overflow)
-    return capped_pruned | uncapped_pruned | overflow_pruned
+    pruned = capped_pruned | uncapped_pruned | overflow_pruned
+    if not min_layer_density:
+        return pruned
+    # Each group's pruned channels are the first in its order (``within``), so capping that prefix at the
+    # floor's count gives back the group's largest |s|, and no other group changes.
+    most = np.array([int((1.0 - min_layer_density) * c) for c in sizes], np.int32)
+    return pruned & (within < jnp.asarray(most)[gid])
 
 
 def _magnitudes(scores: Mapping[str, jax.Array], groups: Sequence[ChannelGroup]) -> jax.Array:
@@ -242,16 +256,20 @@ def channel_masks(
     groups: Sequence[ChannelGroup],
     num_pruned: int | jax.Array,
     channel_max: float = 0.25,
+    *,
+    min_layer_density: float = 0.0,
 ) -> dict[str, jax.Array]:
     """Binary float32 (C,) masks pruning ``num_pruned`` channels (from ``channel_prune_counts``), without gradient.
 
-    ``num_pruned`` may be traced; a concrete count is checked against the caps.
+    ``num_pruned`` may be traced; a concrete count is checked against the caps. ``min_layer_density`` (a
+    Python float): the layer floor of the module docstring, which gives channels back after the count.
     """
     if isinstance(num_pruned, (int, np.integer)):
         _check_count(groups, int(num_pruned), channel_max)
+    floor = masking.validate_min_layer_density(min_layer_density)
     a = jax.lax.stop_gradient(_magnitudes(scores, groups))
     k = jnp.asarray(num_pruned, jnp.int32)
-    pruned = _pruned_flags(a, k, groups=tuple(groups), channel_max=float(channel_max))
+    pruned = _pruned_flags(a, k, groups=tuple(groups), channel_max=float(channel_max), min_layer_density=floor)
     return _split((~pruned).astype(jnp.float32), groups)
 
 
@@ -260,13 +278,15 @@ def ste_channel_masks(
     groups: Sequence[ChannelGroup],
     num_pruned: int | jax.Array,
     channel_max: float = 0.25,
+    *,
+    min_layer_density: float = 0.0,
 ) -> dict[str, jax.Array]:
     """``channel_masks`` whose forward value is exactly 0/1 and whose gradient w.r.t. |s| is the identity.
 
     Written m + (a - stop_gradient(a)) so that the forward value is exactly m
     (see ``masking.ste_masks``).
     """
-    hard = channel_masks(scores, groups, num_pruned, channel_max)
+    hard = channel_masks(scores, groups, num_pruned, channel_max, min_layer_density=min_layer_density)
     out = {}
     for g in groups:
         a = _magnitude(scores[g.name])

@@ -23,8 +23,10 @@ from vpns_jax.io import checkpoint, export
 Params = dict[Any, Any]
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
+# collapsed_layers: how many layers (channel groups) the unit's masks empty; collapsed_layer_names: their
+# names joined by ';' ('' for none), a plain string so that the CSV cell needs no quoting rules of its own.
 RESULT_FIELDS = ("method", "density", "round", "sparsity", "channel_sparsity", "model_sparsity", "test_accuracy",
-                 "test_loss", "macs", "speedup", "wall_time_s")
+                 "test_loss", "macs", "speedup", "collapsed_layers", "collapsed_layer_names", "wall_time_s")
 
 
 def unit_folder(workdir: pathlib.Path, density: float) -> pathlib.Path:

@@ -139,6 +139,9 @@ class Method:
     name: str = ""
     summary: str = ""  # one line for docs and listings
     granularities: tuple[str, ...] = ("weight",)  # mask granularities it supports
+    # Granularities whose masks honour config.mask.min_layer_density: weight masks chosen by
+    # oneshot.keep_largest or from scores; channel masks only from scores (steps.masks_from_scores).
+    floor_granularities: tuple[str, ...] = ("weight",)
     sections: tuple[Section, ...] = (STAGE2,)
 
     def check(self, config: Any) -> None:
@@ -169,6 +172,8 @@ class Method:
 
 class LearnedScores(Method):
     """A method whose masks come from scores trained with straight-through masks (VPNs, HYDRA, BiP)."""
+
+    floor_granularities = ("weight", "channel")
 
     def initial_scores(self, run: RunContext) -> Params:
         """HYDRA-style scores from the source weights, or one score per channel (seeded) for channel masks."""

@@ -20,12 +20,25 @@ Methods and the conventions they follow:
   its per-layer counts only match in expectation).
 * SNIP, GraSP: gradients of a loss over data batches; see ``snip_importance``.
 * SynFlow: data-free, iterative; see ``synflow_masks``.
+
+Layer floor (``config.mask.min_layer_density`` f, 0 = none): ``keep_largest``
+then keeps, in every leaf of n entries, at least n - int((1 - f) * n) =
+ceil(f * n) (``masking.floor_prune_counts``): a leaf whose share of the
+selection is smaller keeps its own largest instead, ties again to the first
+in C order. The group's selection restricted to a leaf is the leaf's top
+entries in that same order, so a leaf keeps exactly max(its selection, its
+floor) and the total is the group's count plus what the floor adds. The
+floor is an argument, or (for the methods, which do not read the config) the
+one ``layer_floor`` sets around their ``unit_masks``
+(``vpns_jax.methods.registry.unit_start``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +57,19 @@ ApplyFn = Callable[[Params, Params, jax.Array], jax.Array]
 # Below every valid importance of the entries that may still be kept, so that an
 # entry pruned earlier is never chosen while a kept entry is available.
 _PRUNED = -1.0
+# The layer floor keep_largest applies when not given one: set by layer_floor around a method's masks, so
+# that every method that selects with keep_largest honours the run's config without reading it.
+_FLOOR: contextvars.ContextVar[float] = contextvars.ContextVar("min_layer_density", default=0.0)
+
+
+@contextlib.contextmanager
+def layer_floor(min_layer_density: float) -> Iterator[None]:
+    """Within it, ``keep_largest`` (given no floor) keeps at least ceil(f * n) of every leaf of n entries."""
+    token = _FLOOR.set(masking.validate_min_layer_density(min_layer_density))
+    try:
+        yield
+    finally:
+        _FLOOR.reset(token)
 
 
 def keep_counts(importance: Params, density: float, scope: str = "global") -> np.ndarray:
@@ -81,13 +107,16 @@ def _top_k(values: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-def keep_largest(importance: Params, keep: np.ndarray | Sequence[int], scope: str = "global") -> Params:
+def keep_largest(importance: Params, keep: np.ndarray | Sequence[int], scope: str = "global",
+                 min_layer_density: float | None = None) -> Params:
     """Float32 0/1 numpy masks shaped like ``importance`` keeping exactly ``keep[g]`` entries per group.
 
     The largest importances are kept; any sign is allowed. Ties go to the entry
     first in the group's flattened order (leaves in ``jax.tree`` order, each in C
     order), so the result is deterministic. ``scope`` is 'global' (one group,
-    ``keep`` of length 1) or 'layer' (one group per leaf).
+    ``keep`` of length 1) or 'layer' (one group per leaf). ``min_layer_density``
+    (None: the one ``layer_floor`` set, default 0) adds the layer floor of the
+    module docstring: every leaf keeps max(its share, n - int((1 - f) * n)).
     """
     leaves, treedef = jax.tree.flatten(importance)
     arrays = [np.asarray(leaf) for leaf in leaves]
@@ -109,7 +138,23 @@ def keep_largest(importance: Params, keep: np.ndarray | Sequence[int], scope: st
             size = arrays[i].size
             masks[i] = selected[offset : offset + size].reshape(arrays[i].shape)
             offset += size
+    floor = _FLOOR.get() if min_layer_density is None else masking.validate_min_layer_density(min_layer_density)
+    if floor:
+        masks = _with_floor(arrays, masks, masking.floor_prune_counts(importance, floor))
     return jax.tree.unflatten(treedef, masks)
+
+
+def _with_floor(arrays: list[np.ndarray], masks: list[np.ndarray], most_pruned: np.ndarray) -> list[np.ndarray]:
+    """Each leaf's mask, or its own top n - most_pruned entries where it keeps fewer."""
+    out = []
+    for values, mask, most in zip(arrays, masks, most_pruned):
+        floor = values.size - int(most)
+        # The group's selection in this leaf is the leaf's top entries in the same order (ties to the first),
+        # so the leaf's own top ``floor`` holds it: replacing the mask only adds entries.
+        if np.count_nonzero(mask) < floor:
+            mask = _top_k(values.ravel(), floor).astype(np.float32).reshape(values.shape)
+        out.append(mask)
+    return out
 
 
 def _prunable(weights: Params, kinds: Params) -> Params:
@@ -404,7 +449,7 @@ def synflow_masks(
     The score is recomputed on the masked network each iteration (see
     ``synflow_importance``); each step keeps ``keep_counts`` of its density,
     never revives a pruned entry, and the last step (i = n) keeps exactly
-    ``keep_counts(..., density)``. Returns float32 numpy masks.
+    ``keep_counts(..., density)`` (plus what a layer floor adds, if one is set). Returns float32 numpy masks.
     """
     density = masking.validate_density(density)
     if iterations < 1:
@@ -426,6 +471,7 @@ __all__ = [
     "grasp_importance",
     "keep_counts",
     "keep_largest",
+    "layer_floor",
     "lth_round",
     "lth_rounds_for",
     "lth_schedule",

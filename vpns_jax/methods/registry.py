@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from vpns_jax.config_fields import ConfigError
-from vpns_jax.methods import transfer
+from vpns_jax.methods import oneshot, transfer
 from vpns_jax.methods.base import Method, Params, Plan, RunContext, Section, Unit
 
 _METHODS: dict[str, Method] = {}
@@ -86,6 +86,10 @@ def make_plan(config: Any) -> Plan:
             f"config.mask.granularity={granularity!r} is not available for method {method.name!r}: use one of "
             f"{', '.join(map(repr, method.granularities))}"
         )
+    if config.mask.min_layer_density and granularity not in method.floor_granularities:
+        raise ConfigError(
+            f"config.mask.min_layer_density={config.mask.min_layer_density!r} is not applied by method "
+            f"{method.name!r} with {granularity!r} masks: use 0 with it, or a method whose masks come from scores")
     method.check(config)
     if not config.transfer.masks_from:
         return method.plan(config)
@@ -107,7 +111,9 @@ def unit_start(plan: Plan, run: RunContext, unit: Unit, index: int) -> tuple[Par
     None: a zero prompt)."""
     if run.config.transfer.masks_from:
         return transfer.transferred(run, unit.density)
-    return plan.method.unit_masks(run, unit, index), None
+    # One-shot methods select with oneshot.keep_largest, which reads the run's layer floor from here.
+    with oneshot.layer_floor(run.config.mask.min_layer_density):
+        return plan.method.unit_masks(run, unit, index), None
 
 
 def check_inputs(config: Any) -> None:
