@@ -1,6 +1,7 @@
-"""Kill/resume reliability: SIGKILL the shrunk offline default run again and again, rerun it, compare bit for bit.
+"""Kill/resume reliability: kill the shrunk offline default run again and again, rerun it, compare bit for bit.
 
     python -m experiments.kill_resume [--kills=10] [--seed=0] [--data_dir=DIR] [--workdir=DIR] [--fast_compile]
+                                      [--signals=KILL,INT,TERM]
 
 1. Prepares Fashion-MNIST (Debian's /usr/share/datasets/fashion-mnist) into DATA_DIR if it is not there yet
    (default WORKDIR/tfds).
@@ -12,7 +13,10 @@
    4th, 7th, ...) aim at a checkpoint save in progress: the checkpoint folders are polled every 2 ms for an
    orbax ``<step>.orbax-checkpoint-tmp`` folder and the run is killed as soon as one appears; a save that
    completes before the kill lands is a miss, and the next kill aims at a save instead. The others kill at a
-   random moment between one checkpoint and the next.
+   random moment between one checkpoint and the next. ``--signals`` cycles the kills through SIGKILL, SIGINT
+   (Ctrl-C) and SIGTERM; a run sent SIGINT or SIGTERM must stop cleanly: exit 130 / 143 and, as its last line,
+   ``interrupted at density d, stage s, step n; rerun the same command to resume``, with no traceback. Only
+   SIGKILLs aim at saves: the others stop at the next step, after any save in flight.
 4. Compares the two workdirs: results.json without wall times, and every array of every
    ``subnetworks/density_*/*.npz`` and of ``source_model.npz``, bit for bit.
 
@@ -204,6 +208,17 @@ def timed_run(cmd: Sequence[str], run_env: Mapping[str, str], workdir: str | os.
     return Timeline(seconds, milestones)
 
 
+def _check_clean_stop(log_path: pathlib.Path, name: str, returncode: int) -> None:
+    """A run stopped by SIGINT / SIGTERM must exit 130 / 143 with one line saying where, and no traceback."""
+    text = log_path.read_text(errors="replace")
+    last = text.replace("\r", "\n").strip().splitlines()[-1] if text.strip() else ""
+    expected = 128 + getattr(signal, f"SIG{name}")
+    if returncode != expected or "Traceback" in text or not (
+            last.startswith("interrupted ") and last.endswith("; rerun the same command to resume")):
+        raise RuntimeError(f"SIG{name} did not stop the run cleanly (exit {returncode}, expected {expected}; last "
+                           f"line {last!r}): {_tail(log_path)}")
+
+
 def _tail(path: pathlib.Path, chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -223,6 +238,7 @@ class KillPlan:
     kind: Literal["save", "random"]
     after: Progress = START
     delay: float = 0.0
+    signal: Literal["KILL", "INT", "TERM"] = "KILL"  # INT / TERM: the run must stop cleanly (one line, 130 / 143)
 
 
 @dataclasses.dataclass
@@ -239,7 +255,8 @@ class KillRecord:
     where: str  # where the run stood at that checkpoint
 
 
-def plan_kills(timeline: Timeline, kills: int, rng: np.random.Generator) -> list[KillPlan]:
+def plan_kills(timeline: Timeline, kills: int, rng: np.random.Generator,
+               signals: Sequence[str] = ("KILL",)) -> list[KillPlan]:
     """``kills`` kills spread over a run like ``timeline``.
 
     The k-th kill comes after a random checkpoint (or the start) in the k-th of ``kills`` equal slices of them,
@@ -257,13 +274,15 @@ def plan_kills(timeline: Timeline, kills: int, rng: np.random.Generator) -> list
     for _ in range(1000):
         plans, covered = [], set()
         for k, chunk in enumerate(np.array_split(np.arange(len(candidates)), kills)):
-            kind = "save" if k % 3 == 0 else "random"
+            name = signals[k % len(signals)]
+            # SIGINT / SIGTERM stop at the next step, after any save in flight: only SIGKILL can cut a save.
+            kind = "save" if k % 3 == 0 and name == "KILL" else "random"
             allowed = [i for i in chunk if kind == "save" or i < len(candidates) - 1]
             if not allowed:
                 kind, allowed = "save", list(chunk)
             after, phase, gap = candidates[int(rng.choice(allowed))]
             covered.add(phase)
-            plans.append(KillPlan(kind, after, 0.0 if kind == "save" else float(rng.uniform(0.0, gap))))
+            plans.append(KillPlan(kind, after, 0.0 if kind == "save" else float(rng.uniform(0.0, gap)), name))
         if len(covered & phases) >= min(kills, len(phases)):
             break
     return plans
@@ -318,14 +337,17 @@ def killed_run(cmd: Sequence[str], run_env: Mapping[str, str], workdir: str | os
                         break
                 time.sleep(poll)
             if process.poll() is None:
-                os.kill(process.pid, signal.SIGKILL)
+                signum = getattr(signal, f"SIG{plan.signal}")
+                os.kill(process.pid, signum)
                 killed_at = time.perf_counter()
-                process.wait()
-                killed = process.returncode == -signal.SIGKILL
+                process.wait(timeout=timeout)
+                killed = process.returncode in (-signal.SIGKILL, 128 + signum)
             else:
                 killed_at, killed = time.perf_counter(), False
         if not killed and process.returncode != 0:
             raise RuntimeError(f"attempt {k} failed by itself (exit {process.returncode}): {_tail(log_path)}")
+        if killed and plan.signal != "KILL":
+            _check_clean_stop(log_path, plan.signal, process.returncode)
         progress, saving = _scan(workdir)
         unfinished = {name: info for name, info in saving.items()
                       if stale.get(name) != info and not _complete(workdir, info[0], info[1])}
@@ -443,7 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default WORKDIR/tfds); prepared if needed.")
     parser.add_argument("--workdir", default=None, help="A new or empty folder (default: a new temporary one).")
     parser.add_argument("--fast_compile", action="store_true", help=f"Run with XLA_FLAGS {FAST_COMPILE}.")
+    parser.add_argument("--signals", default="KILL",
+                        help="Comma-separated signals the kills cycle through: KILL, INT, TERM (default KILL).")
     args = parser.parse_args(argv)
+    signals = tuple(args.signals.upper().split(","))
+    if not set(signals) <= {"KILL", "INT", "TERM"}:
+        parser.error(f"--signals={args.signals} has an unknown signal: use KILL, INT and TERM")
     if args.kills < 1:
         parser.error("--kills must be at least 1")
     root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="kill_resume_")).absolute()
@@ -461,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeline = timed_run(command(uninterrupted, data_dir, cache), run_env, uninterrupted, logs)
     print(f"uninterrupted run: {timeline.seconds:.1f} s, {len(timeline.milestones)} checkpoints")
     try:
-        plans = plan_kills(timeline, args.kills, np.random.default_rng(args.seed))
+        plans = plan_kills(timeline, args.kills, np.random.default_rng(args.seed), signals)
     except ValueError as error:
         parser.error(str(error))
 

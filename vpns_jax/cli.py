@@ -3,11 +3,71 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import traceback
 from typing import NoReturn
 
 EXIT_ERROR = 2
+
+
+class Stopped(BaseException):
+    """A stop requested by SIGINT or SIGTERM (a BaseException, as KeyboardInterrupt, so no ``except Exception``
+    on the way up swallows it)."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Interrupted(BaseException):
+    """A run stopped by SIGINT or SIGTERM, with where it was (``where``: 'at density d, stage s, step n', ...)."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(signum, where)
+        self.signum, self.where = signum, where
+
+
+_REQUESTED: list[int] = []  # signals received while stop requests are deferred (see stop_requests)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While open, SIGINT and SIGTERM only request a stop, which ``raise_if_stopped`` raises at the next safe
+    point (between steps and batches): a KeyboardInterrupt raised inside an XLA compile or a device transfer can
+    crash the process on its way out. A second signal stops at once. The previous handlers come back on exit."""
+    def request(signum: int, frame) -> None:
+        if _REQUESTED:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+        _REQUESTED.append(signum)
+
+    previous = {signum: signal.signal(signum, request) for signum in (signal.SIGINT, signal.SIGTERM)}
+    _REQUESTED.clear()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _REQUESTED.clear()
+
+
+def raise_if_stopped() -> None:
+    """Raises ``Stopped`` if a stop was requested (called between steps, batches and phases)."""
+    if _REQUESTED:
+        raise Stopped(_REQUESTED[0])
+
+
+def signal_number(stop: BaseException) -> int:
+    """The signal behind a KeyboardInterrupt, ``Stopped`` or ``Interrupted``."""
+    return getattr(stop, "signum", signal.SIGINT)
+
+
+def report_interrupt(stop: BaseException) -> int:
+    """One line for a run stopped by a signal; the exit status 128 + signal (130 for SIGINT, 143 for SIGTERM)."""
+    where = getattr(stop, "where", "while starting")
+    print(f"interrupted {where}; rerun the same command to resume", file=sys.stderr)
+    return 128 + signal_number(stop)
 
 
 def report_error(error: BaseException, *, verbose: bool, prefix: str = "error") -> int:

@@ -17,6 +17,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh
 
+from vpns_jax import cli
 from vpns_jax.core import label_mapping, masking, parallel, steps, structured
 from vpns_jax.models import macs
 
@@ -26,13 +27,20 @@ Params = dict[Any, Any]
 COLLAPSE_FIELDS = ("collapsed_layers", "collapsed_layer_names")
 
 
+def _stoppable(batches):
+    """``batches``, with a requested stop (SIGINT, SIGTERM) raised between them."""
+    for batch in batches:
+        cli.raise_if_stopped()
+        yield batch
+
+
 def label_mapped(spec: steps.StepSpec, state: steps.TrainState, stream, mesh: Mesh, *, num_target: int,
                  with_prompt: bool) -> steps.TrainState:
     """``state`` with the frequency label mapping of ``stream``'s batches through its masks (and prompt)."""
     counts = sum(
         np.asarray(steps.source_prediction_counts(state, batch, spec=spec, num_target=num_target,
                                                   with_prompt=with_prompt))
-        for batch in parallel.prefetch_to_device(stream.epoch_batches(), mesh)
+        for batch in parallel.prefetch_to_device(_stoppable(stream.epoch_batches()), mesh)
     )
     mapping = label_mapping.frequency_label_mapping(counts)
     return state.replace(label_map=parallel.replicate(jnp.asarray(mapping), mesh))
@@ -42,7 +50,7 @@ def test_metrics(spec: steps.StepSpec, state: steps.TrainState, stream, mesh: Me
                  with_prompt: bool) -> dict[str, float]:
     """Test accuracy and mean loss of ``state`` over ``stream`` (through the masks in force)."""
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    for batch in parallel.prefetch_to_device(stream.epoch_batches(), mesh):
+    for batch in parallel.prefetch_to_device(_stoppable(stream.epoch_batches()), mesh):
         out = jax.device_get(steps.eval_step(state, batch, spec=spec, with_prompt=with_prompt))
         for key in totals:
             totals[key] += out[key].item()

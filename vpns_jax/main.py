@@ -201,7 +201,15 @@ def command(argv: list[str]) -> int:
         from vpns_jax.io import workdir as workdir_files
 
         workdir = values.workdir or default_workdir(values["config"].config_filename)
-        results = train.run(values.config, workdir, replace_workdir=values.replace_workdir)
+        with cli.stop_requests():
+            results = train.run(values.config, workdir, replace_workdir=values.replace_workdir)
+    except (KeyboardInterrupt, cli.Stopped, cli.Interrupted) as stop:
+        from vpns_jax.io import metrics
+
+        metrics.close_progress_bars()
+        if verbose:
+            traceback.print_exception(stop)
+        return cli.report_interrupt(stop)
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line unless --verbose
         return cli.report_error(error, verbose=verbose)
     import jax

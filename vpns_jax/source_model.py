@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
-from vpns_jax import config_checks
+from vpns_jax import cli, config_checks
 from vpns_jax.core import dense, health, label_mapping, optim, parallel
 from vpns_jax.io import checkpoint, metrics, pretrained
 from vpns_jax.data import pipeline, registry, run_data
@@ -143,6 +143,7 @@ def pretrain(
                                                                      phase="source"))
         batches = parallel.prefetch_to_device(stream, mesh)
         for step in range(start, total):
+            cli.raise_if_stopped()
             batch = next(batches)
             state, step_metrics = dense.dense_train_step(state, batch, graphdef=graphdef, tx=tx)
             check.push(step_metrics[health.FINITE], step + 1, f"source pretraining, step {step + 1} (epoch "

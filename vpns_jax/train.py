@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vpns_jax import config_checks, evaluation, methods
+from vpns_jax import cli, config_checks, evaluation, methods
 from vpns_jax.context import RunContext
 from vpns_jax.core import health, optim, parallel, steps
 from vpns_jax.io import checkpoint, metrics, workdir
@@ -77,8 +77,21 @@ class Run:
                                      replace=self.replace_workdir)
             try:
                 return self._run_units()
+            except (KeyboardInterrupt, cli.Stopped) as stop:
+                raise cli.Interrupted(cli.signal_number(stop), self.where()) from None
             finally:
                 self.context.data.close()
+
+    def where(self) -> str:
+        """Where the run is, for the interrupted message: 'at density d, stage s, step n', or the phase."""
+        position = getattr(self, "position", None)
+        if position is None:
+            return "during start-up (data, source model pretraining, resume)"
+        if position.unit >= len(self.plan.units):
+            return "while writing the results"
+        unit = self.plan.units[position.unit]
+        stage = position.stage if position.stage >= 0 else unit.stages[0]
+        return f"at density {unit.density:.6g}, stage {stage}, step {position.global_step}"
 
     def _run_units(self) -> list[dict[str, Any]]:
         with metrics.MetricsWriter(self.workdir) as writer, checkpoint.Checkpointer(
@@ -89,7 +102,10 @@ class Run:
             # New saves go after every step on disk, an unreadable newest one included (orbax needs increasing steps).
             self.saves = max(ckpt.all_steps(), default=0)
             while position.unit < len(self.plan.units):
+                cli.raise_if_stopped()
+                self.position = position  # mutated in place as the unit trains; read by where()
                 position = self._unit(position, ckpt, writer)
+            self.position = position
         if jax.process_index() == 0:
             workdir.write_results(self.workdir, position.results)
         return position.results
@@ -208,6 +224,7 @@ class Run:
         iterations = parallel.prefetch_to_device((tuple(next(streams[name]) for name in reads)
                                                   for _ in itertools.count()), self.mesh)
         while position.epoch < epochs:
+            cli.raise_if_stopped()  # a stop lands here, between iterations, with every save before it complete
             batches = next(iterations)
             state, step_metrics = steps.train_iteration(state, batches, spec=spec, stage=stage)
             position.global_step += 1

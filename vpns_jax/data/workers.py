@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import weakref
@@ -37,6 +38,8 @@ def _watch_parent(parent: int) -> None:
 
 
 def _start_worker(sources: Mapping[str, Sequence[dict[str, Any]]], parent: int) -> None:
+    # Ctrl-C reaches the whole process group: the training process reports it; a worker would print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _SOURCES.update(sources)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 

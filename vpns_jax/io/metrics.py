@@ -122,6 +122,12 @@ def progress(total: int, desc: str, *, initial: int = 0) -> tqdm.tqdm:
     )
 
 
+def close_progress_bars() -> None:
+    """Closes every open progress bar (a stopped run's), so none is redrawn at exit after the last message."""
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+        bar.close()
+
+
 def peak_memory_mb() -> float:
     """Peak memory so far in MiB: the first local device's peak allocation where the backend reports one (GPU,
     TPU), else this process's peak resident set (CPU, where arrays live in host memory)."""
