@@ -131,6 +131,12 @@ def _unreadable_checkpoints(env: Env) -> list[str]:
     return env.argv()
 
 
+def _checkpoints_file(env: Env) -> list[str]:
+    env.run_of_this_config()
+    (env.workdir / "checkpoints").write_text("not a folder\n")
+    return env.argv()
+
+
 def _locked(env: Env) -> list[str]:
     env.run_of_this_config()
     return env.argv()
@@ -293,6 +299,10 @@ CASES = [
     Case("unreadable config.json", lambda e: (e.workdir.mkdir() or (e.workdir / "config.json").write_text("{"))
          and e.argv(), "has an unreadable config.json"),
     Case("workdir in use", _locked, "is in use by another run"),
+    Case("checkpoint folder that is a file", _checkpoints_file,
+         "checkpoints is a file, not a folder; move it aside, then rerun the same command to resume"),
+    Case("workdir that is a file", lambda e: e.workdir.write_text("not a folder\n") and e.argv(),
+         "/work: File exists [EEXIST]; move aside what is in the way"),
     Case("every checkpoint corrupted", _unreadable_checkpoints, "reads back whole"),
 ]
 
@@ -324,8 +334,8 @@ def subnetwork(tmp_path_factory) -> pathlib.Path:
     return path
 
 
-def test_the_catalogue_has_at_least_58_distinct_cases():
-    assert len(CASES) >= 58 and len({case.name for case in CASES}) == len(CASES)
+def test_the_catalogue_has_at_least_61_distinct_cases():
+    assert len(CASES) >= 61 and len({case.name for case in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

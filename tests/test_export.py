@@ -13,7 +13,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from vpns_jax.core import label_mapping, masking, prompts, steps
-from vpns_jax.io import export
+from vpns_jax.io import checkpoint, export
 from vpns_jax.models import create_model, functional
 
 SPEC = prompts.PromptSpec("pad", input_size=32, output_size=32, pad_size=4)
@@ -276,8 +276,11 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(np, "savez", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpoint.DiskError, match="disk full") as raised:
         _export(tmp_path / "sub.npz")
+    # One line naming the file (not its temporary twin) and the fix (tests/test_disk_errors.py has the rest).
+    assert str(raised.value).startswith(f"cannot write {tmp_path / 'sub.npz'}: disk full; ")
+    assert "\n" not in str(raised.value) and "rerun the same command" in str(raised.value)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -185,6 +185,13 @@ def _initialize_distributed(values: flags.FlagValues) -> None:
         jax.distributed.initialize()
 
 
+def _close_progress_bars() -> None:
+    """No progress bar is redrawn after the last message of a stopped or failed run."""
+    from vpns_jax.io import metrics
+
+    metrics.close_progress_bars()
+
+
 def command(argv: list[str]) -> int:
     """Runs the command line ``argv`` (program name first); returns the exit status (0, or 2 after a one-line
     error on stderr)."""
@@ -204,13 +211,12 @@ def command(argv: list[str]) -> int:
         with cli.stop_requests():
             results = train.run(values.config, workdir, replace_workdir=values.replace_workdir)
     except (KeyboardInterrupt, cli.Stopped, cli.Interrupted) as stop:
-        from vpns_jax.io import metrics
-
-        metrics.close_progress_bars()
+        _close_progress_bars()
         if verbose:
             traceback.print_exception(stop)
         return cli.report_interrupt(stop)
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line unless --verbose
+        _close_progress_bars()
         return cli.report_error(error, verbose=verbose)
     import jax
 

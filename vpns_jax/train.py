@@ -71,7 +71,8 @@ class Run:
         Only here, after every check in ``__init__``, does the workdir get created, locked and tied to this
         config: a run that fails its checks leaves no config.json behind to refuse the corrected command.
         """
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        with checkpoint.disk_errors(f"cannot create the workdir {self.workdir}"):
+            self.workdir.mkdir(parents=True, exist_ok=True)
         with checkpoint.workdir_lock(self.workdir):
             checkpoint.guard_workdir(self.workdir, config_checks.fingerprint(self.config),
                                      replace=self.replace_workdir)

@@ -7,16 +7,27 @@
 * :func:`workdir_lock` refuses a second run on a workdir that a live run holds.
 * :func:`save_arrays` / :func:`load_arrays` store a nested dict of arrays as one
   ``.npz`` (final masks, weights and prompt per density, the cached source model).
+* :func:`write_atomically` writes every such file (and config.json, the results, the
+  exported subnetworks): a failed or interrupted write leaves the previous file whole.
+
+A write that the disk refuses (full, read-only, ...) is a one-line :class:`DiskError`
+naming the file or checkpoint folder and the fix; the checkpoint a rerun resumes from
+is still the previous complete one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging as std_logging
 import os
 import pathlib
+import re
+import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -36,6 +47,108 @@ _MAX_LISTED_KEYS = 5
 _INT_PREFIX = "#"
 # Marks an empty dict in an .npz, whose keys otherwise only name leaves: '<path>/' holds a zero-size array.
 _EMPTY_SUFFIX = "/"
+# How to go on after a write the disk refused: nothing good was replaced, so the same command resumes.
+RERUN_HINT = "then rerun the same command to resume (or start afresh with another --workdir)"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_IN_THE_WAY = (errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+# tensorstore (orbax's array writer) reports a failed write as a ValueError whose message holds the OS error code.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+# Orbax writes step <n> into '<n>.orbax-checkpoint-tmp' and renames it when complete.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_WRITERS_TIMEOUT_S = 60.0  # how long a failed save waits for orbax's other writer threads to end
+
+
+class DiskError(OSError):
+    """A file or checkpoint the disk did not take (full, read-only, ...): one line naming the path and the fix.
+
+    The write it stands for replaced nothing: the previous file or checkpoint is still the one in use.
+    """
+
+
+def is_disk_trouble(error: BaseException) -> bool:
+    """Whether ``error`` is an OS error, or tensorstore's report of one (which orbax raises as a ValueError)."""
+    return isinstance(error, OSError) or _TENSORSTORE_ERRNO.search(str(error)) is not None
+
+
+def disk_error(what: str, error: BaseException, *, hint: str = RERUN_HINT) -> DiskError | None:
+    """``error``, raised while doing ``what`` (e.g. 'cannot write /w/a.npz'), as a one-line :class:`DiskError`:
+    ``'<what>: <reason>; <fix>, <hint>'``. None when ``error`` is no OS error (a bug or a bad value, which
+    the caller raises as it is); ``error`` itself when it already is a DiskError.
+    """
+    if isinstance(error, DiskError):
+        return error
+    if isinstance(error, OSError):
+        code = error.errno
+        reason = error.strerror or " ".join(str(error).split())[:200] or type(error).__name__
+    else:
+        found = _TENSORSTORE_ERRNO.search(str(error))
+        if found is None:
+            return None
+        code = int(found.group(1))
+        reason = os.strerror(code)
+    if code:
+        reason = f"{reason} [{errno.errorcode.get(code, code)}]"
+    if code in _NO_SPACE:
+        fix = "free space on that disk"
+    elif code == errno.EFBIG:
+        fix = "raise the file size limit (ulimit -f) or use a disk that takes larger files"
+    elif code in _NOT_WRITABLE:
+        fix = "make that folder writable"
+    elif code in _IN_THE_WAY:
+        fix = "move aside what is in the way"
+    else:
+        fix = "check that the disk has space and is writable"
+    problem = DiskError(f"{what}: {reason}; {fix}, {hint}")
+    problem.errno = code
+    return problem
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, *, hint: str = RERUN_HINT) -> Iterator[None]:
+    """Raises an OS error (or tensorstore's report of one) from inside as :func:`disk_error` ``(what, ...)``,
+    chained to it (``--verbose`` shows its traceback); every other exception passes through unchanged."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, DiskError) or not is_disk_trouble(error):
+            raise
+        raise disk_error(what, error, hint=hint) from error
+
+
+@contextlib.contextmanager
+def _quiet_orbax_save() -> Iterator[None]:
+    """Around one orbax save: holds back orbax's ERROR logs, and after a failure waits for its writer threads.
+
+    Orbax's writer threads log a failed write with its traceback before the save raises it; the save raises it
+    as one line instead, with the traceback chained for ``--verbose``, so the held logs are dropped then (and
+    logged after a save that succeeds). A save raises at its first failed item while the writers of the other
+    items still run: waiting for them (up to ``_WRITERS_TIMEOUT_S``) keeps their logs held too, and lets the
+    failed save's temporary folder be removed after them, not under them.
+    """
+    held: list[std_logging.LogRecord] = []
+
+    def hold(record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            held.append(record)
+            return False
+        return True
+
+    logger = logging.get_absl_logger()
+    running = set(threading.enumerate())
+    logger.addFilter(hold)
+    try:
+        yield
+    except BaseException:
+        deadline = time.monotonic() + _WRITERS_TIMEOUT_S
+        for thread in set(threading.enumerate()) - running:
+            if type(thread).__module__.startswith("orbax."):  # its writer threads, not long-lived pools
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        raise
+    finally:
+        logger.removeFilter(hold)
+    for record in held:
+        logger.handle(record)
 
 
 class Checkpointer:
@@ -47,7 +160,8 @@ class Checkpointer:
     finalisation), and it never lists a temporary folder as a step. A process
     killed in the middle of a save therefore leaves the previous checkpoint as
     :meth:`latest_step`, and the leftover temporary folder is replaced when that
-    step is saved again. This class adds no checks of its own on top of that.
+    step is saved again. On top of that, this class checks that steps increase and
+    reports a refused write (below).
 
     Multi-process runs: every process must call :meth:`save` and
     :meth:`restore` (orbax's saves are collective; each process writes its own
@@ -56,16 +170,26 @@ class Checkpointer:
 
     Steps must increase from one save to the next: saving a step at or below
     :meth:`latest_step` raises (orbax would silently skip it).
+
+    A save the disk refuses (full, read-only) raises a one-line :class:`DiskError`
+    naming the folder and the step a rerun resumes from, which is the previous
+    complete checkpoint; the failed save's temporary folder is removed (a
+    single-process run) to give the space back.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2):
         self.directory = pathlib.Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            # Orbax would list no checkpoint in it (a silent restart) and fail only at the first save.
+            raise DiskError(f"checkpoint folder {self.directory} is a file, not a folder; move it aside, "
+                            f"{RERUN_HINT}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
             enable_async_checkpointing=False,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        with disk_errors(f"cannot create the checkpoint folder {self.directory}"):
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
         """Writes ``state`` and ``meta`` (JSON-serialisable) as checkpoint ``step``; returns when it is complete."""
@@ -77,13 +201,33 @@ class Checkpointer:
                 "steps must increase"
             )
         json.dumps(meta)  # a clear error here rather than a half-made checkpoint
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
-        )
-        self._manager.wait_until_finished()
+        try:
+            with _quiet_orbax_save():
+                saved = self._manager.save(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
+                )
+                # Orbax's writer threads raise a failed write here at the latest.
+                self._manager.wait_until_finished()
+        except Exception as error:
+            if not is_disk_trouble(error):
+                raise
+            raise disk_error(f"cannot save checkpoint step {step} in {self.directory}", error,
+                             hint=self._after_failed_save(step)) from error
         if not saved:
             raise RuntimeError(f"orbax declined to save checkpoint step {step} in {self.directory}")
+
+    def _after_failed_save(self, step: int) -> str:
+        """Removes what the failed save of ``step`` wrote; the hint naming the step a rerun resumes from."""
+        if jax.process_count() == 1:  # other processes may still be writing their shards into it
+            for leftover in self.directory.glob(f"{step}{_ORBAX_TMP_SUFFIX}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        latest = self.latest_step()
+        with contextlib.suppress(Exception):  # from disk: a failure after the rename leaves the new step complete
+            self._manager.reload()
+            latest = self.latest_step()
+        where = f"from checkpoint step {latest}" if latest is not None else "from the start (no checkpoint yet)"
+        return f"then rerun the same command to resume {where} (or start afresh with another --workdir)"
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None when there is none."""
@@ -151,14 +295,23 @@ class Checkpointer:
         return None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for orbax's outstanding work and closes it; a write that failed there is a :class:`DiskError`."""
+        with disk_errors(f"cannot finish writing the checkpoints in {self.directory}"):
+            self._manager.wait_until_finished()
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The error on its way out (e.g. a failed save) is the one to report, not a second one from closing.
+        try:
+            self.close()
+        except Exception as error:  # noqa: BLE001 - any, so that it does not replace the first
+            logging.info("closing the checkpoints in %s after an error failed too: %s", self.directory, error)
 
 
 class WorkdirConfigError(ValueError):
@@ -212,19 +365,43 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def write_atomically(path: pathlib.Path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_atomically(path: str | os.PathLike, write: Callable[[Any], Any], *, hint: str = RERUN_HINT) -> None:
+    """``write(file)`` into a temporary file beside ``path``, synced to disk, then renamed onto ``path``.
+
+    A write that fails or is interrupted leaves ``path`` as it was (or absent) and no temporary file. An OS
+    error (disk full, read-only, ...) is raised as a one-line :class:`DiskError` naming ``path``, ending in
+    ``hint``; any other error of ``write`` passes through unchanged.
+    """
+    path = pathlib.Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
-            os.fsync(file.fileno())
+            os.fsync(file.fileno())  # the data is on disk before the rename makes it the file
         os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except BaseException as error:
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # a failing disk must not hide the error that matters
+                os.unlink(tmp)
+        if not isinstance(error, OSError) or isinstance(error, DiskError):
+            raise
+        raise disk_error(f"cannot write {path}", error, hint=hint) from error
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: pathlib.Path) -> None:
+    """Makes a rename in ``folder`` durable, so a power cut right after it keeps the new file. Best effort:
+    not every file system syncs folders, and the file is already whole in place."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def guard_workdir(workdir: str | os.PathLike, fingerprint: Mapping[str, Any], *, replace: bool = False) -> None:
@@ -280,8 +457,10 @@ def _replace_run(workdir: pathlib.Path, text: str) -> None:
     """Moves everything in ``workdir`` but the lock and earlier replaced runs into a new ``replaced/<time>-*``
     folder, then writes ``text`` as the config."""
     archive = workdir / REPLACED_DIR
-    archive.mkdir(exist_ok=True)
-    target = pathlib.Path(tempfile.mkdtemp(dir=archive, prefix=time.strftime("%Y%m%d-%H%M%S-")))
+    with disk_errors(f"cannot make a folder in {archive} to move the run of another config into",
+                     hint="then rerun the same command"):
+        archive.mkdir(exist_ok=True)
+        target = pathlib.Path(tempfile.mkdtemp(dir=archive, prefix=time.strftime("%Y%m%d-%H%M%S-")))
     # config.json moves last: a run killed half-way still holds the old config, so the next run with the
     # flag moves the rest.
     for entry in sorted(workdir.iterdir(), key=lambda entry: entry.name == CONFIG_FILE):
@@ -316,11 +495,13 @@ def _host_array(value: Any) -> np.ndarray:
     return array
 
 
-def save_arrays(path: str | os.PathLike, tree: Mapping[Any, Any]) -> None:
-    """Writes a nested dict of arrays to the ``.npz`` at ``path``, atomically (temp file + rename).
+def save_arrays(path: str | os.PathLike, tree: Mapping[Any, Any], *, hint: str = RERUN_HINT) -> None:
+    """Writes a nested dict of arrays to the ``.npz`` at ``path``, atomically (:func:`write_atomically`).
 
     Keys are the '/'-joined dict paths, integer keys stored as '#<int>'. Each
-    process may call it; every writer uses its own temporary file.
+    process may call it; every writer uses its own temporary file. A write the
+    disk refuses is a one-line :class:`DiskError` naming ``path`` and ending in
+    ``hint``; the previous file stays as it was.
     """
     flat: dict[str, np.ndarray] = {}
 
@@ -336,7 +517,7 @@ def save_arrays(path: str | os.PathLike, tree: Mapping[Any, Any]) -> None:
     if not isinstance(tree, Mapping):
         raise TypeError(f"save_arrays takes a dict of arrays, not {type(tree).__name__}")
     visit(tree, "")
-    write_atomically(pathlib.Path(path), lambda file: np.savez(file, **flat))
+    write_atomically(pathlib.Path(path), lambda file: np.savez(file, **flat), hint=hint)
 
 
 def load_arrays(path: str | os.PathLike) -> dict:

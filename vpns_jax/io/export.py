@@ -195,8 +195,10 @@ def export_subnetwork(
 ) -> ExportSize:
     """Writes the subnetwork (``weights * masks``, statistics, prompt, label map) to the one ``.npz`` at ``path``.
 
-    The file is written to a temporary file beside ``path`` and renamed onto it;
-    an existing ``path`` is a FileExistsError unless ``overwrite``. ``rng`` is the
+    The file is written to a temporary file beside ``path``, synced and renamed onto it
+    (``checkpoint.write_atomically``): a write the disk refuses is a one-line
+    ``checkpoint.DiskError`` naming ``path`` and leaves an existing ``path`` as it was,
+    with no temporary file. An existing ``path`` is a FileExistsError unless ``overwrite``. ``rng`` is the
     run's raw PRNG key (default ``PRNGKey(0)``); evaluation folds it for the
     ``random`` prompt kind. Returns the sizes, with the file's size on disk.
     """

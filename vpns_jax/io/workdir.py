@@ -46,8 +46,10 @@ def save_unit(folder: pathlib.Path, state: steps.TrainState, found: dict[str, An
 
     ``found``: ``evaluation.found_subnetwork``'s masks, effective weights and kernel masks; ``model``: the
     config's model section. Overwrites: a run killed after this save but before its checkpoint redoes it.
+    Each file is written whole and then renamed into place (``checkpoint.write_atomically``, which also makes
+    the folder): a write the disk refuses is a one-line ``checkpoint.DiskError`` naming the file, and leaves the
+    file it would have replaced as it was.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     host = {"masks": found["masks"], **jax.device_get({
         "weights": state.weights, "batch_stats": state.batch_stats, "prompt": state.prompt,
         "label_map": {"label_map": state.label_map}})}
@@ -74,7 +76,8 @@ def format_results(results: list[dict[str, Any]]) -> str:
 
 
 def write_results(workdir: pathlib.Path, results: list[dict[str, Any]]) -> None:
-    """results.json and results.csv in the workdir (each written whole, then renamed into place)."""
+    """results.json and results.csv in the workdir (each written whole, then renamed into place: a write the disk
+    refuses is a one-line ``checkpoint.DiskError`` naming the file, and leaves the previous file as it was)."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS, extrasaction="ignore", restval="")
     writer.writeheader()
