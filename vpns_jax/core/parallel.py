@@ -79,5 +79,19 @@ def _is_batch(node: Any) -> bool:
 
 
 def replicate(tree, mesh: Mesh):
-    """Places a pytree (e.g. a training state) on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    """Places a pytree (e.g. a training state) on every device of the mesh.
+
+    With several processes, each leaf this process holds whole is rebuilt from its host value with
+    ``make_array_from_process_local_data``: ``device_put`` of a one-device array onto a mesh with one device per
+    process (jax 0.10) gave arrays whose buffer claimed the whole mesh, which orbax could not save. Leaves that
+    are already global (outputs of programs on the mesh) are kept."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def place(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+    return jax.tree.map(place, tree)
