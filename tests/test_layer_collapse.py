@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import pathlib
-import sys
 import types
 
 import jax
@@ -22,6 +21,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.test_configs import _set, load
+
 from vpns_jax import config_checks, evaluation
 from vpns_jax.config_fields import ConfigError
 from vpns_jax.core import masking, steps, structured
@@ -30,7 +31,6 @@ from vpns_jax.io import workdir
 from vpns_jax.methods import oneshot, registry
 from vpns_jax.models import create_model, functional
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Leaves in jax.tree order a, b, c (N = 10). Sorted |s|: 0.05 0.1 0.2 0.2 0.3 0.4 0.6 0.7 0.8 0.9.
 SCORES = {
@@ -342,18 +342,8 @@ def test_results_files_carry_the_collapse_fields_and_the_table_still_prints(tmp_
 
 
 def _config(**updates):
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from configs import default
-
-    config = default.get_config()
-    for path, value in updates.items():
-        *parents, leaf = path.split("__")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    """The offline default with ``updates`` (``section__field=value``), as tests/test_configs.py sets fields."""
+    return _set(load("default.py"), {path.replace("__", "."): value for path, value in updates.items()})
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])  # ConfigDict refuses other types itself
