@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import math
-import pathlib
 import types
 
 import jax
