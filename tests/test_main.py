@@ -42,7 +42,7 @@ def test_shrunk_default_runs_end_to_end(uninterrupted):
     assert "method  density  sparsity  test acc" in result.stdout
     csv_lines = (workdir / "results.csv").read_text().splitlines()
     assert csv_lines[0] == ("method,density,round,sparsity,channel_sparsity,model_sparsity,test_accuracy,test_loss,"
-                            "macs,speedup,wall_time_s") and len(csv_lines) == 3
+                            "macs,speedup,collapsed_layers,collapsed_layer_names,wall_time_s") and len(csv_lines) == 3
     assert all(row["method"] == "vpns" and row["macs"] > 0 and row["speedup"] > 1 for row in rows)
     for name in ("masks", "weights", "batch_stats", "prompt", "label_map"):
         assert (workdir / "subnetworks" / "density_0.1" / f"{name}.npz").is_file()

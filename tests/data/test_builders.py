@@ -242,14 +242,15 @@ def test_fashion_truncated_or_missing_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist(tmp_path):
-    """Full prepare from /usr/share/datasets/fashion-mnist (about 9 s) and an exact check of every example."""
-    builder = _prepare(FashionMnistLocal, tmp_path / "data")  # no manual dir: the Debian folder
+def test_real_fashion_mnist(fashion_data_dir):
+    """The session's full preparation from Debian's files (tests/conftest.py), checked example by example."""
+    version_dir = registry.prepared_dir(registry.get_dataset_spec("fashion_mnist"), fashion_data_dir)
+    builder = tfds.builder_from_directory(str(version_dir))
     assert builder.info.splits["train"].num_examples == 60000
     assert builder.info.splits["test"].num_examples == 10000
     images = read_idx(REAL_FASHION / "train-images-idx3-ubyte.gz")
     labels = read_idx(REAL_FASHION / "train-labels-idx1-ubyte.gz")
-    source = tfds.builder_from_directory(str(builder.data_dir)).as_data_source("train")
+    source = builder.as_data_source("train")
     decoded = {}
     for example in source.__getitems__(range(len(source))):
         decoded.setdefault(example["image"].tobytes(), []).append(int(example["label"]))
