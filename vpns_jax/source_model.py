@@ -22,7 +22,7 @@ from flax import nnx, traverse_util
 from vpns_jax import cli, config_checks
 from vpns_jax.core import dense, health, label_mapping, optim, parallel
 from vpns_jax.io import checkpoint, metrics, pretrained
-from vpns_jax.data import pipeline, registry, run_data
+from vpns_jax.data import pipeline, registry, run_data, workers
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]
@@ -95,7 +95,7 @@ def _mismatches(part: str, expected: Params, got: Params) -> list[str]:
     return problems
 
 
-def _source_stream(config: ml_collections.ConfigDict) -> tuple[pipeline.BatchStream, Any]:
+def _source_stream(config: ml_collections.ConfigDict) -> tuple[pipeline.BatchStream, workers.WorkerPool | None]:
     """The source task's augmented training stream, and the worker pool behind it (None without workers)."""
     cfg = config.source
     train = pipeline.open_subset(cfg.dataset, registry.get_dataset_spec(cfg.dataset).train_split,

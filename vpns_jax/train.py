@@ -64,6 +64,7 @@ class Run:
         enable_compilation_cache(config.compilation_cache_dir)
         self.context = RunContext(config, workdir_path, self.mesh)
         self.plan = self.context.plan
+        self.position: Position | None = None  # where the run is, once units start (read by where())
 
     def run(self) -> list[dict[str, Any]]:
         """Trains every unit of the plan (resuming from the workdir's checkpoints); the results rows.
@@ -85,7 +86,7 @@ class Run:
 
     def where(self) -> str:
         """Where the run is, for the interrupted message: 'at density d, stage s, step n', or the phase."""
-        position = getattr(self, "position", None)
+        position = self.position
         if position is None:
             return "during start-up (data, source model pretraining, resume)"
         if position.unit >= len(self.plan.units):
