@@ -403,13 +403,19 @@ def _bytes(array: np.ndarray) -> np.ndarray:
     return np.frombuffer(array.tobytes(), np.uint8)
 
 
-def compare(workdir_a: str | os.PathLike, workdir_b: str | os.PathLike) -> tuple[bool, Comparison]:
+def compare(workdir_a: str | os.PathLike, workdir_b: str | os.PathLike,
+            densities: Sequence[float] | None = None) -> tuple[bool, Comparison]:
     """(identical?, details) of two finished runs: their results.json rows without wall times, and every array
-    of every ``subnetworks/density_*/*.npz`` and of ``source_model.npz``, bit for bit (dtype, shape, bytes)."""
+    of every ``subnetworks/density_*/*.npz`` and of ``source_model.npz``, bit for bit (dtype, shape, bytes).
+    With ``densities``, only those densities' rows and subnetworks (each density is trained from the same
+    state, so a run of some of them equals that part of a run of all)."""
     a, b = pathlib.Path(workdir_a), pathlib.Path(workdir_b)
     details = Comparison()
+    wanted = None if densities is None else {f"density_{d}" for d in densities}
     try:
         rows_a, rows_b = results(a), results(b)
+        if densities is not None:
+            rows_a, rows_b = ([row for row in rows if row["density"] in densities] for rows in (rows_a, rows_b))
     except FileNotFoundError as error:
         details.mismatches.append(f"no results: {error}")
     else:
@@ -418,7 +424,8 @@ def compare(workdir_a: str | os.PathLike, workdir_b: str | os.PathLike) -> tuple
             details.mismatches.append(f"results.json differs: {rows_a} vs {rows_b}")
 
     def files(root: pathlib.Path) -> set[str]:
-        found = {str(p.relative_to(root)) for p in root.glob("subnetworks/density_*/*.npz")}
+        found = {str(p.relative_to(root)) for p in root.glob("subnetworks/density_*/*.npz")
+                 if wanted is None or p.parent.name in wanted}
         return found | ({"source_model.npz"} if (root / "source_model.npz").is_file() else set())
 
     names_a, names_b = files(a), files(b)

@@ -31,3 +31,21 @@ def test_an_interrupt_is_one_line_with_exit_128_plus_the_signal(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["interrupted at density 0.5, stage 1, step 7; rerun the same command to resume",
                      "interrupted while starting; rerun the same command to resume"]
+
+
+def test_the_stop_requested_in_a_block_is_known_after_it_closes():
+    with cli.stop_requests():
+        assert cli.requested_stop() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert cli.requested_stop() == signal.SIGTERM
+    with cli.stop_requests():  # a new block starts afresh
+        assert cli.requested_stop() is None
+    assert cli.requested_stop() is None
+
+
+def test_watch_parent_calls_back_once_the_parent_is_gone():
+    import threading
+
+    called = threading.Event()
+    cli.watch_parent(os.getppid() + 10**6, called.set)  # a parent this process never had: gone already
+    assert called.wait(timeout=5)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Callable
 from typing import NoReturn
 
 EXIT_ERROR = 2
@@ -30,13 +34,15 @@ class Interrupted(BaseException):
 
 
 _REQUESTED: list[int] = []  # signals received while stop requests are deferred (see stop_requests)
+_LAST_BLOCK: list[int] = []  # the first of them, once the block closed
 
 
 @contextlib.contextmanager
 def stop_requests():
     """While open, SIGINT and SIGTERM only request a stop, which ``raise_if_stopped`` raises at the next safe
     point (between steps and batches): a KeyboardInterrupt raised inside an XLA compile or a device transfer can
-    crash the process on its way out. A second signal stops at once. The previous handlers come back on exit."""
+    crash the process on its way out. A second signal stops at once. The previous handlers come back on exit;
+    ``requested_stop`` tells the signal afterwards."""
     def request(signum: int, frame) -> None:
         if _REQUESTED:
             raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
@@ -44,12 +50,19 @@ def stop_requests():
 
     previous = {signum: signal.signal(signum, request) for signum in (signal.SIGINT, signal.SIGTERM)}
     _REQUESTED.clear()
+    _LAST_BLOCK.clear()
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _LAST_BLOCK[:] = _REQUESTED[:1]
         _REQUESTED.clear()
+
+
+def requested_stop() -> int | None:
+    """The signal of the stop requested in the last ``stop_requests`` block that closed, if any."""
+    return _LAST_BLOCK[0] if _LAST_BLOCK else None
 
 
 def raise_if_stopped() -> None:
@@ -77,6 +90,17 @@ def report_error(error: BaseException, *, verbose: bool, prefix: str = "error") 
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"{prefix}: {message}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def watch_parent(parent: int, on_lost: Callable[[], object]) -> None:
+    """Calls ``on_lost`` from a daemon thread once this process's parent ``parent`` is gone (checked every
+    second): an orphaned child must not go on alone."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        on_lost()
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -10,7 +10,8 @@ same workdir resumes where it stopped. Config files are Python and run as code:
 use only ones you trust. For several processes (hosts), pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id`` (or let
 ``jax.distributed.initialize`` find them on a managed cluster with
-``--distributed``).
+``--distributed``); such a run is watched by a small parent process, so that a lost
+peer process ends the others with one line (see vpns_jax/distributed.py).
 
 Every failure, from a mistyped flag to a corrupted checkpoint, is one line on
 stderr and exit status 2 (with its traceback first under ``--verbose``).
@@ -26,7 +27,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 import vpns_jax
-from vpns_jax import cli
+from vpns_jax import cli, distributed, supervisor
 
 REPO = pathlib.Path(vpns_jax.__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.py"
@@ -59,6 +60,9 @@ def define_flags(argv: list[str]) -> flags.FlagValues:
                         flag_values=values)
     flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-process runs.", flag_values=values)
     flags.DEFINE_integer("process_id", None, "This process's index, for multi-process runs.", flag_values=values)
+    flags.DEFINE_integer("heartbeat_timeout_s", 100, "Multi-process runs: a process silent this long is taken for "
+                         "lost, and the others end within about this long of losing it.", lower_bound=1,
+                         flag_values=values)
     return values
 
 
@@ -173,18 +177,6 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     return values
 
 
-def _initialize_distributed(values: flags.FlagValues) -> None:
-    import jax
-
-    if values.coordinator_address:
-        # Only CPU collectives read this; set before any backend starts, as initialize() requires.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=values.coordinator_address,
-                                   num_processes=values.num_processes, process_id=values.process_id)
-    elif values.distributed:
-        jax.distributed.initialize()
-
-
 def _close_progress_bars() -> None:
     """No progress bar is redrawn after the last message of a stopped or failed run."""
     from vpns_jax.io import metrics
@@ -196,14 +188,21 @@ def command(argv: list[str]) -> int:
     """Runs the command line ``argv`` (program name first); returns the exit status (0, or 2 after a one-line
     error on stderr)."""
     verbose = any(arg in ("--verbose", "-verbose", "--verbose=true", "--verbose=True") for arg in argv)
+    multi_process = False
     if any(arg in HELP_FLAGS for arg in argv[1:]):
         print(define_flags(argv).get_help())
         return 0
     try:
         values = parse_flags(argv)
+        multi_process = bool(values.coordinator_address or values.distributed)
+        if multi_process and not supervisor.supervised():
+            return supervisor.supervise(argv, values.process_id, values.num_processes)
+        supervisor.watch_parent()
         if not values.verbose:
             logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save and read at INFO
-        _initialize_distributed(values)
+        if multi_process:
+            distributed.initialize(values.coordinator_address, values.num_processes, values.process_id,
+                                   heartbeat_timeout_s=values.heartbeat_timeout_s)
         from vpns_jax import train
         from vpns_jax.io import workdir as workdir_files
 
@@ -217,6 +216,14 @@ def command(argv: list[str]) -> int:
         return cli.report_interrupt(stop)
     except Exception as error:  # noqa: BLE001 - every failure is reported as one line unless --verbose
         _close_progress_bars()
+        if multi_process and distributed.peer_lost(error):
+            if cli.requested_stop() is not None:  # this process was stopping too: the peer only stopped first
+                return cli.report_interrupt(cli.Interrupted(cli.requested_stop(), "after a peer process stopped"))
+            if verbose:
+                traceback.print_exception(error)
+            print(distributed.peer_lost_message(values.process_id, values.num_processes, str(error)),
+                  file=sys.stderr)
+            return distributed.EXIT_PEER_LOST
         return cli.report_error(error, verbose=verbose)
     import jax
 
@@ -230,7 +237,10 @@ def command(argv: list[str]) -> int:
 def run() -> None:
     """The console entry point: ``command(sys.argv)`` as the exit status."""
     logging.use_absl_handler()
-    sys.exit(command(sys.argv))
+    status = command(sys.argv)
+    if status and distributed.started():
+        distributed.exit_now(status)  # not through the runtime's shutdown barrier, which a lost peer never reaches
+    sys.exit(status)
 
 
 if __name__ == "__main__":

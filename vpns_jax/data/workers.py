@@ -16,8 +16,6 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
-import threading
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -25,23 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from vpns_jax import cli
 from vpns_jax.data import examples
 
 _SOURCES: dict[str, Sequence[dict[str, Any]]] = {}  # in a worker process: the sources it was started with
-
-
-def _watch_parent(parent: int) -> None:
-    # An orphaned worker would block on its task queue forever: its copy of the queue keeps the pipe open.
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
 
 
 def _start_worker(sources: Mapping[str, Sequence[dict[str, Any]]], parent: int) -> None:
     # Ctrl-C reaches the whole process group: the training process reports it; a worker would print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _SOURCES.update(sources)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    # An orphaned worker would block on its task queue forever: its copy of the queue keeps the pipe open.
+    cli.watch_parent(parent, lambda: os._exit(0))
 
 
 def _ready() -> int:

@@ -1,0 +1,82 @@
+"""Multi-process runs: starting JAX's distributed runtime, and ending cleanly when a peer process is lost.
+
+A process whose peer died cannot rely on JAX to say so in one line. Its next collective fails with the
+transport's error ("Gloo AllGather failed: ... Connection closed by peer"), and then, at exit, the runtime's
+shutdown barrier waits for the dead peer until the heartbeat timeout and aborts with a C++ stack trace.
+Where no collective runs (the coordinator itself died, or the survivor is compiling) the runtime's own
+thread aborts the process the same way after the heartbeat timeout (at once when process 0 was lost),
+and no Python handler can intercept that; jax 0.10's missed-heartbeat callback cannot be called from
+Python at all (it fails with ``std::bad_cast``). So:
+
+- in the training process, a collective's failure is reported as a lost peer (:func:`peer_lost`) and the
+  process ends with :func:`exit_now`, without the shutdown barrier;
+- ``python -m vpns_jax.main`` with multi-process flags runs the training as a child and watches it
+  (:mod:`vpns_jax.supervisor`), replacing the runtime's abort with the same one line.
+
+Either way a survivor exits within the heartbeat timeout (``--heartbeat_timeout_s``, JAX's default 100 s)
+of losing its peer, with status :data:`EXIT_PEER_LOST`, and restarting every process with the same command
+resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EXIT_PEER_LOST = 75  # EX_TEMPFAIL: the run can be restarted as it was
+# What a collective or the runtime says when the process on the other end is gone.
+_PEER_LOST_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "heartbeat",
+                    "coordinationservice", "coordination service", "tasks are unhealthy", "socket closed")
+
+
+_STARTED: list[bool] = []
+
+
+def started() -> bool:
+    """Whether this process started the distributed runtime (:func:`initialize`)."""
+    return bool(_STARTED)
+
+
+def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None, *,
+               heartbeat_timeout_s: int) -> None:
+    """Starts JAX's distributed runtime: at ``coordinator_address`` when given (CPU collectives over gloo),
+    else from the cluster's own settings (TPU pods, SLURM). A process that stops sending heartbeats for
+    ``heartbeat_timeout_s`` seconds is taken for lost."""
+    import jax
+
+    if coordinator_address:
+        # Only CPU collectives read this; set before any backend starts, as initialize() requires.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
+    else:
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
+    _STARTED.append(True)
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` (raised in a multi-process run) says another process of the run is gone: a failed
+    collective or coordination-service call, rather than a fault of this process."""
+    if not isinstance(error, RuntimeError):  # JAX's runtime errors (XlaRuntimeError, JaxRuntimeError) are ones
+        return False
+    text = str(error).lower()
+    return any(sign in text for sign in _PEER_LOST_SIGNS)
+
+
+def peer_lost_message(process_id: int | None, num_processes: int | None, detail: str) -> str:
+    """The one line a process prints when a peer was lost, naming what the runtime said and how to resume."""
+    who = f"process {process_id} of {num_processes}" if process_id is not None else "this process"
+    count = f"all {num_processes}" if num_processes else "all the"
+    detail = " ".join(detail.split())
+    detail = detail.split(". ")[0] if len(detail) > 200 else detail  # the runtime's first sentence says it
+    return (f"error: {who} lost a peer process ({detail[:300].rstrip('.')}); see the other processes' output, then restart "
+            f"{count} processes with the same command to resume from the last checkpoint")
+
+
+def exit_now(status: int) -> None:
+    """Ends this process with ``status`` at once, after flushing its output: a multi-process run that failed
+    must not wait at the runtime's shutdown barrier for peers that may be gone (it would abort after the
+    heartbeat timeout with a stack trace)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
