@@ -19,11 +19,26 @@ HEARTBEAT = ("UNAVAILABLE: The following tasks are unhealthy (stopped sending he
     (jax.errors.JaxRuntimeError(GLOO_CLOSED), True),
     (RuntimeError(HEARTBEAT), True),
     (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8 bytes"), False),
-    (ValueError("connection closed by peer"), False),  # not a runtime error: this process's own fault
+    # A host collective that failed once fails again as a ValueError (seen in CI, and with two bare processes
+    # calling multihost_utils.sync_global_devices after process_allgather saw the peer gone).
+    (ValueError(GLOO_CLOSED), True),
+    (ValueError("connection closed by peer"), False),  # not the runtime's status: this process's own fault
+    (ValueError("bad value"), False),
     (OSError(32, "Broken pipe"), False),
 ])
 def test_peer_lost_knows_a_failed_collective_from_other_errors(error, lost):
     assert distributed.peer_lost(error) is lost
+
+
+def test_a_lost_peer_behind_another_error_counts():
+    try:
+        try:
+            raise jax.errors.JaxRuntimeError(GLOO_READ)
+        except RuntimeError as inner:
+            raise KeyError("checkpoint") from inner
+    except KeyError as outer:
+        assert distributed.peer_lost(outer)
+    assert not distributed.peer_lost(KeyError("checkpoint"))
 
 
 def test_the_peer_lost_line_names_the_process_the_cause_and_how_to_resume():

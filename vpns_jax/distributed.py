@@ -21,6 +21,7 @@ resumes from the last checkpoint.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: the run can be restarted as it was
@@ -28,6 +29,7 @@ EXIT_PEER_LOST = 75  # EX_TEMPFAIL: the run can be restarted as it was
 _PEER_LOST_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "heartbeat",
                     "coordinationservice", "coordination service", "tasks are unhealthy", "socket closed")
 
+_GLOO_FAILED = re.compile(r"\bgloo [\w-]+ failed: ")
 
 _STARTED: list[bool] = []
 
@@ -56,11 +58,18 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
 
 def peer_lost(error: BaseException) -> bool:
     """Whether ``error`` (raised in a multi-process run) says another process of the run is gone: a failed
-    collective or coordination-service call, rather than a fault of this process."""
-    if not isinstance(error, RuntimeError):  # JAX's runtime errors (XlaRuntimeError, JaxRuntimeError) are ones
-        return False
-    text = str(error).lower()
-    return any(sign in text for sign in _PEER_LOST_SIGNS)
+    collective or coordination-service call, rather than a fault of this process. Its causes count too."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).lower()
+        # JAX's runtime errors (JaxRuntimeError) are RuntimeErrors; a host collective that failed once is
+        # raised again as a ValueError carrying the transport's status ("UNKNOWN: Gloo AllGather failed: ...").
+        runtime = isinstance(error, RuntimeError) or (isinstance(error, ValueError) and _GLOO_FAILED.search(text))
+        if runtime and any(sign in text for sign in _PEER_LOST_SIGNS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def peer_lost_message(process_id: int | None, num_processes: int | None, detail: str) -> str:
