@@ -1,18 +1,17 @@
-"""The program users run: the shrunk offline default end to end, resumption after kills, 1 device vs 2
-processes x 2 devices, one-line errors for bad configs, and ``--config=FILE.py:ARG`` (its split, the default
-workdir ``workdir/<stem>_<ARG>``, one-line errors for bad ARGs). Runs share one persistent compilation cache."""
+"""The program users run: the shrunk offline default end to end, resumption after kills, a lost peer of two
+one-device processes and their restart to a 2-device run's results, one-line errors for bad configs, and
+``--config=FILE.py:ARG`` (its split, the default workdir ``workdir/<stem>_<ARG>``, one-line errors for bad
+ARGs). Runs share one persistent compilation cache."""
 
 import json
 import pathlib
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
-import psutil
 import pytest
 
+from experiments import multi_process
 from experiments.kill_resume import KillPlan, command, compare, env, killed_run, results
 from vpns_jax import distributed, main
 
@@ -98,70 +97,22 @@ def test_bad_configs_are_one_line_errors(override, message, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def _two_processes(workdir, data_dir, cache, *extra):
-    """Starts ranks 0 and 1 of a run with one CPU device each on ``workdir`` (gloo collectives), density 0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return [
-        subprocess.Popen(
-            command(workdir, data_dir, cache, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                    f"--process_id={rank}", "--config.densities=(0.1,)", f"--heartbeat_timeout_s={HEARTBEAT_S}",
-                    *extra),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(devices=1, fast_compile=True),
-            cwd=ROOT,
-        )
-        for rank in range(2)
-    ]
-
-
-def _training_process(supervisor: subprocess.Popen) -> psutil.Process:
-    """The training process a multi-process rank's supervising parent started."""
-    deadline = time.monotonic() + 60
-    while not (children := psutil.Process(supervisor.pid).children()):
-        assert time.monotonic() < deadline and supervisor.poll() is None, "no training process started"
-        time.sleep(0.1)
-    return children[0]
-
-
-def _messages(stderr: str) -> list[str]:
-    """stderr's lines, without progress-bar redraws and absl's warnings."""
-    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()]
-    return [line for line in lines if line and "it/s]" not in line and "s/it]" not in line
-            and not line.startswith(("W1", "WARNING: Logging before flag parsing"))]
-
-
 def test_lost_peer_ends_the_other_process_and_both_resume(uninterrupted, fashion_data_dir, cache, tmp_path):
     """Two processes with one device each, the usual layout of a GPU cluster (it failed at its first checkpoint
     save before parallel.replicate built replicated arrays from host values). Rank 1's training process is
     SIGKILLed in stage 1, as by a lost host: rank 0 ends within the heartbeat timeout with one line saying
     so (exit 75), never a hang or a stack trace. Restarting both resumes and ends where a one-process run on
     2 devices (the uninterrupted fixture) does, bit for bit: the same sharded programs, and a 2-shard sum
-    is the same whichever side adds."""
+    is the same whichever side adds. experiments/multi_process.py does the same for 2 and 4 devices a process."""
     workdir = tmp_path / "run"
-    ranks = _two_processes(workdir, fashion_data_dir, cache)
-    checkpoints = workdir / "checkpoints"
-    deadline = time.monotonic() + 400
-    # Checkpoint 1 is the label mapping; 3 is two stage-1 iterations in (the source model is done).
-    while not (checkpoints / "3").is_dir():
-        assert time.monotonic() < deadline and all(r.poll() is None for r in ranks), "no stage-1 checkpoint"
-        time.sleep(0.2)
-    _training_process(ranks[1]).kill()
-    lost_at = time.monotonic()
-    _, stderr = ranks[0].communicate(timeout=HEARTBEAT_S + 120)
-    waited = time.monotonic() - lost_at
-    ranks[1].communicate(timeout=60)
-    messages = _messages(stderr)
-    assert ranks[0].returncode == distributed.EXIT_PEER_LOST, stderr[-3000:]
-    assert messages[-1].startswith("error: process 0 of 2 lost a peer process (") and messages[-1].endswith(
-        "restart all 2 processes with the same command to resume from the last checkpoint"), messages[-3:]
-    assert "Traceback" not in stderr and "stack trace" not in stderr and "F1201" not in stderr, stderr[-3000:]
-    assert waited < HEARTBEAT_S + 30, f"rank 0 took {waited:.0f} s to end"
-    restarted = _two_processes(workdir, fashion_data_dir, cache)
-    outputs = [rank.communicate(timeout=600) for rank in restarted]
-    for rank, (_, stderr) in zip(restarted, outputs):
-        assert rank.returncode == 0, stderr[-3000:]
-    assert "density  sparsity  test acc" in outputs[0][0] and "density" not in outputs[1][0]
+    ranks = multi_process.start_ranks(workdir, fashion_data_dir, cache, devices=1, heartbeat_timeout_s=HEARTBEAT_S)
+    lost = multi_process.lose_a_peer(ranks, workdir, heartbeat_timeout_s=HEARTBEAT_S)
+    assert lost.problems(HEARTBEAT_S) == [], lost.stderr[-3000:]
+    assert lost.returncode == distributed.EXIT_PEER_LOST and lost.seconds < HEARTBEAT_S + 30
+    restarted = multi_process.start_ranks(workdir, fashion_data_dir, cache, devices=1,
+                                          heartbeat_timeout_s=HEARTBEAT_S)
+    stdouts = multi_process.finish(restarted)
+    assert "density  sparsity  test acc" in stdouts[0] and "density" not in stdouts[1]
     same, details = compare(uninterrupted[0], workdir, densities=(0.1,))
     assert same, details
 
