@@ -134,9 +134,10 @@ def compare(readme: str, printed: str, *, widen: float = 1.0) -> list[str]:
     return problems
 
 
-def zero_shot_accuracy(workdir: pathlib.Path) -> float:
+def zero_shot_accuracy(workdir: pathlib.Path, overrides: Sequence[str] = ()) -> float:
     """Test accuracy of ``workdir``'s cached source model, dense, through frequency label mapping computed as a
-    unit's start computes it (zero prompt): the run's accuracy before any stage-1/2 training. No training."""
+    unit's start computes it (zero prompt): the run's accuracy before any stage-1/2 training. No training.
+    ``overrides``: the run's ``--config.*`` flags beyond the default's."""
     from vpns_jax import evaluation, main
     from vpns_jax.context import RunContext
     from vpns_jax.core import parallel
@@ -144,7 +145,7 @@ def zero_shot_accuracy(workdir: pathlib.Path) -> float:
     if not (workdir / "source_model.npz").is_file():
         raise FileNotFoundError(f"{workdir / 'source_model.npz'} is missing: --zero_shot needs a finished run")
     config = main.parse_flags(["vpns_jax.main", f"--config={ROOT / 'configs' / 'default.py'}",
-                               f"--workdir={workdir}"]).config
+                               f"--workdir={workdir}", *overrides]).config
     mesh = parallel.make_mesh()
     context = RunContext(config, workdir, mesh)
     context.start(None)  # reads the cached source model: nothing is trained or written
