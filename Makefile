@@ -30,8 +30,10 @@ data:
 run: setup
 	$(PY) -m vpns_jax.main --config=configs/default.py --workdir=workdir/default
 
+# Two workers, each taking whole modules (their fixtures stay on one), slowest modules first (tests/conftest.py).
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean-venv:
 	rm -rf $(VENV)
