@@ -238,7 +238,6 @@ def format_layouts(layouts: Sequence[Layout]) -> str:
     return "\n".join(lines)
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The check's command line: 0 when every layout passes, else 1."""
     from vpns_jax import cli
