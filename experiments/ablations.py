@@ -30,7 +30,7 @@ import pathlib
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from experiments import cost, plots, sweep, table
 from vpns_jax import cli
@@ -91,36 +91,52 @@ def write_reports(root: pathlib.Path, variants: Sequence[str], densities: Sequen
         plots.plot_differences(summary, root / "differences_vs_sparsity.png")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The suite's command line; returns 0 when every cell finished and the reports are written."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    try:
-        variants = [v for v in args.variants.split(",") if v.strip()]
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown or not variants:
-            raise ValueError(f"--variants: unknown {unknown or 'none given'}; use some of {', '.join(VARIANTS)}")
-        seeds, densities = sweep.parse_list(args.seeds, int), sweep.parse_list(args.densities, float)
-        if not seeds or not densities or any(not 0 < d <= 1 for d in densities):
-            raise ValueError("--seeds and --densities need values; densities are keep ratios in (0, 1]")
-    except ValueError as error:
-        return cli.report_error(error, verbose=False)
-    root = pathlib.Path(args.root)
+def parse_grid(names: str, table_of: dict[str, sweep.Variant], seeds: str,
+               densities: str) -> tuple[list[str], list[int], list[float]]:
+    """The ``--variants``, ``--seeds`` and ``--densities`` of a suite; a ValueError naming a bad one."""
+    variants = [v for v in names.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in table_of]
+    if unknown or not variants:
+        raise ValueError(f"--variants: unknown {unknown or 'none given'}; use some of {', '.join(table_of)}")
+    seed_list, density_list = sweep.parse_list(seeds, int), sweep.parse_list(densities, float)
+    if not seed_list or not density_list or any(not 0 < d <= 1 for d in density_list):
+        raise ValueError("--seeds and --densities need values; densities are keep ratios in (0, 1]")
+    return variants, seed_list, density_list
+
+
+def run_suite(config: str, table_of: dict[str, sweep.Variant], variants: Sequence[str], seeds: Sequence[int],
+              densities: Sequence[float], root: pathlib.Path, overrides: dict[str, str], *, command: list[str],
+              dry_run: bool, write: Callable[[], None]) -> int:
+    """Runs (or resumes) the suite's cells through ``experiments.sweep``, then ``write``s its reports and
+    ``wall_time.txt``; returns 0 when every cell finished."""
     started = time.monotonic()
-    command = [sys.executable, "-m", "experiments.ablations", *argv]
-    status = sweep.run_sweep(args.config, variants, seeds, densities, root, OVERRIDES, command=command,
-                             variants=VARIANTS, dry_run=args.dry_run)
-    if args.dry_run or status:
+    status = sweep.run_sweep(config, variants, seeds, densities, root, overrides, command=command,
+                             variants=table_of, dry_run=dry_run)
+    if dry_run or status:
         return status
-    write_reports(root, variants, densities, args.level)
+    write()
     wall = time.monotonic() - started
     cells = json.loads((root / sweep.MANIFEST_FILE).read_text())["cells"]
     total = sum(cell["wall_s"] for cell in cells)
     (root / "wall_time.txt").write_text(
         f"{total:.0f} s ({total / 3600:.2f} h) of cell runs over every invocation of {shlex.join(command)} "
         f"({len(cells)} cells; per cell in {sweep.MANIFEST_FILE}); this invocation {wall:.0f} s\n")
-    print(f"wrote {root / 'table.md'}, {root / 'cost.md'}, {root / 'accuracy_vs_sparsity.png'} ({wall:.0f} s)")
+    print(f"wrote the reports under {root} ({wall:.0f} s)")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The suite's command line; returns 0 when every cell finished and the reports are written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        variants, seeds, densities = parse_grid(args.variants, VARIANTS, args.seeds, args.densities)
+    except ValueError as error:
+        return cli.report_error(error, verbose=False)
+    root = pathlib.Path(args.root)
+    return run_suite(args.config, VARIANTS, variants, seeds, densities, root, OVERRIDES,
+                     command=[sys.executable, "-m", "experiments.ablations", *argv], dry_run=args.dry_run,
+                     write=lambda: write_reports(root, variants, densities, args.level))
 
 
 if __name__ == "__main__":

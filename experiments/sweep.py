@@ -83,6 +83,7 @@ class Cell:
     # The shared source model this cell loads; None when it runs as the config says (maybe pretraining).
     source_from: pathlib.Path | None = None
     config_method: str = ""  # the config.method it runs when ``method`` names a variant ('' = ``method``)
+    densities: tuple[float, ...] = ()  # the keep ratios it runs
 
     @property
     def runs(self) -> str:
@@ -92,10 +93,15 @@ class Cell:
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A named cell kind: a method with extra config overrides (an ablation of it)."""
+    """A named cell kind: a method with extra config overrides (an ablation of it).
+
+    ``densities``, where given, are the only keep ratios the variant runs instead of the sweep's: an N:M
+    pattern keeps N/M of every group, so its cells run that one density.
+    """
 
     method: str
     overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    densities: tuple[float, ...] = ()
 
 
 def cell_workdir(root: str | os.PathLike, method: str, seed: int) -> pathlib.Path:
@@ -181,10 +187,12 @@ def plan(config_path: str, methods: Sequence[str], seeds: Sequence[int], densiti
         workdir = cell_workdir(root, method, seed)
         source_from = source if source is not None and (method, seed) != source_cell else None
         variant = variants.get(method, Variant(method))
-        command = build_command(config_path, workdir, variant.method, seed, densities,
+        cell_densities = tuple(float(d) for d in (variant.densities or densities))
+        command = build_command(config_path, workdir, variant.method, seed, cell_densities,
                                 {**overrides, **variant.overrides}, source_from)
         cells.append(Cell(method, seed, workdir, tuple(command), source_from,
-                          config_method="" if variant.method == method else variant.method))
+                          config_method="" if variant.method == method else variant.method,
+                          densities=cell_densities))
     return cells
 
 
@@ -378,7 +386,7 @@ def run_sweep(config_path: str, methods: Sequence[str], seeds: Sequence[int], de
         record = {"method": cell.method, "seed": cell.seed, "workdir": str(cell.workdir),
                   "command": list(cell.command), "status": "planned", "wall_s": before}
         records.append(record)
-        if is_complete(cell.workdir, densities):
+        if is_complete(cell.workdir, cell.densities):
             record["status"] = "skipped"
             print(f"{label}: complete, skipped ({cell.workdir / RESULTS_FILE})")
         elif dry_run:
