@@ -194,3 +194,87 @@ def test_masks_zero_pruned_channels_in_train_and_eval():
             assert pruned.any() and (~pruned).any()
             assert np.all(out[..., pruned] == 0.0)
             assert np.all(np.any(out[..., ~pruned] != 0.0, axis=(0, 1, 2)))
+
+
+def _vit_like_weights(hidden: int = 4, mlp: int = 3, num_layers: int = 2) -> dict:
+    """A ViT encoder's prunable leaves (the layout of vpns_jax.models.vit), entries numbered 1, 2, ..."""
+    counter = iter(range(1, 10_000))
+
+    def numbered(*shape):
+        return jnp.asarray(np.array([next(counter) for _ in range(math.prod(shape))], np.float32).reshape(shape))
+
+    layers = {}
+    for i in range(num_layers):
+        layers[f"encoder_layer_{i}"] = {
+            "self_attention": {"in_proj": {"kernel": numbered(hidden, 3 * hidden), "bias": numbered(3 * hidden)},
+                               "out_proj": {"kernel": numbered(hidden, hidden), "bias": numbered(hidden)}},
+            "mlp": {0: {"kernel": numbered(hidden, mlp), "bias": numbered(mlp)},
+                    3: {"kernel": numbered(mlp, hidden), "bias": numbered(hidden)}},
+        }
+    return {"encoder": {"layers": layers}}
+
+
+def test_vit_groups_are_heads_and_mlp_units_per_block():
+    layers = _vit_like_weights(hidden=8, mlp=5, num_layers=12)["encoder"]["layers"]
+    groups = structured.channel_groups("vit_b_16", {"encoder": {"layers": layers}}, num_heads=2)
+    names = [g.name for g in groups]
+    # Forward order: encoder_layer_10 comes after encoder_layer_9.
+    assert names[18:22] == ["encoder.layers.encoder_layer_9.self_attention", "encoder.layers.encoder_layer_9.mlp.0",
+                            "encoder.layers.encoder_layer_10.self_attention", "encoder.layers.encoder_layer_10.mlp.0"]
+    heads, units = groups[0], groups[1]
+    assert (heads.num_channels, heads.unit_width, heads.blocks, heads.capped) == (2, 4, 3, False)
+    assert heads.convs == (("encoder", "layers", "encoder_layer_0", "self_attention", "in_proj", "kernel"),)
+    assert heads.consumers == (("encoder", "layers", "encoder_layer_0", "self_attention", "out_proj", "kernel"),)
+    assert (units.num_channels, units.unit_width, units.blocks) == (5, 1, 1)
+    assert units.consumers == (("encoder", "layers", "encoder_layer_0", "mlp", 3, "kernel"),)
+    with pytest.raises(ValueError, match="does not split into 3 heads"):
+        structured.channel_groups("vit_b_16", {"encoder": {"layers": layers}}, num_heads=3)
+    with pytest.raises(ValueError, match="pass num_heads"):
+        structured.channel_groups("vit_b_16", {"encoder": {"layers": layers}})
+
+
+def test_vit_head_mask_gates_its_q_k_v_columns_and_out_rows():
+    weights = _vit_like_weights(hidden=4, mlp=3, num_layers=1)
+    groups = structured.channel_groups("vit_b_16", weights, num_heads=2)
+    masks = {groups[0].name: jnp.array([0.0, 1.0]), groups[1].name: jnp.array([1.0, 0.0, 1.0])}
+    out = structured.apply_channel_masks(weights, groups, masks)["encoder"]["layers"]["encoder_layer_0"]
+    before = weights["encoder"]["layers"]["encoder_layer_0"]
+    # Head 0 owns columns 0-1 of q (0-3), k (4-7) and v (8-11), and rows 0-1 of out_proj.
+    kept_columns = np.array([0, 0, 1, 1] * 3, np.float32)
+    attention = out["self_attention"]
+    np.testing.assert_array_equal(attention["in_proj"]["kernel"],
+                                  before["self_attention"]["in_proj"]["kernel"] * kept_columns)
+    np.testing.assert_array_equal(attention["in_proj"]["bias"],
+                                  before["self_attention"]["in_proj"]["bias"] * kept_columns)
+    np.testing.assert_array_equal(attention["out_proj"]["kernel"][:2], 0.0)
+    np.testing.assert_array_equal(attention["out_proj"]["kernel"][2:], before["self_attention"]["out_proj"]["kernel"][2:])
+    # The output projection's bias feeds the residual stream, not a head: it stays.
+    np.testing.assert_array_equal(attention["out_proj"]["bias"], before["self_attention"]["out_proj"]["bias"])
+    np.testing.assert_array_equal(out["mlp"][0]["kernel"][:, 1], 0.0)
+    np.testing.assert_array_equal(out["mlp"][0]["bias"], before["mlp"][0]["bias"] * np.array([1, 0, 1]))
+    np.testing.assert_array_equal(out["mlp"][3]["kernel"][1], 0.0)
+    assert np.count_nonzero(out["mlp"][3]["kernel"]) == 2 * 4
+    np.testing.assert_array_equal(out["mlp"][3]["bias"], before["mlp"][3]["bias"])
+
+
+def test_vit_channel_ste_gradient_sums_each_heads_entries():
+    """d/ds_h of sum(W * expanded mask) is sign(s_h) times the sum of head h's gated entries (q, k, v columns)."""
+    weights = _vit_like_weights(hidden=4, mlp=3, num_layers=1)
+    groups = structured.channel_groups("vit_b_16", weights, num_heads=2)
+    scores = {groups[0].name: jnp.array([0.5, -2.0]), groups[1].name: jnp.array([1.0, 0.1, -3.0])}
+
+    def total(s):
+        masks = structured.ste_channel_masks(s, groups, 1, 1.0)
+        gated = structured.apply_channel_masks(weights, groups, masks)["encoder"]["layers"]["encoder_layer_0"]
+        return jnp.sum(gated["self_attention"]["in_proj"]["kernel"]) + jnp.sum(gated["mlp"][0]["kernel"])
+
+    grads = jax.jit(jax.grad(total))(scores)
+    kernel = np.asarray(weights["encoder"]["layers"]["encoder_layer_0"]["self_attention"]["in_proj"]["kernel"])
+    head_sums = [kernel[:, [c + 4 * b for b in range(3) for c in (2 * h, 2 * h + 1)]].sum() for h in range(2)]
+    np.testing.assert_allclose(grads[groups[0].name], [head_sums[0], -head_sums[1]], rtol=1e-6)
+    mlp = np.asarray(weights["encoder"]["layers"]["encoder_layer_0"]["mlp"][0]["kernel"])
+    np.testing.assert_allclose(grads[groups[1].name], mlp.sum(axis=0) * np.array([1, 1, -1]), rtol=1e-6)
+    # One of 5 units pruned, the smallest |s|: MLP unit 1 (0.1).
+    hard = structured.channel_masks(scores, groups, 1, 1.0)
+    np.testing.assert_array_equal(hard[groups[1].name], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(hard[groups[0].name], [1.0, 1.0])

@@ -14,6 +14,12 @@ cannot take is re-thresholded over the uncapped groups, as the reference's
 ties are broken by position (group order, then channel index), so exactly k
 channels are pruned whenever the caps allow it.
 
+Vision Transformers have two kinds of group per encoder block: its attention
+heads (one score per head; the mask gates that head's q, k and v columns of the
+fused ``in_proj`` and its rows of ``out_proj``) and its MLP hidden units (one
+score per unit; ``mlp.0``'s columns and bias, ``mlp.3``'s rows). No ViT group
+is capped; the patch embedding, the residual width and the head stay whole.
+
 A layer floor f = ``min_layer_density`` in (0, 1) (0: none) then gives back,
 in every group of C channels that lost more than int((1 - f) * C), its largest
 |s| (ties: the later channel, the reverse of the pruning order) until it keeps
@@ -38,7 +44,9 @@ from vpns_jax.models.vgg import VGG16_CFG
 Params = dict[Any, Any]
 Path = tuple[Any, ...]
 
-STRUCTURED_MODELS = ("resnet18", "resnet50", "vgg16", "vgg16_bn")
+CNN_STRUCTURED_MODELS = ("resnet18", "resnet50", "vgg16", "vgg16_bn")
+VIT_STRUCTURED_MODELS = ("vit_b_16", "vit_b_32", "vit_l_16")
+STRUCTURED_MODELS = CNN_STRUCTURED_MODELS + VIT_STRUCTURED_MODELS
 # VGG's channel_max cap covers its first two convs (the 224 px, 64-channel
 # stage): they play the role of ResNet's stem + first stage, the layers whose
 # pruning the reference protects; VGG has no reference choice to follow.
@@ -54,6 +62,9 @@ class ChannelGroup:
     ``bns`` are paths of the BatchNorm modules after those convs.
     ``consumers`` are kernel paths whose input channels (axis -2) read this
     output only through the mask.
+    A unit (channel, attention head) spans ``unit_width`` consecutive entries
+    of those axes, and the owning kernels' output axis holds ``blocks`` copies
+    of the pattern (3 for a fused q|k|v projection).
     """
 
     name: str
@@ -62,6 +73,8 @@ class ChannelGroup:
     consumers: tuple[Path, ...]
     num_channels: int
     capped: bool
+    unit_width: int = 1
+    blocks: int = 1
 
     @property
     def owner(self) -> Path:
@@ -127,18 +140,43 @@ def _vgg_groups(weights: Params, batch_norm: bool) -> list[ChannelGroup]:
     return groups
 
 
-def channel_groups(model_name: str, weights: Params) -> tuple[ChannelGroup, ...]:
+def _vit_groups(weights: Params, num_heads: int | None) -> list[ChannelGroup]:
+    if not num_heads:
+        raise ValueError("a ViT's channel groups need its number of attention heads: pass num_heads")
+    layers = weights["encoder"]["layers"]
+    groups = []
+    # encoder_layer_10 after encoder_layer_9: forward order, not string order.
+    for name in sorted(layers, key=lambda n: int(str(n).rsplit("_", 1)[-1])):
+        prefix = ("encoder", "layers", name)
+        attention = (*prefix, "self_attention")
+        hidden = layers[name]["self_attention"]["out_proj"]["kernel"].shape[0]
+        if hidden % num_heads:
+            raise ValueError(f"{dotted(attention)}: width {hidden} does not split into {num_heads} heads")
+        groups.append(ChannelGroup(dotted(attention), ((*attention, "in_proj", "kernel"),), (),
+                                   ((*attention, "out_proj", "kernel"),), num_heads, False,
+                                   unit_width=hidden // num_heads, blocks=3))
+        mlp = (*prefix, "mlp")
+        units = layers[name]["mlp"][0]["kernel"].shape[-1]
+        groups.append(ChannelGroup(dotted((*mlp, 0)), ((*mlp, 0, "kernel"),), (), ((*mlp, 3, "kernel"),), units,
+                                   False))
+    return groups
+
+
+def channel_groups(model_name: str, weights: Params, *, num_heads: int | None = None) -> tuple[ChannelGroup, ...]:
     """The channel groups of ``model_name``, in forward order.
 
     Every conv owns a group except downsample convs, which follow their
     block's last conv. The classifier is not pruned. Capped groups: the stem
     and first-stage convs for ResNets, the first ``VGG_CAPPED_CONVS`` convs
-    for VGG.
+    for VGG. A ViT (``num_heads`` heads per block) has a head group and an MLP
+    group per block, none capped.
     """
     if model_name in ("resnet18", "resnet50"):
         groups = _resnet_groups(weights)
     elif model_name in ("vgg16", "vgg16_bn"):
         groups = _vgg_groups(weights, batch_norm=model_name == "vgg16_bn")
+    elif model_name in VIT_STRUCTURED_MODELS:
+        groups = _vit_groups(weights, num_heads)
     else:
         raise ValueError(f"structured pruning does not support {model_name!r}; valid models: {STRUCTURED_MODELS}")
     return tuple(groups)
@@ -323,17 +361,26 @@ def apply_channel_masks(
     for g in groups:
         m = masks[g.name]
         fixed = jax.lax.stop_gradient(m)
+        owned = expand_units(m, g.unit_width, g.blocks)
         for path in g.convs:
-            weights = _set(weights, path, _get(weights, path) * m)
+            weights = _set(weights, path, _get(weights, path) * owned)
             layer = _get(weights, path[:-1])
             if "bias" in layer:
-                weights = _set(weights, (*path[:-1], "bias"), layer["bias"] * m)
+                weights = _set(weights, (*path[:-1], "bias"), layer["bias"] * owned)
         for bn in g.bns:
             for leaf in ("scale", "bias"):
                 weights = _set(weights, (*bn, leaf), _get(weights, (*bn, leaf)) * fixed)
         for path in g.consumers:
-            weights = _set(weights, path, _get(weights, path) * fixed[:, None])
+            weights = _set(weights, path, _get(weights, path) * expand_units(fixed, g.unit_width)[:, None])
     return weights
+
+
+def expand_units(mask: jax.Array, unit_width: int = 1, blocks: int = 1) -> jax.Array:
+    """A per-unit mask as one entry per kernel column: each unit repeated ``unit_width`` times, the whole
+    pattern ``blocks`` times (q, k, v of a fused projection). Unit widths of 1 return ``mask`` itself."""
+    if unit_width > 1:
+        mask = jnp.repeat(mask, unit_width, total_repeat_length=mask.shape[0] * unit_width)
+    return jnp.tile(mask, blocks) if blocks > 1 else mask
 
 
 def channel_sparsity(masks: Mapping[str, jax.Array]) -> float:
@@ -371,6 +418,7 @@ __all__ = [
     "channel_prune_counts",
     "channel_report",
     "channel_sparsity",
+    "expand_units",
     "init_channel_scores",
     "max_prunable",
     "ste_channel_masks",
