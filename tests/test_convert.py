@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.test_pretrained import (BAD_TENSORS, FIXTURES, NOT_FINITE, NOT_FLOAT, ROOT, TOLERANCE, UNREADABLE,
-                                   load_fixture, run, templates, write_weights)
+                                   VIT_FIXTURES, VIT_TOLERANCE, load_fixture, load_vit_fixture, run, templates,
+                                   vit_templates, write_weights)
 from vpns_jax import convert, source_model
 from vpns_jax.io import checkpoint
 
@@ -51,6 +52,24 @@ def test_converted_file_loads_and_reproduces_the_logits(prefix: str, tmp_path: p
     graphdef, weights_t, stats_t = templates(fixture)
     weights, batch_stats = source_model.load_weights(output, weights_t, stats_t)
     assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= TOLERANCE
+
+
+def test_vit_file_converts_at_another_image_size(tmp_path: pathlib.Path, capsys) -> None:
+    """A ViT state dict made at 32 px converted for 48 px: the position embedding is interpolated on the way."""
+    fixture = load_vit_fixture(next(path for path in VIT_FIXTURES if "to48" in path.name))
+    source, output = tmp_path / "vit.npz", tmp_path / "ours.npz"
+    np.savez(source, **fixture["state_dict"])
+    vit = ",".join(f"{key}={value}" for key, value in fixture["vit"].items())
+    args = [f"--model={fixture['model']}", f"--input={source}", f"--output={output}", "--num_classes=10",
+            "--image_size=48", f"--vit={vit}"]
+    assert convert.main(args) == 0
+    assert "for vit_b_16 (width 1, stem imagenet, 10 classes, image size 48, patch_size 8, num_layers 2" in (
+        capsys.readouterr().out)
+    graphdef, weights_t, stats_t = vit_templates(fixture)
+    weights, batch_stats = source_model.load_weights(output, weights_t, stats_t)
+    assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= VIT_TOLERANCE
+    assert convert.main([*args[:2], f"--output={tmp_path / 'bad.npz'}", "--vit=patch_size"]) == 2
+    assert "--vit 'patch_size': 'patch_size' is not KEY=N" in capsys.readouterr().err
 
 
 def test_init_from_takes_torchvision_files_directly(tmp_path: pathlib.Path) -> None:
@@ -114,7 +133,8 @@ def test_wrong_model_is_one_line_and_writes_nothing(tmp_path: pathlib.Path) -> N
                             cwd=ROOT, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (
-        "error: unknown model 'resnet19'; valid models: ('resnet18', 'resnet50', 'vgg16', 'vgg16_bn')\n"
+        "error: unknown model 'resnet19'; valid models: ('resnet18', 'resnet50', 'vgg16', 'vgg16_bn', 'vit_b_16', "
+        "'vit_b_32', 'vit_l_16')\n"
     )
     assert not output.exists()
 

@@ -1,4 +1,4 @@
-"""MACs counter: hand counts, torchvision's ResNet-18 figure, and the drop from masking channels."""
+"""MACs counter: hand counts, torchvision's ResNet-18 and ViT figures, the drop from masking channels, bfloat16."""
 
 from __future__ import annotations
 
@@ -80,3 +80,51 @@ def test_convs_on_tiny_maps_count_the_same_through_im2col(monkeypatch):
         (lm.name, lm.kind, lm.output_positions, lm.nnz) for lm in as_convs.layers
     ]
     assert through_im2col.total == as_convs.total
+
+
+def test_bfloat16_compute_counts_the_same():
+    """A bfloat16 model casts each kernel before its conv or dot: still that kernel's use."""
+    graphdef, weights, batch_stats = _ones_network("resnet18", 1 / 16, 10)
+    abstract = nnx.eval_shape(lambda: create_model("resnet18", num_classes=10, width=1 / 16, rngs=nnx.Rngs(0),
+                                                   dtype="bfloat16"))
+    low = macs.count_macs(functional.split_model(abstract)[0], weights, batch_stats, 64)
+    assert low.layers == macs.count_macs(graphdef, weights, batch_stats, 64).layers and low.total == 1_143_104
+
+
+def _vit_network(name: str, fill: float, **kwargs):
+    abstract = nnx.eval_shape(lambda: create_model(name, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, weights, batch_stats = functional.split_model(abstract)
+    # np.zeros stays unwritten (lazy pages): vit_b_16's 86M zeros cost no memory until counted.
+    make = (lambda s: np.zeros(s.shape, np.float32)) if fill == 0 else (lambda s: np.full(s.shape, fill, np.float32))
+    return graphdef, jax.tree.map(make, weights), batch_stats
+
+
+def test_hand_count_on_a_tiny_vit_with_its_attention_matmuls():
+    vit = dict(patch_size=4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=12)
+    graphdef, weights, batch_stats = _vit_network("vit_b_16", 1.0, num_classes=3, image_size=8, vit=vit)
+    report = macs.count_macs(graphdef, weights, batch_stats, 8)
+    rows = {layer.name: layer for layer in report.layers}
+    block = "encoder.layers.encoder_layer_1."
+    # 4 patches of 4*4*3 weights per output; 5 tokens (class token first) through every dense layer.
+    assert (rows["conv_proj"].kind, rows["conv_proj"].output_positions, rows["conv_proj"].macs) == ("conv", 4, 1536)
+    assert (rows[block + "self_attention.in_proj"].output_positions, rows[block + "self_attention.in_proj"].macs) \
+        == (5, 8 * 24 * 5)
+    # q k^T: 2 heads x 5 x 5 scores of 4 products each; weights @ v: 5 tokens x 2 heads x 4 dims of 5 each.
+    scores, mixed = rows[block + "self_attention.matmul0"], rows[block + "self_attention.matmul1"]
+    assert (scores.kind, scores.output_positions, scores.nnz, scores.macs) == ("matmul", 50, 4, 200)
+    assert (mixed.output_positions, mixed.nnz, mixed.macs) == (40, 5, 200)
+    assert rows[block + "mlp.3"].macs == 12 * 8 * 5 and rows["heads.head"].macs == 24
+    assert report.total == 1536 + 2 * (960 + 200 + 200 + 320 + 480 + 480) + 24 == 6840
+
+    # Masks lower the kernels' share only: zeroed weights leave the activation products.
+    zeros = jax.tree.map(np.zeros_like, weights)
+    pruned = macs.count_macs(graphdef, zeros, batch_stats, 8)
+    assert pruned.total == 2 * 400 and pruned.dense_total == 6840
+
+
+def test_dense_vit_b_16_and_b_32_match_torchvision():
+    # torchvision's published GFLOPS: 17.564 (vit_b_16) and 4.409 (vit_b_32) at 224 px, attention matmuls in.
+    for name, expected in (("vit_b_16", 17_563_828_224), ("vit_b_32", 4_409_186_304)):
+        graphdef, weights, batch_stats = _vit_network(name, 0.0, num_classes=1000)
+        report = macs.count_macs(graphdef, weights, batch_stats, 224)
+        assert report.dense_total == expected and round(expected / 1e9, 3) in (17.564, 4.409)

@@ -24,9 +24,11 @@ from vpns_jax.io import pretrained
 from vpns_jax.models import create_model, functional
 
 FIXTURE_DIR = pathlib.Path(__file__).parent / "fixtures"
-FIXTURES = sorted(FIXTURE_DIR.glob("*.npz"))
+FIXTURES = sorted(path for path in FIXTURE_DIR.glob("*.npz") if not path.name.startswith("vit_"))
+VIT_FIXTURES = sorted(FIXTURE_DIR.glob("vit_*.npz"))
 STATE_PREFIX = "state_dict/"
 TOLERANCE = 1e-4
+VIT_TOLERANCE = 1e-5
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -74,7 +76,10 @@ def test_fixtures_cover_every_model_and_both_stems() -> None:
     settings = {(f["model"], f["stem"]) for f in map(load_fixture, FIXTURES)}
     assert settings == {("resnet18", "imagenet"), ("resnet18", "cifar"), ("resnet50", "imagenet"),
                         ("vgg16_bn", "imagenet"), ("vgg16", "imagenet")}
-    assert sum(path.stat().st_size for path in FIXTURES) < 3_000_000
+    assert sum(path.stat().st_size for path in FIXTURES + VIT_FIXTURES) < 3_000_000
+    # One ViT file at the side it was made for, one whose position embedding the model must interpolate.
+    assert [(f["file_image_size"], f["image_size"]) for f in map(load_vit_fixture, VIT_FIXTURES)] == [
+        (32, 32), (32, 48)]
 
 
 @pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.stem)
@@ -94,6 +99,89 @@ def test_logits_match_torch(path: pathlib.Path) -> None:
             {p: (np.zeros_like(a) if p[-1] == "mean" else a) for p, a in traverse_util.flatten_dict(defaults).items()}
         )
         assert np.abs(run(graphdef, weights, defaults, fixture["input"]) - torch_logits).max() > 100 * TOLERANCE
+
+
+def load_vit_fixture(path: pathlib.Path) -> dict[str, Any]:
+    """A ViT fixture: its settings (image sides, ``vit`` options), state dict, NCHW input and torch logits."""
+    with np.load(path, allow_pickle=False) as data:
+        fixture = {name: data[name] for name in data.files if not name.startswith((STATE_PREFIX, "vit/"))}
+        fixture["state_dict"] = {k[len(STATE_PREFIX):]: data[k] for k in data.files if k.startswith(STATE_PREFIX)}
+        fixture["vit"] = {k[len("vit/"):]: int(data[k]) for k in data.files if k.startswith("vit/")}
+    for key in ("image_size", "file_image_size", "num_classes"):
+        fixture[key] = int(fixture[key])
+    vit, sides = fixture["vit"], (fixture["file_image_size"], fixture["image_size"])
+    side = f"i{sides[0]}" if sides[0] == sides[1] else f"i{sides[0]}to{sides[1]}"
+    assert path.name == (f"{fixture['model']}_p{vit['patch_size']}_l{vit['num_layers']}_h{vit['num_heads']}_"
+                         f"d{vit['hidden_dim']}_m{vit['mlp_dim']}_{side}_c{fixture['num_classes']}.npz")
+    return fixture
+
+
+def vit_templates(fixture: dict[str, Any], image_size: int | None = None) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, weights, batch_stats) of the fixture's ViT at ``image_size`` (default: the fixture's), shapes only."""
+    model = nnx.eval_shape(lambda: create_model(
+        str(fixture["model"]), num_classes=fixture["num_classes"], image_size=image_size or fixture["image_size"],
+        vit=fixture["vit"], rngs=nnx.Rngs(0)))
+    return functional.split_model(model)
+
+
+@pytest.mark.parametrize("path", VIT_FIXTURES, ids=lambda p: p.stem)
+def test_vit_logits_match_torch(path: pathlib.Path) -> None:
+    fixture = load_vit_fixture(path)
+    graphdef, weights_t, stats_t = vit_templates(fixture)
+    weights, batch_stats = pretrained.from_torchvision(fixture["state_dict"], weights_t, stats_t)
+    assert batch_stats == {} and fixture["logits"].std() > 0.1
+    assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= VIT_TOLERANCE
+    if "interpolated_pos_embedding" in fixture:
+        # The file's 4x4 grid resized to 6x6 as torchvision's interpolate_embeddings does it.
+        assert fixture["state_dict"]["encoder.pos_embedding"].shape == (1, 17, 16)
+        np.testing.assert_allclose(weights["encoder"]["pos_embedding"], fixture["interpolated_pos_embedding"],
+                                   rtol=0, atol=1e-6)
+
+
+def test_vit_names_land_where_torchvision_has_them() -> None:
+    fixture = load_vit_fixture(VIT_FIXTURES[0])
+    state_dict = fixture["state_dict"]
+    _, weights_t, stats_t = vit_templates(fixture)
+    weights, _ = pretrained.from_torchvision(state_dict, weights_t, stats_t)
+    block = weights["encoder"]["layers"]["encoder_layer_1"]
+    torch_block = "encoder.layers.encoder_layer_1."
+    np.testing.assert_array_equal(block["self_attention"]["in_proj"]["kernel"],
+                                  state_dict[torch_block + "self_attention.in_proj_weight"].T)
+    np.testing.assert_array_equal(block["self_attention"]["in_proj"]["bias"],
+                                  state_dict[torch_block + "self_attention.in_proj_bias"])
+    np.testing.assert_array_equal(block["mlp"][3]["kernel"], state_dict[torch_block + "mlp.3.weight"].T)
+    np.testing.assert_array_equal(block["ln_2"]["scale"], state_dict[torch_block + "ln_2.weight"])
+    np.testing.assert_array_equal(weights["conv_proj"]["kernel"],
+                                  state_dict["conv_proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(weights["class_token"], state_dict["class_token"])
+    np.testing.assert_array_equal(weights["encoder"]["pos_embedding"], state_dict["encoder.pos_embedding"])
+    np.testing.assert_array_equal(weights["heads"]["head"]["kernel"], state_dict["heads.head.weight"].T)
+
+    # Older torchvision files name the MLP's Linears linear_1 / linear_2.
+    renamed = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v
+               for k, v in state_dict.items()}
+    old, _ = pretrained.from_torchvision(renamed, weights_t, stats_t)
+    jax.tree.map(np.testing.assert_array_equal, old, weights)
+    both = {**state_dict, torch_block + "mlp.linear_1.bias": state_dict[torch_block + "mlp.0.bias"]}
+    assert (f"{torch_block}mlp.linear_1.bias maps to the same tensor as {torch_block}mlp.0.bias"
+            in _error(both, weights_t, stats_t))
+
+
+def test_vit_missing_and_misshapen_tensors_are_named_by_torchvision_names() -> None:
+    fixture = load_vit_fixture(VIT_FIXTURES[0])
+    state_dict = fixture["state_dict"]
+    _, weights_t, stats_t = vit_templates(fixture)
+    for name in ("encoder.layers.encoder_layer_0.self_attention.in_proj_weight", "class_token",
+                 "encoder.pos_embedding", "encoder.ln.weight"):
+        trimmed = {k: v for k, v in state_dict.items() if k != name}
+        assert f"(1 missing: missing {name})" in _error(trimmed, weights_t, stats_t)
+    in_proj = "encoder.layers.encoder_layer_0.self_attention.in_proj_weight"
+    assert f"{in_proj} has shape (16, 48), the model needs (48, 16)" in _error(
+        {**state_dict, in_proj: state_dict[in_proj].T}, weights_t, stats_t)
+    # A position embedding of another width, or not a square grid, is misshapen rather than interpolated.
+    for bad in (np.zeros((1, 17, 8), np.float32), np.zeros((1, 11, 16), np.float32)):
+        message = _error({**state_dict, "encoder.pos_embedding": bad}, weights_t, stats_t)
+        assert f"encoder.pos_embedding has shape {bad.shape}, the model needs (1, 17, 16)" in message
 
 
 @pytest.mark.parametrize("model", ["vgg16_bn", "vgg16"])

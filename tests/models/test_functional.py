@@ -109,5 +109,5 @@ def test_create_model_rejects_unknown_choices() -> None:
         create_model("resnet18", num_classes=10, stem="tiny", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="imagenet"):
         create_model("vgg16_bn", num_classes=10, stem="cifar", rngs=nnx.Rngs(0))
-    assert MODEL_NAMES == ("resnet18", "resnet50", "vgg16", "vgg16_bn")
+    assert MODEL_NAMES == ("resnet18", "resnet50", "vgg16", "vgg16_bn", "vit_b_16", "vit_b_32", "vit_l_16")
     assert set(CLASSIFIER_PATHS) == set(MODEL_NAMES)

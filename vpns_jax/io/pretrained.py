@@ -8,7 +8,13 @@ last part is renamed
   or ``scale`` of a BatchNorm;
 * ``bias`` -> ``bias``;
 * ``running_mean`` / ``running_var`` -> ``mean`` / ``var`` in ``batch_stats``;
-* ``num_batches_tracked`` (BatchNorm bookkeeping) is consumed and dropped.
+* ``num_batches_tracked`` (BatchNorm bookkeeping) is consumed and dropped;
+* ViTs: ``weight`` is also a LayerNorm's ``scale``; torch MultiheadAttention's
+  ``in_proj_weight`` / ``in_proj_bias`` -> ``in_proj`` ``kernel`` (transposed) /
+  ``bias``; ``mlp.linear_1`` / ``mlp.linear_2`` (older files) are ``mlp.0`` /
+  ``mlp.3``; ``class_token`` and ``encoder.pos_embedding`` keep their names, the
+  position embedding interpolated bicubically when the file's patch grid differs
+  from the model's (``vpns_jax.models.vit.interpolate_pos_embedding``).
 
 Which leaf is a BatchNorm, and the shape each one needs, come from the
 model's own (weights, batch_stats) trees, e.g. from ``functional.split_model``
@@ -26,6 +32,7 @@ cannot be read at all gives one line naming it and what it should be.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import pickle
 import zipfile
@@ -225,11 +232,24 @@ def _summary(missing: list[str], unexpected: list[str], misshapen: list[str]) ->
 
 
 def _path(name: str) -> tuple[str | int, ...]:
-    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+    parts = tuple(int(part) if part.isdigit() else part for part in name.split("."))
+    # Older torchvision files name a ViT MLP's Linears linear_1 / linear_2 (its _load_from_state_dict renames them).
+    return tuple(_MLP_ALIASES.get(part, part) if i and parts[i - 1] == "mlp" else part
+                 for i, part in enumerate(parts))
 
 
-def _torch_name(path: tuple[Any, ...], leaf: str) -> str:
-    return ".".join(str(part) for part in (*path, leaf))
+_MLP_ALIASES = {"linear_1": 0, "linear_2": 3}
+# torch MultiheadAttention's fused projection, held by an ``in_proj`` Linear here.
+_IN_PROJ = {"in_proj_weight": ("in_proj", "kernel"), "in_proj_bias": ("in_proj", "bias")}
+
+
+def _torch_name(path: tuple[Any, ...]) -> str:
+    """The state-dict name of a weights or batch-stats leaf (the inverse of :func:`_target`)."""
+    *prefix, leaf = path
+    if prefix and prefix[-1] == "in_proj" and leaf in ("kernel", "bias"):
+        return ".".join(str(part) for part in (*prefix[:-1], f"in_proj_{'weight' if leaf == 'kernel' else leaf}"))
+    renamed = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+    return ".".join(str(part) for part in (*prefix, renamed.get(leaf, leaf)))
 
 
 def _torch_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -246,6 +266,46 @@ def _from_torch_layout(array: np.ndarray) -> np.ndarray:
     return np.transpose(array)
 
 
+def _target(parts: tuple[Any, ...], want_w: Params, want_s: Params) -> tuple[str, tuple[Any, ...]] | None:
+    """Where the tensor named ``parts`` goes: ('weights' or 'batch_stats', path), or None (unexpected)."""
+    prefix, leaf = parts[:-1], parts[-1]
+    if leaf == "weight":
+        target = ("weights", (*prefix, "scale" if (*prefix, "scale") in want_w else "kernel"))
+    elif leaf == "bias":
+        target = ("weights", (*prefix, "bias"))
+    elif leaf in _STAT_NAMES:
+        target = ("batch_stats", (*prefix, _STAT_NAMES[leaf]))
+    elif leaf in _IN_PROJ:
+        target = ("weights", (*prefix, *_IN_PROJ[leaf]))
+    else:  # a parameter kept by its own name (a ViT's class_token, encoder.pos_embedding)
+        target = ("weights", parts)
+    return target if target[1] in (want_w if target[0] == "weights" else want_s) else None
+
+
+def _fitted(name: str, path: tuple[Any, ...], array: np.ndarray, expected: tuple[int, ...]) -> np.ndarray | str:
+    """``array`` in our layout as float32, or the misshapen message (shapes in torch's layout).
+
+    A ViT position embedding made for another grid is interpolated to the model's
+    (``vit.interpolate_pos_embedding``, torchvision's ``interpolate_embeddings``).
+    """
+    is_kernel = path[-1] == "kernel"
+    torch_expected = _torch_layout(expected) if is_kernel else expected
+    if tuple(array.shape) != torch_expected and path[-1] == "pos_embedding" and _regrids(array.shape, expected):
+        from vpns_jax.models.vit import interpolate_pos_embedding
+
+        array = interpolate_pos_embedding(np.asarray(array, np.float32), math.isqrt(expected[1] - 1))
+    if tuple(array.shape) != torch_expected:
+        return f"{name} has shape {tuple(array.shape)}, the model needs {torch_expected}"
+    return np.ascontiguousarray(_from_torch_layout(array) if is_kernel else array, dtype=np.float32)
+
+
+def _regrids(shape: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Whether both shapes are (1, 1 + g*g, D) position embeddings of the same D (any grids g)."""
+    square = lambda n: n >= 1 and math.isqrt(n) ** 2 == n  # noqa: E731
+    return (len(shape) == len(expected) == 3 and shape[0] == expected[0] == 1 and shape[2] == expected[2]
+            and square(shape[1] - 1) and square(expected[1] - 1))
+
+
 def from_torchvision(
     state_dict: Mapping[str, Any], weights_template: Params, batch_stats_template: Params
 ) -> tuple[Params, Params]:
@@ -254,12 +314,15 @@ def from_torchvision(
     Every state-dict tensor must be used exactly once (``num_batches_tracked``
     of a BatchNorm counts as used) and every template leaf filled with the
     shape it has: otherwise one ValueError lists the missing, unexpected and
-    misshapen tensors (shapes in torch's layout).
+    misshapen tensors (shapes in torch's layout). ViT names map as well:
+    ``self_attention.in_proj_weight`` / ``in_proj_bias`` to ``in_proj``'s kernel
+    (transposed) and bias, ``mlp.linear_1`` / ``linear_2`` as ``mlp.0`` / ``mlp.3``,
+    ``class_token`` and ``encoder.pos_embedding`` as they are (the latter
+    interpolated bicubically when the file's patch grid differs from the model's).
     """
     want_w = traverse_util.flatten_dict(weights_template) if weights_template else {}
     want_s = traverse_util.flatten_dict(batch_stats_template) if batch_stats_template else {}
-    got_w: dict[tuple[Any, ...], np.ndarray] = {}
-    got_s: dict[tuple[Any, ...], np.ndarray] = {}
+    got: dict[str, dict[tuple[Any, ...], np.ndarray]] = {"weights": {}, "batch_stats": {}}
     source_of: dict[tuple[str, tuple[Any, ...]], str] = {}
     missing: list[str] = []
     unexpected: list[str] = []
@@ -267,44 +330,29 @@ def from_torchvision(
 
     for name, tensor in state_dict.items():
         parts = _path(str(name))
-        prefix, leaf = parts[:-1], parts[-1]
-        is_bn = (*prefix, "mean") in want_s
-        if leaf == _DROPPED and is_bn:
+        if parts[-1] == _DROPPED and (*parts[:-1], "mean") in want_s:
             continue
-        if leaf == "weight":
-            target = ("weights", (*prefix, "scale" if (*prefix, "scale") in want_w else "kernel"))
-        elif leaf == "bias":
-            target = ("weights", (*prefix, "bias"))
-        elif leaf in _STAT_NAMES:
-            target = ("batch_stats", (*prefix, _STAT_NAMES[leaf]))
-        else:
-            target = None
-        want, got = (want_w, got_w) if target and target[0] == "weights" else (want_s, got_s)
-        if target is None or target[1] not in want:
+        target = _target(parts, want_w, want_s)
+        if target is None:
             unexpected.append(f"unexpected {name}")
             continue
         if target in source_of:
             unexpected.append(f"{name} maps to the same tensor as {source_of[target]}")
             continue
         source_of[target] = str(name)
-        array = np.asarray(tensor)
-        expected = tuple(want[target[1]].shape)
-        is_kernel = target[1][-1] == "kernel"
-        torch_expected = _torch_layout(expected) if is_kernel else expected
-        if tuple(array.shape) != torch_expected:
-            misshapen.append(f"{name} has shape {tuple(array.shape)}, the model needs {torch_expected}")
-            continue
-        got[target[1]] = np.ascontiguousarray(_from_torch_layout(array) if is_kernel else array, dtype=np.float32)
+        want = want_w if target[0] == "weights" else want_s
+        fitted = _fitted(str(name), target[1], np.asarray(tensor), tuple(want[target[1]].shape))
+        if isinstance(fitted, str):
+            misshapen.append(fitted)
+        else:
+            got[target[0]][target[1]] = fitted
 
-    renamed = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
     for part, want in (("weights", want_w), ("batch_stats", want_s)):
-        for path in want:
-            if (part, path) not in source_of:
-                missing.append(f"missing {_torch_name(path[:-1], renamed.get(path[-1], path[-1]))}")
+        missing += [f"missing {_torch_name(path)}" for path in want if (part, path) not in source_of]
     if missing or unexpected or misshapen:
         summary = _summary(missing, unexpected, misshapen)
         raise ValueError(f"the state dict does not fit the model ({summary}): {FIX_HINT}")
-    return traverse_util.unflatten_dict(got_w), traverse_util.unflatten_dict(got_s)
+    return traverse_util.unflatten_dict(got["weights"]), traverse_util.unflatten_dict(got["batch_stats"])
 
 
 def is_torchvision_npz(path: str | pathlib.Path) -> bool:

@@ -1,4 +1,4 @@
-"""Model zoo: ResNet-18/50 and VGG-16(-BN) with torchvision layouts."""
+"""Model zoo: ResNet-18/50, VGG-16(-BN) and ViT-B/16, ViT-B/32, ViT-L/16 with torchvision layouts."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vpns_jax.models import layers
+from vpns_jax.models import layers, vit as vit_models
 from vpns_jax.models.resnet import STEMS, resnet18, resnet50
 from vpns_jax.models.vgg import vgg16, vgg16_bn
+from vpns_jax.models.vit import VIT_NAMES
 
-MODEL_NAMES = ("resnet18", "resnet50", "vgg16", "vgg16_bn")
+MODEL_NAMES = ("resnet18", "resnet50", "vgg16", "vgg16_bn", *VIT_NAMES)
 
 # Path of the final classification layer in each model's weights dict.
 CLASSIFIER_PATHS: dict[str, tuple[Any, ...]] = {
@@ -20,6 +21,7 @@ CLASSIFIER_PATHS: dict[str, tuple[Any, ...]] = {
     "resnet50": ("fc",),
     "vgg16": ("classifier", 6),
     "vgg16_bn": ("classifier", 6),
+    **{name: ("heads", "head") for name in VIT_NAMES},
 }
 
 
@@ -46,19 +48,32 @@ def create_model(
     dtype: str = "float32",
     conv_impl: str = "auto",
     pool_impl: str = "auto",
+    image_size: int | None = None,
+    vit: dict | None = None,
 ) -> nnx.Module:
     """Builds model ``name`` (one of ``MODEL_NAMES``).
 
-    ``stem`` is 'imagenet' or 'cifar' for ResNets; VGGs only have the
+    ``stem`` is 'imagenet' or 'cifar' for ResNets; VGGs and ViTs only have the
     'imagenet' layout. ``dtype`` is the compute dtype of convs, matmuls and
     activations (``COMPUTE_DTYPES``); parameters stay float32, BatchNorm
-    statistics and the logits at least float32, and 'float32' computes in the
-    input's own dtype (float64 inputs stay float64). ``conv_impl`` and
-    ``pool_impl`` pick the kernels (``layers.CONV_IMPLS``, ``layers.POOL_IMPLS``).
-    All three are static: they live in the graphdef.
+    statistics, LayerNorm, attention softmax and the logits at least float32,
+    and 'float32' computes in the input's own dtype (float64 inputs stay
+    float64). ``conv_impl`` and ``pool_impl`` pick the kernels
+    (``layers.CONV_IMPLS``, ``layers.POOL_IMPLS``). All three are static: they
+    live in the graphdef. ViTs only: ``image_size`` (None: 224) is the input
+    side the position embedding is made for, and ``vit`` overrides the named
+    shape (keys ``vit.VIT_OPTIONS``; 0 or missing: the named value); ``width``
+    scales their hidden and MLP widths (``vit.vit_shape``).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid models: {MODEL_NAMES}")
+    if name in VIT_NAMES:
+        if stem != "imagenet":
+            raise ValueError(f"{name} supports only stem 'imagenet', got {stem!r}; valid stems: ('imagenet',)")
+        model = vit_models.vision_transformer(name, num_classes=num_classes, image_size=image_size, vit=vit,
+                                              width=width, rngs=rngs)
+        return _set_kernels(model, dtype, conv_impl, pool_impl)
+    _refuse_vit_options(name, image_size, vit)
     if name in ("resnet18", "resnet50"):
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r} for {name}; valid stems: {STEMS}")
@@ -70,6 +85,15 @@ def create_model(
         factory = vgg16 if name == "vgg16" else vgg16_bn
         model = factory(num_classes=num_classes, width=width, rngs=rngs)
     return _set_kernels(model, dtype, conv_impl, pool_impl)
+
+
+def _refuse_vit_options(name: str, image_size: int | None, vit: dict | None) -> None:
+    """A one-line ValueError where a CNN is given ViT-only options (a ``vit`` dict of only zeros is none)."""
+    vits = ", ".join(VIT_NAMES)
+    if vit and any(value not in (0, None) for value in vit.values()):
+        raise ValueError(f"model.vit options apply only to ViT models ({vits}), got {name}")
+    if image_size is not None:
+        raise ValueError(f"model.image_size applies only to ViT models ({vits}), got {name}: a CNN takes any size")
 
 
 def _set_kernels(model: nnx.Module, dtype: str, conv_impl: str, pool_impl: str) -> nnx.Module:
@@ -90,4 +114,4 @@ def _set_kernels(model: nnx.Module, dtype: str, conv_impl: str, pool_impl: str) 
     return model
 
 
-__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "check_dtype_runs", "create_model"]
+__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "VIT_NAMES", "check_dtype_runs", "create_model"]

@@ -1,7 +1,7 @@
 """Use an NNX model as pure functions of pytrees.
 
 A model is split once into a static ``graphdef`` and two plain nested dicts:
-``weights`` (every ``nnx.Param``: kernels, biases, BatchNorm affine) and
+``weights`` (every ``nnx.Param``: kernels, biases, BatchNorm / LayerNorm affine, embeddings) and
 ``batch_stats`` (every ``nnx.BatchStat``: BatchNorm running statistics).
 Training code only ever sees those dicts; ``apply_model`` rebuilds the module
 inside the traced function, so nothing stateful leaks out of ``jit``.
@@ -23,7 +23,8 @@ Params = dict[Any, Any]
 CONV_KERNEL = "conv_kernel"
 DENSE_KERNEL = "dense_kernel"
 BIAS = "bias"
-BN = "bn"
+BN = "bn"  # a normalisation layer's affine (BatchNorm2d or LayerNorm scale/bias): optimiser label 'bn', never pruned
+EMBEDDING = "embedding"  # a learned embedding (layers.Embedding: ViT class token, position embedding): never pruned
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Params, Params]:
@@ -57,7 +58,9 @@ def leaf_kinds(model: nnx.Module) -> Params:
     """A dict shaped like ``weights`` whose leaves name what each parameter is.
 
     Kinds: ``conv_kernel``, ``dense_kernel``, ``bias`` (of a conv or dense
-    layer) and ``bn`` (BatchNorm scale or bias). Any other parameter is an
+    layer), ``bn`` (the affine of a normalisation layer: BatchNorm2d or
+    LayerNorm scale or bias) and ``embedding`` (a ``layers.Embedding``, such as
+    a ViT's class token and position embedding). Any other parameter is an
     error, so that new layer types cannot slip past masking or the optimiser
     labels unnoticed.
     """
@@ -67,7 +70,7 @@ def leaf_kinds(model: nnx.Module) -> Params:
             kinds[(*path, "kernel")] = CONV_KERNEL
         elif isinstance(module, nnx.Linear):
             kinds[(*path, "kernel")] = DENSE_KERNEL
-        elif isinstance(module, layers.BatchNorm2d):
+        elif isinstance(module, (layers.BatchNorm2d, layers.LayerNorm)):
             kinds[(*path, "scale")] = BN
             kinds[(*path, "bias")] = BN
             continue
@@ -75,8 +78,10 @@ def leaf_kinds(model: nnx.Module) -> Params:
             continue
         if getattr(module, "bias", None) is not None:
             kinds[(*path, "bias")] = BIAS
+    embeddings = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, layers.Embedding)))
+    kinds.update({path: EMBEDDING for path in embeddings})
     weights = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     unknown = sorted(set(weights) - set(kinds), key=str)
     if unknown:
-        raise ValueError(f"parameters of unknown kind (not Conv2d/Linear/BatchNorm2d): {unknown}")
+        raise ValueError(f"parameters of unknown kind (not Conv2d/Linear/BatchNorm2d/LayerNorm/Embedding): {unknown}")
     return traverse_util.unflatten_dict({path: kinds[path] for path in weights})

@@ -51,6 +51,17 @@ def uniform_symmetric(bound: float) -> Initializer:
     return init
 
 
+def xavier_uniform() -> Initializer:
+    """torch ``xavier_uniform_`` for (in, out) dense kernels: U(-b, b) with b = sqrt(6 / (in + out))."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        fan_in, fan_out = shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
 def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
     """``nnx.Linear`` initialised like torch's ``nn.Linear`` default.
 
@@ -217,6 +228,33 @@ class BatchNorm2d(nnx.Module):
         return y.astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with torch semantics (biased variance, ``eps`` inside the root).
+
+    Parameters are named like BatchNorm2d's affine (``scale``, ``bias``), so
+    torch's ``weight`` maps to ``scale`` by the same rule.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5) -> None:
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.num_features = num_features
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in at least float32 (bfloat16 activations), float64 where the input is; output in x's dtype.
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class Embedding(nnx.Param):
+    """A learned tensor added to (or joined with) the activations, such as a ViT's class token or position
+    embedding: trained with the weights, never pruned (``functional.leaf_kinds`` calls it ``embedding``)."""
+
+
 def _pool_padding(padding: int) -> tuple[tuple[int, int], ...]:
     return ((0, 0), (padding, padding), (padding, padding), (0, 0))
 
@@ -361,6 +399,13 @@ class ReLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.relu(x)
+
+
+class GELU(nnx.Module):
+    """torch ``nn.GELU()``: the exact (erf) form, not the tanh approximation."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(x, approximate=False)
 
 
 class MaxPool2d(nnx.Module):

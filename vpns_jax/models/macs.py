@@ -1,7 +1,11 @@
 """Multiply-accumulate counts of a (masked) network, as the authors' calculate_flops.py counts them.
 
-Per conv: nnz(kernel) * H_out * W_out; per dense layer: nnz(kernel). The
-reference counts 2 * nnz * H * W FLOPs and halves the total, i.e. MACs.
+Per conv: nnz(kernel) * H_out * W_out; per dense layer: nnz(kernel) per
+output position (1, or a ViT's tokens). The reference counts 2 * nnz * H * W
+FLOPs and halves the total, i.e. MACs. A product of two activations (a ViT's
+attention scores q k^T and their weighted sum of v) has no kernel to prune: it
+is one ``matmul`` row of contraction length times outputs, the same in dense
+and masked counts, so torchvision's published ViT GFLOPS figures come out.
 BatchNorm, ReLU, pooling and bias adds are not counted (the reference's BN,
 ReLU and pool hooks are commented out; the models here have no conv biases
 except VGG's, whose adds are negligible and left out for one rule for all).
@@ -10,7 +14,8 @@ channels both lower the count when the masked weights are passed in.
 
 Output sizes come from the model itself: the forward pass at the requested
 input size is traced to a jaxpr (nothing is computed) and each conv / dot
-whose kernel operand is a weights leaf contributes one row.
+whose kernel operand is a weights leaf (also through a reshape or a cast to the
+compute dtype) contributes one row, and so does each dot of two activations.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ Params = dict[Any, Any]
 Path = tuple[Any, ...]
 
 _COUNTED = ("conv_general_dilated", "dot_general")
+# Ops through which a kernel stays that kernel: im2col's reshape, bfloat16 compute's cast.
+_SAME_KERNEL = ("reshape", "convert_element_type")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +44,9 @@ class LayerMacs:
     """MACs of one conv or dense layer for one image."""
 
     name: str
-    kind: str  # 'conv' or 'dense'
-    output_positions: int  # H_out * W_out for a conv, 1 for a dense layer
-    nnz: int
+    kind: str  # 'conv', 'dense' or 'matmul' (two activations)
+    output_positions: int  # H_out * W_out for a conv, tokens (or 1) for a dense layer, outputs for a matmul
+    nnz: int  # of the kernel; a matmul's contraction length
     size: int
 
     @property
@@ -92,18 +99,24 @@ def _abstract(tree: Params) -> Params:
 
 
 def _kernel_uses(jaxpr: jax.extend.core.Jaxpr, var_paths: dict[Any, Path], found: list) -> None:
-    """Appends (path, primitive, output shape) for each counted op whose kernel operand is a weights leaf.
+    """Appends (path, output shape, None) for each counted op whose kernel operand is a weights leaf, and
+    (None, output shape, contraction length) for each dot of two activations.
 
     Recurses into sub-jaxprs (e.g. a jitted helper) carrying the leaf identities across the call.
     """
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _COUNTED:
             rhs = eqn.invars[1]
+            shape = eqn.outvars[0].aval.shape
             if not isinstance(rhs, jax.extend.core.Literal) and rhs in var_paths:
-                found.append((var_paths[rhs], eqn.primitive.name, eqn.outvars[0].aval.shape))
+                found.append((var_paths[rhs], shape, None))
+            elif eqn.primitive.name == "dot_general" and not any(v in var_paths for v in eqn.invars
+                                                                 if not isinstance(v, jax.extend.core.Literal)):
+                (contracting, _), _ = eqn.params["dimension_numbers"]
+                lhs_shape = eqn.invars[0].aval.shape
+                found.append((None, shape, math.prod(lhs_shape[d] for d in contracting)))
             continue
-        if eqn.primitive.name == "reshape" and eqn.invars[0] in var_paths:
-            # layers.conv2d_im2col contracts a reshaped kernel: still that leaf's use.
+        if eqn.primitive.name in _SAME_KERNEL and eqn.invars[0] in var_paths:
             var_paths[eqn.outvars[0]] = var_paths[eqn.invars[0]]
             continue
         for param in eqn.params.values():
@@ -114,8 +127,26 @@ def _kernel_uses(jaxpr: jax.extend.core.Jaxpr, var_paths: dict[Any, Path], found
                     for ov, iv in zip(eqn.invars, sub.invars)
                     if not isinstance(ov, jax.extend.core.Literal) and ov in var_paths
                 }
-                if inner:
-                    _kernel_uses(sub, inner, found)
+                _kernel_uses(sub, inner, found)
+
+
+def _rows(found: list, leaves: dict[Path, Any]) -> list[LayerMacs]:
+    """One LayerMacs per use; a matmul is named after the module holding the kernel used last before it."""
+    rows, scope, matmuls = [], "", 0
+    for path, shape, contraction in found:
+        if path is None:
+            name = f"{scope}.matmul{matmuls}" if scope else f"matmul{matmuls}"
+            rows.append(LayerMacs(name, "matmul", math.prod(shape[1:]), contraction, contraction))
+            matmuls += 1
+            continue
+        kernel = leaves[path]
+        module = path[:-1] if path[-1] == "kernel" else path
+        scope, matmuls = ".".join(str(p) for p in module[:-1]), 0
+        # Output positions per image: everything but the batch and the output-channel axes.
+        rows.append(LayerMacs(name=".".join(str(p) for p in module), kind="conv" if np.ndim(kernel) == 4 else "dense",
+                              output_positions=math.prod(shape[1:-1]),
+                              nnz=int(np.count_nonzero(np.asarray(kernel))), size=int(np.size(kernel))))
+    return rows
 
 
 def count_macs(
@@ -145,21 +176,8 @@ def count_macs(
     _kernel_uses(closed.jaxpr, var_paths, found)
 
     leaves = dict(zip(paths, (leaf for _, leaf in flat)))
-    layers = []
-    for path, _, shape in found:
-        kernel = leaves[path]
-        # Output positions per image: everything but the batch and the output-channel axes.
-        positions = math.prod(shape[1:-1])
-        layers.append(
-            LayerMacs(
-                name=".".join(str(p) for p in (path[:-1] if path[-1] == "kernel" else path)),
-                kind="conv" if np.ndim(kernel) == 4 else "dense",
-                output_positions=positions,
-                nnz=int(np.count_nonzero(np.asarray(kernel))),
-                size=int(np.size(kernel)),
-            )
-        )
-    counted = {path for path, _, _ in found}
+    layers = _rows(found, leaves)
+    counted = {path for path, _, _ in found if path is not None}
     missing = [p for p in paths if p[-1] == "kernel" and p not in counted]
     if missing:
         raise ValueError(f"kernels not used directly by a conv or dot in the traced model, cannot count: {missing}")
