@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
     # backend only and plain lax ops on GPU and TPU; 'lax' / 'im2col' and 'lax' / 'argmax' force one.
     config.model.conv_impl = "auto"
     config.model.pool_impl = "auto"
+    # ViTs only (vit_b_16, vit_b_32, vit_l_16): each field overrides the named shape, 0 = the name's own; the
+    # image side the position embedding is made for is prompt.output_size (the network's input).
+    config.model.vit = ml_collections.ConfigDict(
+        {"patch_size": 0, "num_layers": 0, "num_heads": 0, "hidden_dim": 0, "mlp_dim": 0})
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "cifar10"
@@ -80,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mask = ml_collections.ConfigDict()
     config.mask.scope = "global"  # 'global' (VPNs, the authors' HYDRA) or 'layer' (original HYDRA)
     config.mask.granularity = "weight"  # 'weight' (unstructured) or 'channel' (one score per conv output channel)
+    # 'unstructured' (per-weight masks at mask.granularity, the default), 'channel' (= granularity 'channel'), or
+    # N:M such as '2:4' / '1:4' / '4:8': every M consecutive input entries of a kernel keep their N largest
+    # (methods vpns, hydra, omp, omp_vp; densities=(N/M,)). docs/method.md, section 4.6.
+    config.mask.pattern = "unstructured"
     # Layer floor: every prunable layer (channel group) keeps at least ceil(f * n) of its n entries, so the
     # global threshold cannot empty one; the density becomes a lower bound. 0.0 = the authors' rule.
     config.mask.min_layer_density = 0.0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from vpns_jax.core import label_mapping, masking, prompts, steps
+from vpns_jax.core import label_mapping, masking, nm, prompts, steps
 from vpns_jax.io import checkpoint, export
 from vpns_jax.models import create_model, functional
 
@@ -314,3 +314,98 @@ def test_size_report_command(capsys):
         kept = entries - int((1 - density) * entries)
         assert line.startswith(f"density {density:g}: dense ") and f"({dense:,} B) -> compressed" in line
         assert f"kept {kept:,} of {entries:,} kernel entries" in line and "; file " in line
+
+
+# ---------------------------------------------------------------- N:M masks
+
+
+_nm_masks = jax.jit(nm.nm_masks, static_argnums=(1, 2))
+
+
+def _export_nm(path, n=2, m=4, stem="cifar", eval_with_prompt=False):
+    _, weights, batch_stats, scores, prompt = _model(stem)
+    masks = _nm_masks(scores, n, m)
+    size = export.export_subnetwork(
+        path, model_name="resnet18", num_classes=10, width=WIDTH, stem=stem, weights=weights,
+        batch_stats=batch_stats, masks=masks, prompt_spec=SPEC, prompt=prompt, label_map=LABEL_MAP,
+        eval_with_prompt=eval_with_prompt, nm_pattern=(n, m),
+    )
+    return masks, size
+
+
+@pytest.mark.parametrize("n, m, stem, with_prompt", [(2, 4, "cifar", False), (1, 4, "imagenet", True),
+                                                     (4, 8, "cifar", True)])
+def test_n_m_export_rebuilds_the_exact_masks_and_the_same_logits(tmp_path, n, m, stem, with_prompt):
+    masks, size = _export_nm(tmp_path / "sub.npz", n, m, stem, with_prompt)
+    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    assert sub.nm_pattern == (n, m) and sub.meta["mask_pattern"] == f"{n}:{m}"
+    _, weights, batch_stats, _, prompt = _model(stem)
+    flat_masks = traverse_util.flatten_dict(masks)
+    for path, mask in flat_masks.items():
+        np.testing.assert_array_equal(np.asarray(traverse_util.flatten_dict(sub.masks)[path]), np.asarray(mask))
+        np.testing.assert_array_equal(np.asarray(traverse_util.flatten_dict(sub.weights)[path]),
+                                      np.asarray(traverse_util.flatten_dict(weights)[path] * mask))
+    kept = sum(nm.kept_count(mask.shape, n, m) for mask in flat_masks.values())
+    assert size.kept_entries == kept and sub.size == size
+    # The masked model's logits, bit for bit: the same program on the same (already masked) weights.
+    want = _evaluate(_model(stem)[0], SPEC, with_prompt, weights, masks, batch_stats, prompt, IMAGES,
+                     jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(sub.logits(IMAGES)), np.asarray(want))
+
+
+def test_n_m_file_stores_packed_indices_and_their_size_by_hand(tmp_path):
+    masks, size = _export_nm(tmp_path / "sub.npz")
+    with np.load(tmp_path / "sub.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    assert not any(name.endswith("/bits") for name in arrays)
+    # conv1 (3, 3, 3, 4) at 2:4: 36 runs of one cut group, 2 slots of 2 bits each = 144 bits = 18 bytes;
+    # fc (32, 10): 10 columns of 8 groups, 2 slots of 2 bits = 320 bits = 40 bytes.
+    assert arrays["kernels/conv1/kernel/nm_indices"].shape == (18,)
+    assert arrays["kernels/fc/kernel/nm_indices"].shape == (40,)
+    assert size.bitmask_bytes == 0
+    assert size.index_bytes == sum(a.nbytes for n, a in arrays.items() if n.endswith("/nm_indices"))
+    assert size.compressed_bytes == size.index_bytes + size.values_bytes + size.rest_bytes
+    assert "N:M indices" in size.format() and "bitmask" not in size.format()
+    # (5, 1) at 2:4: group [1, 0, 1, 0] -> positions 0 and 2, the cut group [1] -> 0 and an unused 0:
+    # 2-bit fields 00 10 00 00, most significant first = 0b00100000.
+    indices = nm.group_indices(np.array([[1], [0], [1], [0], [1]]), 2, 4)
+    np.testing.assert_array_equal(export._pack_indices(indices, 4), [0b00100000])
+    small = export.compute_size({"k": np.ones((5, 1))}, {}, {"k": np.ones((5, 1))}, {}, nm_pattern=(2, 4))
+    assert (small.bitmask_bytes, small.index_bytes) == (0, 1)
+
+
+def test_a_file_without_the_pattern_field_loads_as_per_weight_bits(tmp_path):
+    _export(tmp_path / "sub.npz")
+    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    assert sub.nm_pattern is None and "mask_pattern" not in sub.meta and sub.size.index_bytes == 0
+
+
+def test_n_m_export_refuses_masks_that_are_not_n_m(tmp_path):
+    _, weights, batch_stats, _, prompt = _model("cifar")
+    with pytest.raises(ValueError, match=r"mask of \('conv1', 'kernel'\) is not 2:4"):
+        export.export_subnetwork(
+            tmp_path / "sub.npz", model_name="resnet18", num_classes=10, width=WIDTH, stem="cifar", weights=weights,
+            batch_stats=batch_stats, masks=_masks("cifar", 0.5), prompt_spec=SPEC, prompt=prompt,
+            label_map=LABEL_MAP, nm_pattern=(2, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_meta_edit(mask_pattern="2:5"), "bad metadata (N:M pattern '2:5' has M = 5"),
+    (_meta_edit(mask_pattern="1:4"), "'kernels/conv1/kernel/nm_indices' is uint8 (18,), expected uint8 (9,)"),
+    # Every fc group's first index set to 3 and the second to 1: no longer ascending.
+    (lambda a: a.update({"kernels/fc/kernel/nm_indices": np.full_like(a["kernels/fc/kernel/nm_indices"], 0b11011101)}),
+     "kernel kernels/fc/kernel: N:M indices are not ascending"),
+    (lambda a: a.pop("kernels/fc/kernel/nm_indices"), "'kernels/fc/kernel/nm_indices' is missing"),
+])
+def test_corrupt_n_m_content_is_a_one_line_error(tmp_path, edit, fragment):
+    _export_nm(tmp_path / "sub.npz")
+    _rewrite(tmp_path / "sub.npz", edit)
+    _one_line_value_error(tmp_path / "sub.npz", fragment)
+
+
+def test_size_report_of_a_pattern(capsys):
+    assert export.main(["--size_report", "--model=resnet18", "--width=0.0625", "--num_classes=10", "--pattern=2:4",
+                        "--prompt_size=32", "--pad_size=4", "--no_write"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("2:4 density 0.5: dense ") and "N:M indices" in lines[1]

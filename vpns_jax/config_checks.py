@@ -9,7 +9,7 @@ prepared or ``model.init_from`` exists is for the trainer to decide.
 ``fingerprint`` is the config as a plain JSON dict without the fields that do not
 change results (checkpointing, logging, data-loading threads and paths, the
 compilation cache), so a workdir can refuse to resume under a different config.
-``ConfigError`` and ``group_optimizer`` come from ``vpns_jax.config_fields`` (re-exported here).
+``ConfigError``, ``group_optimizer`` and ``mask_pattern`` come from ``vpns_jax.config_fields`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import Any
 
 from vpns_jax import methods, models
 from vpns_jax.config_fields import (ConfigError, check_choice, check_int_at_least, check_optimizer, get,  # noqa: F401
-                                    group_optimizer, is_int, is_real, plain)
+                                    group_optimizer, is_int, is_real, mask_pattern, plain)
 from vpns_jax.core import health, masking, prompts, steps
 from vpns_jax.data import registry
 from vpns_jax.models import layers
+from vpns_jax.models import vit as vit_models
 
 STEMS = ("imagenet", "cifar")
 # Models that only have the ImageNet stem (models.create_model refuses 'cifar' for them).
@@ -45,7 +46,8 @@ NON_RESULT_FIELDS = (
 )
 # Result fields added after workdirs were fingerprinted: left out at their default (which reproduces the
 # behaviour from before them), so those workdirs still resume; any other value is in the fingerprint.
-OMITTED_AT_DEFAULT = {"mask.min_layer_density": 0.0}
+OMITTED_AT_DEFAULT = {"mask.min_layer_density": 0.0, "mask.pattern": "unstructured",
+                      "model.vit": {option: 0 for option in vit_models.VIT_OPTIONS}}
 
 
 def _check_dtype(config: Any) -> None:
@@ -156,6 +158,7 @@ def validate(config: Any, *, num_devices: int) -> None:
     if not isinstance(masks_from, str):
         raise ConfigError(f"config.transfer.masks_from={masks_from!r} must be a workdir path, or '' for no transfer")
     _check_min_layer_density(config)
+    _check_mask_pattern(config)
     methods.check_config(config)
     if not isinstance(get(config, "eval.with_prompt"), bool):
         raise ConfigError(f"config.eval.with_prompt={get(config, 'eval.with_prompt')!r} must be True or False")
@@ -179,6 +182,29 @@ def _check_min_layer_density(config: Any) -> None:
                           "(the masks come from that run): use 0 here, and the floor in the run that found them")
 
 
+def _check_mask_pattern(config: Any) -> None:
+    """An N:M pattern: a method that makes N:M masks, densities (N/M,), and no field that N:M masks ignore."""
+    pattern = get(config, "mask.pattern")
+    _, nm = methods.check_pattern(config)  # a malformed pattern, or one the method does not make, is refused here
+    if nm is None:
+        return
+    n, m = nm
+    densities = tuple(get(config, "densities"))
+    if densities != (n / m,):
+        raise ConfigError(f"config.mask.pattern={pattern!r} keeps N/M = {n / m!r} of every group, but config.densities="
+                          f"{densities!r}: set config.densities=({n / m!r},)")
+    floor = get(config, "mask.min_layer_density")
+    if floor:
+        raise ConfigError(f"config.mask.min_layer_density={floor!r} does not apply to N:M masks (every group keeps "
+                          f"{n} of {m}, so no layer empties): use 0 with config.mask.pattern={pattern!r}")
+    if get(config, "mask.scope") != "global":
+        raise ConfigError(f"config.mask.scope={get(config, 'mask.scope')!r} does not apply to N:M masks (each group "
+                          f"of {m} chooses its own {n}): use 'global' with config.mask.pattern={pattern!r}")
+    if get(config, "transfer.masks_from"):
+        raise ConfigError(f"config.mask.pattern={pattern!r} has no effect with config.transfer.masks_from (the masks "
+                          "come from that run): use 'unstructured' here, and the pattern in the run that found them")
+
+
 def _check_model(config: Any) -> int:
     """Checks ``config.model``; returns the source head's number of classes."""
     check_choice(config, "model.name", models.MODEL_NAMES)
@@ -192,7 +218,38 @@ def _check_model(config: Any) -> int:
     _check_dtype(config)
     check_choice(config, "model.conv_impl", layers.CONV_IMPLS)
     check_choice(config, "model.pool_impl", layers.POOL_IMPLS)
+    _check_vit(config)
     return check_int_at_least(config, "model.num_classes", 1, "the source head's classes")
+
+
+def vit_options(config: Any) -> dict[str, Any]:
+    """``create_model``'s ViT arguments of ``config`` (none for a CNN): the input side and the shape overrides."""
+    if get(config, "model.name") not in vit_models.VIT_NAMES:
+        return {}
+    return {"image_size": get(config, "prompt.output_size"), "vit": plain(get(config, "model.vit"))}
+
+
+def _check_vit(config: Any) -> None:
+    """``model.vit`` only for ViTs, a shape that builds, an input side the patches tile; no BatchNorm method."""
+    name, options = get(config, "model.name"), plain(get(config, "model.vit"))
+    if name not in vit_models.VIT_NAMES:
+        given = {key: value for key, value in options.items() if value not in (0, None)}
+        if given:
+            key, value = next(iter(given.items()))
+            raise ConfigError(f"config.model.vit.{key}={value!r} applies only to ViT models "
+                              f"({', '.join(vit_models.VIT_NAMES)}), not {name}: leave model.vit at 0 for a CNN")
+        return
+    try:
+        shape = vit_models.vit_shape(name, options, get(config, "model.width"))
+    except ValueError as error:
+        raise ConfigError(f"config.model.vit: {error}") from None
+    size = get(config, "prompt.output_size")
+    if is_int(size) and size % shape.patch_size:
+        raise ConfigError(f"config.prompt.output_size={size!r} (the ViT's input side) is not a multiple of {name}'s "
+                          f"patch size {shape.patch_size}: use a multiple of it, or another model.vit.patch_size")
+    if get(config, "method") == "slim":
+        raise ConfigError(f"config.method='slim' prunes by BatchNorm scales, and {name} has none: use 'vpns' "
+                          "with mask.granularity='channel' for a ViT's heads and MLP units")
 
 
 def _check_data(config: Any, num_classes: int, num_devices: int) -> None:
@@ -233,6 +290,10 @@ def fingerprint(config: Any) -> dict[str, Any]:
     lists, so a fingerprint read back from JSON compares equal to a fresh one.
     """
     result = copy.deepcopy(plain(config))
+    mask = result.get("mask")
+    if isinstance(mask, dict) and mask.get("pattern") == "channel":
+        # Two spellings of channel masks, one fingerprint: granularity 'channel' is what workdirs already hold.
+        mask.update(granularity="channel", pattern="unstructured")
     for path in NON_RESULT_FIELDS:
         node, leaf = _parent(result, path)
         node.pop(leaf, None)

@@ -11,7 +11,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vpns_jax.core import optim
+from vpns_jax.core import nm, optim
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -69,6 +69,31 @@ def check_fraction(config: Any, path: str, what: str) -> None:
     value = get(config, path)
     if not is_real(value) or not 0 < value < 1:
         raise ConfigError(f"config.{path}={value!r} must be a fraction in (0, 1): {what}")
+
+
+def mask_pattern(config: Any) -> tuple[str, tuple[int, int] | None]:
+    """(granularity, (N, M) or None): the masks ``config.mask.pattern`` and ``config.mask.granularity`` select.
+
+    The one place that decides it. 'unstructured' (the default) keeps ``mask.granularity`` as it is, so configs
+    from before the pattern field mean what they meant; 'channel' is channel granularity whatever the
+    granularity says; an N:M string is per-weight N:M masks and needs granularity 'weight'. A config without
+    ``mask.pattern`` is 'unstructured'.
+    """
+    pattern = config.mask.get("pattern", "unstructured")
+    granularity = get(config, "mask.granularity")
+    if pattern == "unstructured":
+        return granularity, None
+    if pattern == "channel":
+        return "channel", None
+    problem = nm.pattern_problem(pattern)
+    if problem:
+        raise ConfigError(f"config.mask.pattern={pattern!r} {problem}: use an N:M pattern such as '2:4' or '1:4', "
+                          "or 'unstructured' or 'channel'")
+    n, m = nm.parse_nm(pattern)
+    if granularity != "weight":
+        raise ConfigError(f"config.mask.pattern={pattern!r} is a per-weight pattern, but config.mask.granularity="
+                          f"{granularity!r}: use granularity 'weight' with N:M, or pattern 'channel'")
+    return "weight", (n, m)
 
 
 def group_optimizer(cfg: Any) -> optim.GroupOptimizer:

@@ -42,10 +42,13 @@ class RunContext:
         self.data = run_data.open_run_data(config)
         self.model = create_model(config.model.name, num_classes=config.model.num_classes, width=config.model.width,
                                   stem=config.model.stem, rngs=nnx.Rngs(config.seed), dtype=config.model.dtype,
-                                  conv_impl=config.model.conv_impl, pool_impl=config.model.pool_impl)
+                                  conv_impl=config.model.conv_impl, pool_impl=config.model.pool_impl,
+                                  **config_checks.vit_options(config))
         self.kinds = functional.leaf_kinds(self.model)
         self.pretrained = self._pretrained_weights()  # read (and checked) now: a bad file leaves no workdir
         self.prompt_spec = config_checks.prompt_spec(config)
+        # (granularity, N:M or None): the one reading of config.mask.pattern and config.mask.granularity.
+        self.granularity, self.nm = config_checks.mask_pattern(config)
         self.uses_prompt = any("prompt" in phase.trains for phase in self.plan.phases.values())
         self.channel_groups = self._channel_groups()
 
@@ -66,10 +69,10 @@ class RunContext:
     def _channel_groups(self) -> tuple:
         """The channel groups of channel masks (checked against every density), else ()."""
         config = self.config
-        if config.mask.granularity != "channel":
+        if self.granularity != "channel":
             return ()
         _, weights, _ = functional.split_model(self.model)
-        groups = structured.channel_groups(config.model.name, weights)
+        groups = structured.channel_groups(config.model.name, weights, num_heads=getattr(self.model, "num_heads", None))
         for density in config.densities:
             try:
                 structured.channel_prune_counts(groups, density, config.structured.channel_max)
@@ -90,16 +93,16 @@ class RunContext:
         self.spec = steps.make_step_spec(
             self.model, self.prompt_spec, prompt_params=self.zero_prompt, scores=self.scores,
             stage_groups=plan.groups, epochs=plan.epochs, iterations_per_epoch=self.data.iterations_per_epoch,
-            threshold_scope=config.mask.scope, phases=plan.phases, granularity=config.mask.granularity,
+            threshold_scope=config.mask.scope, phases=plan.phases, granularity=self.granularity,
             channel_groups=self.channel_groups, channel_max=config.structured.channel_max,
-            min_layer_density=config.mask.min_layer_density,
+            min_layer_density=config.mask.min_layer_density, nm_pattern=self.nm,
         )
 
     # -- what methods read (methods.RunContext) ----------------------------------------------------------------
 
     def ones_masks(self) -> Params:
         """All-ones masks shaped like the method's (host arrays)."""
-        if self.config.mask.granularity == "channel":
+        if self.granularity == "channel":
             return {g.name: np.ones((g.num_channels,), np.float32) for g in self.channel_groups}
         flat = traverse_util.flatten_dict(self.source[0])
         return traverse_util.unflatten_dict(

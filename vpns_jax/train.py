@@ -188,9 +188,11 @@ class Run:
         logged = {k: v for k, v in result.items() if k not in ("density", "method", "collapsed_layer_names")}
         writer.write(step, logged, phase="result", density=unit.density)  # (TensorBoard takes no strings)
         if jax.process_index() == 0:
+            # A dense unit (OMP's first) has all-ones masks whatever the pattern: they are not N:M.
             workdir.save_unit(workdir.unit_folder(self.workdir, unit.density), state, found,
                               model=self.config.model, prompt_spec=context.prompt_spec,
-                              eval_with_prompt=self._eval_with_prompt, class_names=context.data.class_names)
+                              eval_with_prompt=self._eval_with_prompt, class_names=context.data.class_names,
+                              nm_pattern=None if unit.dense else context.spec.nm)
         return result
 
     @property

@@ -1,10 +1,10 @@
 """Every custom gradient of the package, under ``jax.jit`` as production compiles it, against eager and JAX's own.
 
 The custom gradients: ``layers.max_pool2d`` (custom VJP), ``prompts.clamp_unit`` (custom JVP) and the
-straight-through masks ``masking.ste_masks`` / ``structured.ste_channel_masks`` (gradient routed around a
-comparison with a threshold). ``layers.conv2d_im2col`` has no custom rule, but replaces the conv on small
-maps and is checked alongside. Inputs have ties and exact zeros (MNIST-like) as well as random values; float64
-cases run under ``jax.enable_x64``.
+straight-through masks ``masking.ste_masks`` / ``structured.ste_channel_masks`` / ``nm.ste_nm_masks`` (gradient
+routed around a comparison with a threshold, or within an N:M group). ``layers.conv2d_im2col`` has no custom
+rule, but replaces the conv on small maps and is checked alongside. Inputs have ties and exact zeros
+(MNIST-like) as well as random values; float64 cases run under ``jax.enable_x64``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.gradcheck import eager, mnist_like, production_jit, relative_errors, worst
-from vpns_jax.core import masking, prompts, structured
+from vpns_jax.core import masking, nm, prompts, structured
 from vpns_jax.models import layers
 
 DTYPES = ("float32", "float64")
@@ -221,3 +221,42 @@ def test_ste_channel_masks_under_jit_prune_exact_counts_and_pass_the_gradient_st
             assert max(errors.values()) <= TOLERANCE[dtype], errors
             masks = mode(lambda s: structured.channel_masks(s, groups, num_pruned, channel_max=1.0))(scores)
             assert sum(int(np.sum(np.asarray(m) == 0)) for m in masks.values()) == num_pruned == 10
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_ste_nm_masks_under_jit_keep_n_per_group_and_pass_the_gradient_straight_through(n, m, dtype) -> None:
+    """Conv kernels with a cut group (3 input channels), a dense head; ties and exact zeros on a coarse grid."""
+    shapes = [(3, 3, 3, 4), (3, 3, 8, 4), (10, 5)]
+    rng = np.random.default_rng(7 + n + m)
+    with _x64(dtype):
+        scores = _scores_with_ties(rng, shapes, dtype)
+        weights = {name: jnp.asarray(rng.standard_normal(s.shape), dtype) for name, s in scores.items()}
+        upstream = {name: jnp.asarray(rng.standard_normal(s.shape), dtype) for name, s in scores.items()}
+
+        def loss(scores):
+            masked = masking.apply_masks(weights, nm.ste_nm_masks(scores, n, m))
+            return sum(jnp.sum(masked[k] * upstream[k]) for k in masked)
+
+        want = {k: jnp.where(scores[k] >= 0, 1, -1) * weights[k] * upstream[k] for k in scores}
+        hard = {k: np.asarray(v) for k, v in eager(lambda s: nm.nm_masks(s, n, m))(scores).items()}
+        for mode in (eager, production_jit):
+            errors = relative_errors(mode(jax.grad(loss))(scores), want)
+            assert max(errors.values()) <= TOLERANCE[dtype], errors
+            for k, mask in mode(lambda s: nm.ste_nm_masks(s, n, m))(scores).items():
+                assert mask.dtype == jnp.dtype(dtype)
+                np.testing.assert_array_equal(np.asarray(mask), hard[k])  # forward: exactly the hard mask
+                assert int(hard[k].sum()) == nm.kept_count(mask.shape, n, m) and nm.is_nm(hard[k], n, m)
+
+
+def test_nm_masks_select_in_float64_what_float32_cannot_tell_apart() -> None:
+    """1 + 2^-40 and 1 + 2^-41 round to 1 in float32 (a four-way tie: the first two kept); float64 keeps them."""
+    column = np.array([1.0, 1.0 + 2.0**-41, 1.0 + 2.0**-40, 1.0])
+    with _x64("float64"):
+        scores = {"k": jnp.asarray(column.reshape(4, 1), jnp.float64)}
+        for mode in (eager, production_jit):
+            mask = mode(lambda s: nm.nm_masks(s, 2, 4))(scores)["k"]
+            assert mask.dtype == jnp.float32
+            np.testing.assert_array_equal(np.asarray(mask)[:, 0], [0, 1, 1, 0])
+    scores32 = {"k": jnp.asarray(column.reshape(4, 1), jnp.float32)}
+    np.testing.assert_array_equal(np.asarray(nm.nm_masks(scores32, 2, 4)["k"])[:, 0], [1, 1, 0, 0])

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx, struct, traverse_util
 
-from vpns_jax.core import health, label_mapping, masking, optim, prompts, structured
+from vpns_jax.core import health, label_mapping, masking, nm, optim, prompts, structured
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]
@@ -186,6 +186,7 @@ class MaskedModel:
     channel_groups: tuple = ()
     channel_max: float = 1.0
     min_layer_density: float = 0.0
+    nm: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -206,12 +207,13 @@ class StepSpec:
     channel_groups: tuple = ()  # structured.ChannelGroup per scored conv ('channel' only)
     channel_max: float = 1.0  # the cap on a capped channel group's pruned fraction ('channel' only)
     min_layer_density: float = 0.0  # the layer floor of masks from scores (masking's module docstring); 0 = none
+    nm: tuple[int, int] | None = None  # (N, M): masks from scores keep N of every M (vpns_jax.core.nm); None = off
 
     @property
     def masked_model(self) -> MaskedModel:
         """The evaluation-relevant part of this spec, compared by value."""
         return MaskedModel(self.graphdef, self.prompt, self.threshold_scope, self.granularity, self.channel_groups,
-                           self.channel_max, self.min_layer_density)
+                           self.channel_max, self.min_layer_density, self.nm)
 
 
 @struct.dataclass
@@ -250,12 +252,20 @@ def make_step_spec(
     channel_groups: tuple = (),
     channel_max: float = 1.0,
     min_layer_density: float = 0.0,
+    nm_pattern: tuple[int, int] | None = None,
 ) -> StepSpec:
     """Builds the spec: labels and one partitioned optimiser per stage of ``phases`` (default VPNs').
 
     ``min_layer_density``: every layer (channel group) of a mask from scores keeps at least this share.
+    ``nm_pattern`` (N, M): masks from scores keep the N largest |s| of every M along each kernel's input
+    dimension instead of a threshold (weight granularity; no scope or floor then).
     """
     min_layer_density = masking.validate_min_layer_density(min_layer_density)
+    if nm_pattern is not None:
+        nm_pattern = nm.check_nm(*nm_pattern)
+        if granularity != "weight" or min_layer_density:
+            raise ValueError(f"N:M masks {nm_pattern} are per weight and have no layer floor: use granularity "
+                             "'weight' and min_layer_density 0 with them")
     if threshold_scope not in masking.THRESHOLD_SCOPES:
         raise ValueError(f"threshold scope {threshold_scope!r} is unknown: use one of {masking.THRESHOLD_SCOPES}")
     if granularity not in GRANULARITIES:
@@ -272,14 +282,19 @@ def make_step_spec(
             updates_per_iteration=phase.updates_per_iteration,
         )
     return StepSpec(graphdef, kinds, prompt, threshold_scope, optimizers, labels, phases, granularity,
-                    tuple(channel_groups), float(channel_max), min_layer_density)
+                    tuple(channel_groups), float(channel_max), min_layer_density, nm_pattern)
 
 
 Spec = StepSpec | MaskedModel  # the helpers below only read MaskedModel's fields
 
 
 def prune_counts(spec: Spec, scores: Params, density: float) -> np.ndarray:
-    """Entries (weight granularity) or channels to prune per threshold group at ``density``."""
+    """Entries (weight granularity) or channels to prune per threshold group at ``density``.
+
+    N:M masks have no threshold: one zero count, which ``masks_from_scores`` never reads.
+    """
+    if spec.nm is not None:
+        return np.zeros(1, np.int32)
     if spec.granularity == "channel":
         return np.asarray([structured.channel_prune_counts(spec.channel_groups, density, spec.channel_max)], np.int32)
     return masking.prune_counts(scores, density, spec.threshold_scope)
@@ -342,7 +357,12 @@ _init_optimizer = jax.jit(lambda spec, stage, params: spec.optimizers[stage].ini
 
 
 def masks_from_scores(spec: Spec, scores: Params, prune_k: jax.Array, *, ste: bool) -> Params:
-    """The masks ``scores`` give; with ``ste`` their gradient w.r.t. |s| is the identity."""
+    """The masks ``scores`` give; with ``ste`` their gradient w.r.t. |s| is the identity.
+
+    N:M (``spec.nm``): the N largest |s| of every group of M, ``prune_k`` unused.
+    """
+    if spec.nm is not None:
+        return (nm.ste_nm_masks if ste else nm.nm_masks)(scores, *spec.nm)
     if spec.granularity == "channel":
         select = structured.ste_channel_masks if ste else structured.channel_masks
         return select(scores, spec.channel_groups, prune_k[0], spec.channel_max,

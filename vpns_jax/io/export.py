@@ -11,6 +11,14 @@
   ``bits`` = ``np.packbits`` of the flattened C-order 0/1 mask, ``shape`` (int64)
   and ``values`` = float32 ``W[mask]`` in C order, i.e. the entries of ``W * m``
   at the kept positions (a kept weight that is exactly 0 is stored as 0);
+* N:M masks (``mask_pattern`` 'N:M' in the metadata; absent = per-weight bits
+  as above) store ``nm_indices`` instead of ``bits``: per group of M along the
+  kernel's input dimension (groups in C order of (..., I / M, O),
+  ``vpns_jax.core.nm.group_indices``), the positions 0..M-1 of its kept entries
+  in ascending order, N slots of log2(M) bits each, packed MSB first with
+  ``np.packbits``; a cut group of r < N entries leaves its last N - r slots 0.
+  That is N * log2(M) bits per group (2:4: 4 bits, as the 2-bit indices of
+  sparse tensor cores; 1:4: 2 bits), against M bits of a bitmask;
 * dense float32 under ``weights/<path>`` (biases, BatchNorm affine),
   ``batch_stats/<path>`` and ``prompt/<path>``, plus ``rng`` (the run's raw PRNG
   key, used only by the ``random`` prompt kind, as in evaluation).
@@ -45,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from vpns_jax.core import label_mapping, masking, prompts, steps
+from vpns_jax.core import label_mapping, masking, nm, prompts, steps
 from vpns_jax.io import checkpoint
 from vpns_jax.models import create_model, functional
 
@@ -56,6 +64,7 @@ FORMAT_VERSION = 1
 META_KEY = "meta"
 RNG_KEY = "rng"
 KERNEL_PREFIX = "kernels"
+NM_KEY = "mask_pattern"  # metadata: 'N:M' when the kernels store N:M indices
 DENSE_GROUPS = ("weights", "batch_stats", "prompt")
 _INT_PREFIX = "#"
 _PROMPT_FIELDS = tuple(field.name for field in dataclasses.fields(prompts.PromptSpec))
@@ -71,8 +80,10 @@ class ExportSize:
     Both totals are in-memory array bytes: ``dense_bytes`` = 4 bytes per
     prunable kernel entry + ``rest_bytes``; ``compressed_bytes`` =
     ``bitmask_bytes`` (one bit per prunable entry, padded to whole bytes per
-    kernel) + ``values_bytes`` (4 per kept entry) + ``rest_bytes`` (every other
-    weight, the BatchNorm statistics and the prompt program, float32).
+    kernel) + ``index_bytes`` (N:M masks instead: N indices of log2(M) bits per
+    group, whole bytes per kernel) + ``values_bytes`` (4 per kept entry) +
+    ``rest_bytes`` (every other weight, the BatchNorm statistics and the prompt
+    program, float32).
     ``file_bytes`` is the written file's size on disk (metadata, shapes and zip
     headers included), or None when nothing was written.
     """
@@ -83,6 +94,7 @@ class ExportSize:
     values_bytes: int
     rest_bytes: int
     file_bytes: int | None = None
+    index_bytes: int = 0
 
     @property
     def dense_bytes(self) -> int:
@@ -90,7 +102,7 @@ class ExportSize:
 
     @property
     def compressed_bytes(self) -> int:
-        return self.bitmask_bytes + self.values_bytes + self.rest_bytes
+        return self.bitmask_bytes + self.index_bytes + self.values_bytes + self.rest_bytes
 
     @property
     def ratio(self) -> float:
@@ -102,7 +114,7 @@ class ExportSize:
         text = (
             f"dense {_mib(self.dense_bytes)} -> compressed {_mib(self.compressed_bytes)} "
             f"({self.ratio:.2f}x smaller; kept {self.kept_entries:,} of {self.prunable_entries:,} kernel entries "
-            f"= {kept:.4f}; bitmask {_mib(self.bitmask_bytes)}, kept values {_mib(self.values_bytes)}, "
+            f"= {kept:.4f}; {self._mask_part()}, kept values {_mib(self.values_bytes)}, "
             f"dense rest {_mib(self.rest_bytes)})"
         )
         if self.file_bytes is not None:
@@ -110,25 +122,43 @@ class ExportSize:
         return text
 
 
+    def _mask_part(self) -> str:
+        if self.index_bytes and not self.bitmask_bytes:
+            return f"N:M indices {_mib(self.index_bytes)}"
+        return f"bitmask {_mib(self.bitmask_bytes)}" + (f", N:M indices {_mib(self.index_bytes)}"
+                                                        if self.index_bytes else "")
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:.3f} MiB ({size:,} B)"
 
 
+def _index_bytes(shape: tuple[int, ...], pattern: tuple[int, int]) -> int:
+    """Bytes of one kernel's packed N:M indices: N slots of log2(M) bits per group."""
+    n, m = pattern
+    groups = math.prod(shape) // shape[nm.GROUP_AXIS] * math.ceil(shape[nm.GROUP_AXIS] / m)
+    return (groups * n * (m.bit_length() - 1) + 7) // 8
+
+
 def compute_size(weights: Params, batch_stats: Params, masks: Params, prompt: Params,
-                 file_bytes: int | None = None) -> ExportSize:
-    """The :class:`ExportSize` of the export of these trees (``masks`` names the prunable kernels)."""
+                 file_bytes: int | None = None, nm_pattern: tuple[int, int] | None = None) -> ExportSize:
+    """The :class:`ExportSize` of the export of these trees (``masks`` names the prunable kernels; with
+    ``nm_pattern`` (N, M) they are stored as N:M indices)."""
     flat_masks = traverse_util.flatten_dict(masks)
     flat_weights = traverse_util.flatten_dict(weights)
-    prunable = kept = bitmask = 0
+    prunable = kept = bitmask = indices = 0
     for mask in flat_masks.values():
         size = int(np.prod(np.shape(mask)))
         prunable += size
         kept += int(np.count_nonzero(np.asarray(mask)))
-        bitmask += (size + 7) // 8
+        if nm_pattern is None:
+            bitmask += (size + 7) // 8
+        else:
+            indices += _index_bytes(np.shape(mask), nm_pattern)
     rest = [leaf for path, leaf in flat_weights.items() if path not in flat_masks]
     rest += jax.tree.leaves(batch_stats) + jax.tree.leaves(prompt)
     rest_bytes = 4 * sum(int(np.prod(np.shape(leaf))) for leaf in rest)
-    return ExportSize(prunable, kept, bitmask, 4 * kept, rest_bytes, file_bytes)
+    return ExportSize(prunable, kept, bitmask, 4 * kept, rest_bytes, file_bytes, indices)
 
 
 # ---------------------------------------------------------------- names and templates
@@ -192,8 +222,11 @@ def export_subnetwork(
     class_names: Sequence[str] | None = None,
     rng: Any = None,
     overwrite: bool = False,
+    nm_pattern: tuple[int, int] | None = None,
 ) -> ExportSize:
     """Writes the subnetwork (``weights * masks``, statistics, prompt, label map) to the one ``.npz`` at ``path``.
+
+    ``nm_pattern`` (N, M): the masks are N:M (``vpns_jax.core.nm``), stored as per-group indices.
 
     The file is written to a temporary file beside ``path``, synced and renamed onto it
     (``checkpoint.write_atomically``): a write the disk refuses is a one-line
@@ -209,11 +242,12 @@ def export_subnetwork(
     host = jax.device_get({"weights": weights, "batch_stats": batch_stats, "masks": masks, "prompt": prompt})
     _check_tree("weights", host["weights"], template_weights)
     _check_tree("batch_stats", host["batch_stats"], template_stats)
-    _check_masks_and_prompt(host, prunable, prompt_spec)
+    nm_pattern = None if nm_pattern is None else nm.check_nm(*nm_pattern)
+    _check_masks_and_prompt(host, prunable, prompt_spec, nm_pattern)
     label_map, class_names, rng = _checked_labels_and_key(label_map, class_names, rng, num_classes)
-    encoded, paths = _encode(host, prunable)
+    encoded, paths = _encode(host, prunable, nm_pattern)
     arrays = {RNG_KEY: rng, **encoded}
-    size = compute_size(host["weights"], host["batch_stats"], host["masks"], host["prompt"])
+    size = compute_size(host["weights"], host["batch_stats"], host["masks"], host["prompt"], nm_pattern=nm_pattern)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -226,12 +260,15 @@ def export_subnetwork(
         "prunable_paths": [_json_path(p) for p in prunable],
         "dense_paths": paths,
     }
+    if nm_pattern is not None:
+        meta[NM_KEY] = f"{nm_pattern[0]}:{nm_pattern[1]}"
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
     checkpoint.write_atomically(path, lambda file: np.savez(file, **arrays))
     return dataclasses.replace(size, file_bytes=path.stat().st_size)
 
 
-def _check_masks_and_prompt(host: dict[str, Params], prunable: list, prompt_spec: prompts.PromptSpec) -> None:
+def _check_masks_and_prompt(host: dict[str, Params], prunable: list, prompt_spec: prompts.PromptSpec,
+                            nm_pattern: tuple[int, int] | None) -> None:
     flat_masks = traverse_util.flatten_dict(host["masks"])
     if set(flat_masks) != set(prunable):
         raise ValueError(
@@ -241,6 +278,10 @@ def _check_masks_and_prompt(host: dict[str, Params], prunable: list, prompt_spec
     for kernel_path, mask in flat_masks.items():
         if not np.all((np.asarray(mask) == 0) | (np.asarray(mask) == 1)):
             raise ValueError(f"mask of {kernel_path} is not binary (values other than 0 and 1)")
+        if nm_pattern is not None and not nm.is_nm(mask, *nm_pattern):
+            n, m = nm_pattern
+            raise ValueError(f"mask of {kernel_path} is not {n}:{m}: some group of {m} along its input dimension "
+                             f"keeps other than min({n}, its size)")
     program_shape = (prompt_spec.output_size, prompt_spec.output_size, 3)
     if set(host["prompt"]) != {"program"} or np.shape(host["prompt"]["program"]) != program_shape:
         raise ValueError(f"prompt must be {{'program': array of shape {program_shape}}} for {prompt_spec}")
@@ -263,17 +304,34 @@ def _checked_labels_and_key(label_map: Any, class_names: Sequence[str] | None, r
     return label_map, class_names, rng
 
 
-def _encode(host: dict[str, Params], prunable: list) -> tuple[dict[str, np.ndarray], dict[str, list]]:
-    """The file's arrays: each prunable kernel as packed mask bits and kept values, every other leaf dense;
-    and the dense leaves' paths per group."""
+def _pack_indices(indices: np.ndarray, m: int) -> np.ndarray:
+    """(groups, N) positions < m as one packed uint8 run of log2(m) bits each, most significant bit first."""
+    bits = np.unpackbits(indices.astype(np.uint8)[..., None], axis=-1)[..., 8 - (m.bit_length() - 1):]
+    return np.packbits(bits.reshape(-1))
+
+
+def _unpack_indices(packed: np.ndarray, groups: int, n: int, m: int) -> np.ndarray:
+    width = m.bit_length() - 1
+    bits = np.unpackbits(packed, count=groups * n * width).reshape(groups, n, width).astype(np.int64)
+    return bits @ (1 << np.arange(width - 1, -1, -1))
+
+
+def _encode(host: dict[str, Params], prunable: list,
+            nm_pattern: tuple[int, int] | None) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """The file's arrays: each prunable kernel as packed mask bits (or N:M indices) and kept values, every
+    other leaf dense; and the dense leaves' paths per group."""
     arrays: dict[str, np.ndarray] = {}
     flat_masks = traverse_util.flatten_dict(host["masks"])
     flat_weights = traverse_util.flatten_dict(host["weights"])
     for kernel_path in prunable:
         kernel = np.asarray(flat_weights[kernel_path], np.float32)
-        keep = np.asarray(flat_masks[kernel_path]).astype(bool).reshape(-1)
+        mask = np.asarray(flat_masks[kernel_path])
+        keep = mask.astype(bool).reshape(-1)
         prefix = f"{KERNEL_PREFIX}/{_encode_path(kernel_path)}"
-        arrays[f"{prefix}/bits"] = np.packbits(keep)
+        if nm_pattern is None:
+            arrays[f"{prefix}/bits"] = np.packbits(keep)
+        else:
+            arrays[f"{prefix}/nm_indices"] = _pack_indices(nm.group_indices(mask, *nm_pattern), nm_pattern[1])
         arrays[f"{prefix}/shape"] = np.asarray(kernel.shape, np.int64)
         arrays[f"{prefix}/values"] = kernel.reshape(-1)[keep]
     paths: dict[str, list[list[Any]]] = {}
@@ -324,6 +382,7 @@ class Subnetwork:
     rng: np.ndarray
     meta: dict[str, Any]
     size: ExportSize
+    nm_pattern: tuple[int, int] | None = None  # (N, M) of N:M masks; None: per-weight masks
 
     def __post_init__(self) -> None:
         # The key evaluation folds for the 'random' prompt kind (the other kinds ignore it).
@@ -392,7 +451,8 @@ def _build(arrays: dict[str, np.ndarray]) -> Subnetwork:
     meta, (graphdef, template_weights, template_stats, prunable) = _read_meta(arrays)
     model, prompt_spec = meta["model"], prompts.PromptSpec(**meta["prompt"])
     flat_template = traverse_util.flatten_dict(template_weights)
-    flat_weights, flat_masks = _decode_kernels(arrays, prunable, flat_template)
+    nm_pattern = _nm_pattern(meta)
+    flat_weights, flat_masks = _decode_kernels(arrays, prunable, flat_template, nm_pattern)
     for kernel_path, leaf in flat_template.items():
         if kernel_path not in flat_masks:
             flat_weights[kernel_path] = _array(arrays, f"weights/{_encode_path(kernel_path)}", leaf.shape)
@@ -409,8 +469,18 @@ def _build(arrays: dict[str, np.ndarray]) -> Subnetwork:
         stem=model["stem"], prompt_spec=prompt_spec, eval_with_prompt=meta["eval_with_prompt"],
         label_map=np.asarray(meta["label_map"], np.int32), class_names=class_names, graphdef=graphdef,
         weights=weights, masks=masks, batch_stats=batch_stats, prompt=prompt, rng=rng, meta=meta,
-        size=compute_size(weights, batch_stats, masks, prompt),
+        size=compute_size(weights, batch_stats, masks, prompt, nm_pattern=nm_pattern), nm_pattern=nm_pattern,
     )
+
+
+def _nm_pattern(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """(N, M) of the file's N:M masks; None for a file without the field (per-weight bits, as before it)."""
+    if NM_KEY not in meta:
+        return None
+    try:
+        return nm.parse_nm(meta[NM_KEY])
+    except ValueError as error:
+        raise _Corrupt(f"bad metadata ({_one_line(error)})") from None
 
 
 def _read_meta(arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], tuple]:
@@ -456,9 +526,26 @@ def _array(arrays: dict[str, np.ndarray], name: str, shape: tuple[int, ...], dty
     return value
 
 
-def _decode_kernels(arrays: dict[str, np.ndarray], prunable: list,
-                    flat_template: dict) -> tuple[dict[tuple, np.ndarray], dict[tuple, np.ndarray]]:
-    """(kernels, 0/1 masks) of the prunable kernels, unpacked from their mask bits and kept values."""
+def _decode_keep(arrays: dict[str, np.ndarray], prefix: str, shape: tuple[int, ...],
+                 nm_pattern: tuple[int, int] | None) -> np.ndarray:
+    """A kernel's flat bool keep mask, from its packed bits or its N:M indices."""
+    size = math.prod(shape)
+    if nm_pattern is None:
+        bits = _array(arrays, f"{prefix}/bits", ((size + 7) // 8,), np.uint8)
+        return np.unpackbits(bits, count=size).astype(bool)
+    n, m = nm_pattern
+    packed = _array(arrays, f"{prefix}/nm_indices", (_index_bytes(shape, nm_pattern),), np.uint8)
+    groups = size // shape[nm.GROUP_AXIS] * math.ceil(shape[nm.GROUP_AXIS] / m)
+    try:
+        return nm.from_group_indices(_unpack_indices(packed, groups, n, m), shape, n, m).reshape(-1)
+    except ValueError as error:
+        raise _Corrupt(f"kernel {prefix}: {_one_line(error)}") from None
+
+
+def _decode_kernels(arrays: dict[str, np.ndarray], prunable: list, flat_template: dict,
+                    nm_pattern: tuple[int, int] | None) -> tuple[dict[tuple, np.ndarray], dict[tuple, np.ndarray]]:
+    """(kernels, 0/1 masks) of the prunable kernels, unpacked from their mask bits (or N:M indices) and kept
+    values."""
     flat_weights, flat_masks = {}, {}
     for kernel_path in prunable:
         shape = flat_template[kernel_path].shape
@@ -467,8 +554,7 @@ def _decode_kernels(arrays: dict[str, np.ndarray], prunable: list,
         stored_shape = _array(arrays, f"{prefix}/shape", (len(shape),), np.int64)
         _require(tuple(int(s) for s in stored_shape) == shape,
                  f"kernel {prefix} has shape {stored_shape.tolist()}, the model {shape}")
-        bits = _array(arrays, f"{prefix}/bits", ((size + 7) // 8,), np.uint8)
-        keep = np.unpackbits(bits, count=size).astype(bool)
+        keep = _decode_keep(arrays, prefix, shape, nm_pattern)
         values = _array(arrays, f"{prefix}/values", (int(np.count_nonzero(keep)),))
         kernel = np.zeros(size, np.float32)
         kernel[keep] = values
@@ -482,12 +568,14 @@ def _decode_kernels(arrays: dict[str, np.ndarray], prunable: list,
 
 def random_subnetwork_size(model_name: str, density: float, *, num_classes: int = 1000, width: float = 1.0,
                            stem: str = "imagenet", prompt_spec: prompts.PromptSpec | None = None,
-                           directory: str | os.PathLike | None = None, seed: int = 0) -> ExportSize:
+                           directory: str | os.PathLike | None = None, seed: int = 0,
+                           nm_pattern: tuple[int, int] | None = None) -> ExportSize:
     """The export size of ``model_name`` at ``density``, with random weights and the masks of its init scores.
 
     No training: the sizes depend only on the shapes and the kept count (the
     random values stand in for every leaf, BatchNorm statistics included). With
     ``directory`` the export is also written there (and its file size reported).
+    ``nm_pattern`` (N, M): N:M masks of the init scores instead (``density`` is then ignored).
     """
     spec = prompt_spec or prompts.PromptSpec()
     # Random values on the model's shapes: initialising the model itself compiles one op per leaf shape (slow).
@@ -500,14 +588,18 @@ def random_subnetwork_size(model_name: str, density: float, *, num_classes: int 
                             for tree in (weights, batch_stats))
     kinds = functional.leaf_kinds(model)
     scores = jax.jit(lambda w: masking.init_scores(w, kinds))(weights)
-    masks = jax.jit(masking.masks_from_scores)(scores, jnp.asarray(masking.prune_counts(scores, density)))
+    if nm_pattern is None:
+        masks = jax.jit(masking.masks_from_scores)(scores, jnp.asarray(masking.prune_counts(scores, density)))
+    else:
+        masks = jax.jit(nm.nm_masks, static_argnums=(1, 2))(scores, *nm_pattern)
     prompt = prompts.init_prompt(spec)
     if directory is None:
-        return compute_size(weights, batch_stats, masks, prompt)
+        return compute_size(weights, batch_stats, masks, prompt, nm_pattern=nm_pattern)
     return export_subnetwork(
         pathlib.Path(directory) / f"{model_name}_density_{density}.npz", model_name=model_name,
         num_classes=num_classes, width=width, stem=stem, weights=weights, batch_stats=batch_stats, masks=masks,
         prompt_spec=spec, prompt=prompt, label_map=np.arange(min(10, num_classes)), overwrite=True,
+        nm_pattern=nm_pattern,
     )
 
 
@@ -522,19 +614,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt_size", type=int, default=224, help="input and output size of the pad prompt")
     parser.add_argument("--pad_size", type=int, default=16)
     parser.add_argument("--no_write", action="store_true", help="skip writing the files (no on-disk size)")
+    parser.add_argument("--pattern", default="", help="an N:M pattern such as 2:4 (density N/M) instead of densities")
     args = parser.parse_args(argv)
     if not args.size_report:
         parser.error("nothing to do: pass --size_report")
+    try:
+        pattern = nm.parse_nm(args.pattern) if args.pattern else None
+    except ValueError as error:
+        parser.error(str(error))
     spec = prompts.PromptSpec("pad", input_size=args.prompt_size, output_size=args.prompt_size, pad_size=args.pad_size)
     print(f"{args.model} width {args.width:g}, {args.num_classes} classes, {args.stem} stem, {spec.kind} prompt "
           f"{spec.output_size} px (random weights, masks from the init scores)")
+    densities = [pattern[0] / pattern[1]] if pattern else args.densities
     with tempfile.TemporaryDirectory() as directory:
-        for density in args.densities:
+        for density in densities:
             size = random_subnetwork_size(
                 args.model, masking.validate_density(density), num_classes=args.num_classes, width=args.width,
-                stem=args.stem, prompt_spec=spec, directory=None if args.no_write else directory,
+                stem=args.stem, prompt_spec=spec, directory=None if args.no_write else directory, nm_pattern=pattern,
             )
-            print(f"density {density:g}: {size.format()}")
+            print(f"{args.pattern + ' ' if pattern else ''}density {density:g}: {size.format()}")
     return 0
 
 

@@ -41,11 +41,13 @@ def finished_unit(workdir: pathlib.Path, density: float) -> tuple[Params, Params
 
 
 def save_unit(folder: pathlib.Path, state: steps.TrainState, found: dict[str, Any], *, model: Any,
-              prompt_spec: prompts.PromptSpec, eval_with_prompt: bool, class_names: list[str] | None) -> None:
+              prompt_spec: prompts.PromptSpec, eval_with_prompt: bool, class_names: list[str] | None,
+              nm_pattern: tuple[int, int] | None = None) -> None:
     """A finished unit's arrays (masks, weights, batch stats, prompt, label map) and its exported subnetwork.
 
     ``found``: ``evaluation.found_subnetwork``'s masks, effective weights and kernel masks; ``model``: the
-    config's model section. Overwrites: a run killed after this save but before its checkpoint redoes it.
+    config's model section; ``nm_pattern`` (N, M): the masks are N:M and exported as such. Overwrites: a run
+    killed after this save but before its checkpoint redoes it.
     Each file is written whole and then renamed into place (``checkpoint.write_atomically``, which also makes
     the folder): a write the disk refuses is a one-line ``checkpoint.DiskError`` naming the file, and leaves the
     file it would have replaced as it was.
@@ -61,6 +63,7 @@ def save_unit(folder: pathlib.Path, state: steps.TrainState, found: dict[str, An
         stem=model.stem, weights=found["effective"], batch_stats=host["batch_stats"], masks=found["kernel_masks"],
         prompt_spec=prompt_spec, prompt=host["prompt"], label_map=host["label_map"]["label_map"],
         eval_with_prompt=eval_with_prompt, class_names=class_names, rng=jax.device_get(state.rng), overwrite=True,
+        nm_pattern=nm_pattern,
     )
 
 

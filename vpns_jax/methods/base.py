@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import jax
 import ml_collections
 
-from vpns_jax.config_fields import check_int_at_least, check_optimizer, group_optimizer
+from vpns_jax.config_fields import check_int_at_least, check_optimizer, group_optimizer, mask_pattern
 from vpns_jax.core import masking, optim, steps, structured
 
 Params = dict[Any, Any]
@@ -142,6 +142,9 @@ class Method:
     # Granularities whose masks honour config.mask.min_layer_density: weight masks chosen by
     # oneshot.keep_largest or from scores; channel masks only from scores (steps.masks_from_scores).
     floor_granularities: tuple[str, ...] = ("weight",)
+    # Whether it makes N:M masks (config.mask.pattern='N:M'): from scores through steps.masks_from_scores, or
+    # one-shot by reading run.spec.nm in its unit_masks.
+    supports_nm: bool = False
     sections: tuple[Section, ...] = (STAGE2,)
 
     def check(self, config: Any) -> None:
@@ -177,7 +180,7 @@ class LearnedScores(Method):
 
     def initial_scores(self, run: RunContext) -> Params:
         """HYDRA-style scores from the source weights, or one score per channel (seeded) for channel masks."""
-        if run.config.mask.granularity == "channel":
+        if mask_pattern(run.config)[0] == "channel":
             return structured.init_channel_scores(run.channel_groups, jax.random.PRNGKey(run.config.seed))
         return masking.init_scores(run.source[0], run.kinds)
 

@@ -27,6 +27,7 @@ HYDRA = Section("hydra", _defaults, epochs=("prune_epochs", "finetune_epochs"), 
 class Hydra(LearnedScores):
     name = "hydra"
     summary = "scores (weights frozen), then weights; no prompt, one stream"
+    supports_nm = True
     sections = (HYDRA, STAGE2, FINETUNE)
 
     def plan(self, config: Any) -> Plan:

@@ -1,7 +1,8 @@
 """Magnitude pruning of finetuned weights: OMP (one shot) and LTH / IMP (iterative, rewinding), with "+ VP" variants.
 
 Both first finetune the dense network (a dense unit); OMP then keeps the largest
-|W| at each density, LTH prunes ``finetune.lth_fraction`` of what the previous
+|W| at each density (with ``mask.pattern`` N:M, the N largest of every group of
+M: docs/method.md, section 4.6), LTH prunes ``finetune.lth_fraction`` of what the previous
 round kept, down past the smallest density (docs/method.md, section 7.2). Every
 masked unit rewinds to the source weights and finetunes.
 """
@@ -23,12 +24,15 @@ def lth_densities(smallest: float, fraction: float) -> list[float]:
 
 class OMP(MaskThenFinetune):
     dense_unit = True
+    supports_nm = True
 
     def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params:
         if unit.dense:
             return run.ones_masks()
         trained, _ = run.finished_unit(0)
         importance = oneshot.magnitude_importance(trained, run.kinds)
+        if run.spec.nm is not None:  # N:M: the N largest |W| of every group, not a global count
+            return oneshot.keep_nm(importance, *run.spec.nm)
         return oneshot.keep_largest(importance, oneshot.keep_counts(importance, unit.density))
 
     def transfer_plan(self, config: Any) -> Plan:

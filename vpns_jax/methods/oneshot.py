@@ -11,7 +11,9 @@ order (sorted dict keys), each leaf in C order.
 
 Methods and the conventions they follow:
 
-* OMP: ``magnitude_importance`` (|W|, global) on the densely finetuned weights.
+* OMP: ``magnitude_importance`` (|W|, global) on the densely finetuned weights;
+  with an N:M pattern, ``keep_nm`` keeps the N largest |W| of every group of M
+  (``vpns_jax.core.nm``) instead of a global count.
 * LTH: ``lth_round`` repeats torch's ``prune.global_unstructured`` with
   ``L1Unstructured``: each round prunes round(fraction * kept) of the kept
   entries with the smallest |W| globally.
@@ -46,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vpns_jax.core import masking
+from vpns_jax.core import masking, nm
 
 Params = dict[Any, Any]
 # loss_fn(weights, batch, temperature) -> scalar; the logits are divided by temperature.
@@ -142,6 +144,15 @@ def keep_largest(importance: Params, keep: np.ndarray | Sequence[int], scope: st
     if floor:
         masks = _with_floor(arrays, masks, masking.floor_prune_counts(importance, floor))
     return jax.tree.unflatten(treedef, masks)
+
+
+_nm_masks = jax.jit(nm.nm_masks, static_argnums=(1, 2))  # one compile per kernel shapes, not one per op
+
+
+def keep_nm(importance: Params, n: int, m: int) -> Params:
+    """Float32 0/1 numpy masks keeping the N largest |importance| of every group of M along each kernel's
+    input dimension (``nm.nm_masks``: ties to the lower input index, a cut group of r < M keeps min(N, r))."""
+    return jax.tree.map(lambda mask: np.asarray(mask, np.float32), _nm_masks(importance, *nm.check_nm(n, m)))
 
 
 def _with_floor(arrays: list[np.ndarray], masks: list[np.ndarray], most_pruned: np.ndarray) -> list[np.ndarray]:
@@ -471,6 +482,7 @@ __all__ = [
     "grasp_importance",
     "keep_counts",
     "keep_largest",
+    "keep_nm",
     "layer_floor",
     "lth_round",
     "lth_rounds_for",

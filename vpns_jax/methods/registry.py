@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from vpns_jax.config_fields import ConfigError
+from vpns_jax.config_fields import ConfigError, mask_pattern
 from vpns_jax.methods import oneshot, transfer
 from vpns_jax.methods.base import Method, Params, Plan, RunContext, Section, Unit
 
@@ -77,10 +77,29 @@ def check_config(config: Any) -> None:
     make_plan(config)
 
 
-def make_plan(config: Any) -> Plan:
-    """The plan of ``config`` (its method, mask granularity, epochs and densities)."""
+def nm_methods() -> tuple[str, ...]:
+    """The registered methods that make N:M masks (``Method.supports_nm``)."""
+    return tuple(name for name, method in _METHODS.items() if method.supports_nm)
+
+
+def check_pattern(config: Any) -> tuple[str, tuple[int, int] | None]:
+    """``mask_pattern(config)``, after checking that the method makes masks of that pattern."""
     method = get_method(config.method)
-    granularity = config.mask.granularity
+    granularity, nm = mask_pattern(config)
+    if nm is not None and not method.supports_nm:
+        raise ConfigError(
+            f"config.mask.pattern={config.mask.pattern!r} is not available for method {method.name!r}: use one of "
+            f"{', '.join(nm_methods())}, or pattern 'unstructured'")
+    return granularity, nm
+
+
+def make_plan(config: Any) -> Plan:
+    """The plan of ``config`` (its method, mask pattern and granularity, epochs and densities)."""
+    method = get_method(config.method)
+    granularity, _ = check_pattern(config)
+    if granularity not in method.granularities and config.mask.get("pattern") == "channel":
+        raise ConfigError(f"config.mask.pattern='channel' is not available for method {method.name!r}: use pattern "
+                          "'unstructured'" + (" or an N:M one" if method.supports_nm else ""))
     if granularity not in method.granularities:
         raise ConfigError(
             f"config.mask.granularity={granularity!r} is not available for method {method.name!r}: use one of "

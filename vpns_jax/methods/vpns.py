@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from vpns_jax.config_fields import ConfigError, check_fraction, group_optimizer
+from vpns_jax.config_fields import ConfigError, check_fraction, group_optimizer, mask_pattern
 from vpns_jax.core import steps
 from vpns_jax.methods.base import (STAGE2, LearnedScores, Plan, Section, Unit, finetune_plan, optimizer,
                                    weights_groups)
@@ -66,7 +66,7 @@ def ablation(config: Any) -> tuple[tuple[int, ...], str]:
 
 def _check_ablation(config: Any) -> None:
     """The ablation fields are valid, and changed only for what they ablate: unstructured VPNs' mask search."""
-    if ablation(config) != DEFAULT_ABLATION and (config.method != "vpns" or config.mask.granularity != "weight"
+    if ablation(config) != DEFAULT_ABLATION and (config.method != "vpns" or mask_pattern(config)[0] != "weight"
                                                   or config.transfer.masks_from):
         prompt_stages, streams = ablation(config)
         raise ConfigError(
@@ -87,13 +87,14 @@ class VPNs(LearnedScores):
     name = "vpns"
     summary = "prompt + scores (weights frozen), then weights + prompt"
     granularities = ("weight", "channel")
+    supports_nm = True
     sections = (STAGE1, STAGE2, ABLATION, STRUCTURED)
 
     def check(self, config: Any) -> None:
         _check_ablation(config)
 
     def plan(self, config: Any) -> Plan:
-        if config.mask.granularity == "channel":
+        if mask_pattern(config)[0] == "channel":
             return self._channel_plan(config)
         prompt_stages, streams = ablation(config)
         phases = {stage: steps.Phase((trained,) + (("prompt",) if stage in prompt_stages else ()),
