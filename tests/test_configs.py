@@ -81,7 +81,8 @@ def doc_commands(name: str) -> list[str]:
 
 
 # An ARG of each config file: a method for default.py, a model for the dataset configs.
-ARG = {name: "resnet50" for name in PAPER} | {"default.py": "hydra"}
+METHOD_ARG_CONFIGS = ("default.py", "default_vit.py")  # their ARG is a method; the dataset configs' a model
+ARG = {name: "resnet50" for name in PAPER} | {name: "hydra" for name in METHOD_ARG_CONFIGS}
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
@@ -109,11 +110,12 @@ def test_every_config_loads_with_and_without_its_arg_as_main_loads_it(name):
     with_arg = parse(f"{name}:{ARG[name]}").config
     assert with_arg.to_dict() == load(f"{name}:{ARG[name]}").to_dict()
     config_checks.validate(with_arg, num_devices=1)
-    field = "method" if name == "default.py" else "model.name"
-    got = with_arg.method if name == "default.py" else with_arg.model.name
+    takes_method = name in METHOD_ARG_CONFIGS
+    field = "method" if takes_method else "model.name"
+    got = with_arg.method if takes_method else with_arg.model.name
     assert got == ARG[name], field
     # The ARG changes that one field and nothing else; overrides still apply after it.
-    assert _set(with_arg.copy_and_resolve_references(), {field: "vpns" if name == "default.py" else "resnet18"}
+    assert _set(with_arg.copy_and_resolve_references(), {field: "vpns" if takes_method else "resnet18"}
                 ).to_dict() == plain.to_dict()
     overridden = parse(f"{name}:{ARG[name]}", "--config.seed=9").config
     assert overridden.seed == 9 and (overridden.method, overridden.model.name) == (with_arg.method, with_arg.model.name)
@@ -131,7 +133,7 @@ def test_the_docstring_commands_parse_as_main_parses_them(name):
         rest = [word for word in words[4:] if not word.startswith("--workdir=")]
         values = parse(config_flag.removeprefix(f"--config=configs/"), *rest)
         _, arg = main.split_config_arg(config_flag)
-        if arg and name == "default.py":
+        if arg and name in METHOD_ARG_CONFIGS:
             assert values.config.method == arg, line
         elif arg:
             assert values.config.model.name == arg, line

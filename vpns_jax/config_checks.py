@@ -224,9 +224,8 @@ def _check_model(config: Any) -> int:
 
 def vit_options(config: Any) -> dict[str, Any]:
     """``create_model``'s ViT arguments of ``config`` (none for a CNN): the input side and the shape overrides."""
-    if get(config, "model.name") not in vit_models.VIT_NAMES:
-        return {}
-    return {"image_size": get(config, "prompt.output_size"), "vit": plain(get(config, "model.vit"))}
+    return models.model_options(get(config, "model.name"), get(config, "prompt.output_size"),
+                                plain(get(config, "model.vit")))
 
 
 def _check_vit(config: Any) -> None:

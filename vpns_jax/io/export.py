@@ -45,7 +45,7 @@ import pathlib
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -180,11 +180,13 @@ def _json_path(path: Sequence[Any]) -> list[Any]:
     return [int(key) if isinstance(key, (int, np.integer)) else key for key in path]
 
 
-def _model_template(model_name: str, num_classes: int, width: float, stem: str):
-    """(graphdef, abstract weights, abstract batch_stats, prunable paths) of the model, without initialising it."""
-    model = nnx.eval_shape(
-        lambda: create_model(model_name, num_classes=num_classes, width=width, stem=stem, rngs=nnx.Rngs(0))
-    )
+def _model_template(model_name: str, num_classes: int, width: float, stem: str,
+                    options: Mapping[str, Any] | None = None):
+    """(graphdef, abstract weights, abstract batch_stats, prunable paths) of the model, without initialising it.
+
+    ``options``: ``create_model``'s ViT-only arguments (``models.model_options``)."""
+    model = nnx.eval_shape(lambda: create_model(model_name, num_classes=num_classes, width=width, stem=stem,
+                                                rngs=nnx.Rngs(0), **dict(options or {})))
     graphdef, weights, batch_stats = functional.split_model(model)
     return graphdef, weights, batch_stats, masking.prunable_paths(functional.leaf_kinds(model))
 
@@ -223,25 +225,24 @@ def export_subnetwork(
     rng: Any = None,
     overwrite: bool = False,
     nm_pattern: tuple[int, int] | None = None,
+    model_options: Mapping[str, Any] | None = None,
 ) -> ExportSize:
     """Writes the subnetwork (``weights * masks``, statistics, prompt, label map) to the one ``.npz`` at ``path``.
 
     ``nm_pattern`` (N, M): the masks are N:M (``vpns_jax.core.nm``), stored as per-group indices.
-
-    The file is written to a temporary file beside ``path``, synced and renamed onto it
-    (``checkpoint.write_atomically``): a write the disk refuses is a one-line
-    ``checkpoint.DiskError`` naming ``path`` and leaves an existing ``path`` as it was,
-    with no temporary file. An existing ``path`` is a FileExistsError unless ``overwrite``. ``rng`` is the
+    ``model_options``: a ViT's input side and shape (``models.model_options``), stored to rebuild it.
+    The file is written beside ``path``, synced and renamed onto it (``checkpoint.write_atomically``): a write
+    the disk refuses is a one-line ``checkpoint.DiskError`` naming ``path`` and leaves an existing ``path`` as
+    it was, with no temporary file. An existing ``path`` is a FileExistsError unless ``overwrite``. ``rng`` is the
     run's raw PRNG key (default ``PRNGKey(0)``); evaluation folds it for the
     ``random`` prompt kind. Returns the sizes, with the file's size on disk.
     """
     path = pathlib.Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
-    _, template_weights, template_stats, prunable = _model_template(model_name, num_classes, width, stem)
+    options = dict(model_options or {})
     host = jax.device_get({"weights": weights, "batch_stats": batch_stats, "masks": masks, "prompt": prompt})
-    _check_tree("weights", host["weights"], template_weights)
-    _check_tree("batch_stats", host["batch_stats"], template_stats)
+    prunable = _checked_trees(host, _model_template(model_name, num_classes, width, stem, options))
     nm_pattern = None if nm_pattern is None else nm.check_nm(*nm_pattern)
     _check_masks_and_prompt(host, prunable, prompt_spec, nm_pattern)
     label_map, class_names, rng = _checked_labels_and_key(label_map, class_names, rng, num_classes)
@@ -251,7 +252,8 @@ def export_subnetwork(
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": {"name": model_name, "num_classes": int(num_classes), "width": float(width), "stem": stem},
+        "model": {"name": model_name, "num_classes": int(num_classes), "width": float(width), "stem": stem,
+                  **({"options": options} if options else {})},
         "prompt": {name: getattr(prompt_spec, name) for name in _PROMPT_FIELDS},
         "eval_with_prompt": bool(eval_with_prompt),
         "label_map": [int(v) for v in label_map],
@@ -265,6 +267,14 @@ def export_subnetwork(
     arrays[META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8)
     checkpoint.write_atomically(path, lambda file: np.savez(file, **arrays))
     return dataclasses.replace(size, file_bytes=path.stat().st_size)
+
+
+def _checked_trees(host: dict[str, Params], template: tuple) -> list:
+    """The prunable paths of the model ``template`` (``_model_template``), once the host trees fit it."""
+    _, template_weights, template_stats, prunable = template
+    _check_tree("weights", host["weights"], template_weights)
+    _check_tree("batch_stats", host["batch_stats"], template_stats)
+    return prunable
 
 
 def _check_masks_and_prompt(host: dict[str, Params], prunable: list, prompt_spec: prompts.PromptSpec,
@@ -383,6 +393,7 @@ class Subnetwork:
     meta: dict[str, Any]
     size: ExportSize
     nm_pattern: tuple[int, int] | None = None  # (N, M) of N:M masks; None: per-weight masks
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # a ViT's input side and shape
 
     def __post_init__(self) -> None:
         # The key evaluation folds for the 'random' prompt kind (the other kinds ignore it).
@@ -470,6 +481,7 @@ def _build(arrays: dict[str, np.ndarray]) -> Subnetwork:
         label_map=np.asarray(meta["label_map"], np.int32), class_names=class_names, graphdef=graphdef,
         weights=weights, masks=masks, batch_stats=batch_stats, prompt=prompt, rng=rng, meta=meta,
         size=compute_size(weights, batch_stats, masks, prompt, nm_pattern=nm_pattern), nm_pattern=nm_pattern,
+        model_options=dict(model.get("options") or {}),
     )
 
 
@@ -499,7 +511,8 @@ def _read_meta(arrays: dict[str, np.ndarray]) -> tuple[dict[str, Any], tuple]:
     try:
         model = meta["model"]
         prompts.PromptSpec(**meta["prompt"])
-        template = _model_template(model["name"], model["num_classes"], model["width"], model["stem"])
+        template = _model_template(model["name"], model["num_classes"], model["width"], model["stem"],
+                                   model.get("options"))
         prunable = template[-1]
         label_map = np.asarray(meta["label_map"], np.int32)
         class_names = meta["class_names"]

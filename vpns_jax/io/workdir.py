@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from vpns_jax.core import prompts, steps
+from vpns_jax import models
 from vpns_jax.io import checkpoint, export
 
 Params = dict[Any, Any]
@@ -60,7 +61,8 @@ def save_unit(folder: pathlib.Path, state: steps.TrainState, found: dict[str, An
     # Channel masks also zero BatchNorm outputs: the export holds the gated weights, so it needs no channel logic.
     export.export_subnetwork(
         folder / "subnetwork.npz", model_name=model.name, num_classes=model.num_classes, width=model.width,
-        stem=model.stem, weights=found["effective"], batch_stats=host["batch_stats"], masks=found["kernel_masks"],
+        stem=model.stem, model_options=models.model_options(model.name, prompt_spec.output_size, model.vit),
+        weights=found["effective"], batch_stats=host["batch_stats"], masks=found["kernel_masks"],
         prompt_spec=prompt_spec, prompt=host["prompt"], label_map=host["label_map"]["label_map"],
         eval_with_prompt=eval_with_prompt, class_names=class_names, rng=jax.device_get(state.rng), overwrite=True,
         nm_pattern=nm_pattern,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -87,6 +88,13 @@ def create_model(
     return _set_kernels(model, dtype, conv_impl, pool_impl)
 
 
+def model_options(name: str, input_size: int, vit: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``create_model``'s ViT-only arguments for model ``name`` fed ``input_size`` px images (none for a CNN)."""
+    if name not in VIT_NAMES:
+        return {}
+    return {"image_size": int(input_size), "vit": {key: int(value) for key, value in dict(vit or {}).items()}}
+
+
 def _refuse_vit_options(name: str, image_size: int | None, vit: dict | None) -> None:
     """A one-line ValueError where a CNN is given ViT-only options (a ``vit`` dict of only zeros is none)."""
     vits = ", ".join(VIT_NAMES)
@@ -114,4 +122,4 @@ def _set_kernels(model: nnx.Module, dtype: str, conv_impl: str, pool_impl: str) 
     return model
 
 
-__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "VIT_NAMES", "check_dtype_runs", "create_model"]
+__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "model_options", "VIT_NAMES", "check_dtype_runs", "create_model"]
