@@ -58,15 +58,25 @@ VARIANTS = {
 OVERRIDES = {"eval.every_epochs": "1"}
 
 
-def _parser() -> cli.OneLineParser:
-    parser = cli.OneLineParser(prog="python -m experiments.ablations", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/default.py", help="Config file (the offline default).")
-    parser.add_argument("--root", default="experiments/results/ablations", help="Folder of the cell workdirs.")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, of: {', '.join(VARIANTS)}.")
+def suite_parser(module: str, doc: str, *, config: str, root: str,
+                 variants: Sequence[str] | None) -> cli.OneLineParser:
+    """A suite's command line: --config, --root, --seeds, --dry_run, and with ``variants`` --variants and
+    --densities."""
+    parser = cli.OneLineParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--config", default=config, help="Config file.")
+    parser.add_argument("--root", default=root, help="Folder of the cell workdirs.")
+    if variants is not None:
+        parser.add_argument("--variants", default=",".join(variants), help=f"Comma-separated, of: {', '.join(variants)}.")
+        parser.add_argument("--densities", default="0.5,0.2,0.1,0.05", help="Comma-separated keep ratios.")
     parser.add_argument("--seeds", default="7,9,17", help="Comma-separated seeds.")
-    parser.add_argument("--densities", default="0.5,0.2,0.1,0.05", help="Comma-separated keep ratios (the sweep's).")
-    parser.add_argument("--level", type=float, default=0.9, help="Test accuracy for time-to-accuracy.")
     parser.add_argument("--dry_run", action="store_true", help="Print the commands; run and write nothing.")
+    return parser
+
+
+def _parser() -> cli.OneLineParser:
+    parser = suite_parser("experiments.ablations", __doc__, config="configs/default.py",
+                          root="experiments/results/ablations", variants=list(VARIANTS))
+    parser.add_argument("--level", type=float, default=0.9, help="Test accuracy for time-to-accuracy.")
     return parser
 
 

@@ -61,12 +61,9 @@ def write_reports(root: pathlib.Path, methods: Sequence[str]) -> None:
 
 
 def _parser() -> cli.OneLineParser:
-    parser = cli.OneLineParser(prog="python -m experiments.nm_suite", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/default.py", help="Config file (the offline default).")
-    parser.add_argument("--root", default="workdir/nm", help="Folder of the cell workdirs.")
+    parser = ablations.suite_parser("experiments.nm_suite", __doc__, config="configs/default.py", root="workdir/nm",
+                                    variants=None)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of: {', '.join(METHODS)}.")
-    parser.add_argument("--seeds", default="7,9,17", help="Comma-separated seeds.")
-    parser.add_argument("--dry_run", action="store_true", help="Print the commands; run and write nothing.")
     return parser
 
 

@@ -32,14 +32,8 @@ VARIANTS = {
 
 
 def _parser() -> cli.OneLineParser:
-    parser = cli.OneLineParser(prog="python -m experiments.vit_suite", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/default_vit.py", help="Config file (the ViT default).")
-    parser.add_argument("--root", default="workdir/vit", help="Folder of the cell workdirs.")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, of: {', '.join(VARIANTS)}.")
-    parser.add_argument("--seeds", default="7,9,17", help="Comma-separated seeds.")
-    parser.add_argument("--densities", default="0.5,0.2,0.1,0.05", help="Comma-separated keep ratios (the sweep's).")
-    parser.add_argument("--dry_run", action="store_true", help="Print the commands; run and write nothing.")
-    return parser
+    return ablations.suite_parser("experiments.vit_suite", __doc__, config="configs/default_vit.py",
+                                  root="workdir/vit", variants=list(VARIANTS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,14 +25,19 @@ from vpns_jax.models import create_model, functional
 DENSITIES = (0.5, 0.2)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A random-init source model file (sparsity checks need no pretraining)."""
-    model = create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0))
+def write_source(tmp_path_factory, model) -> tuple[str, dict]:
+    """(path, weights) of a source model file holding ``model``'s initial weights and statistics."""
     _, weights, batch_stats = functional.split_model(model)
     path = tmp_path_factory.mktemp("source") / "source.npz"
     checkpoint.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
     return str(path), weights
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A random-init source model file (sparsity checks need no pretraining)."""
+    return write_source(tmp_path_factory,
+                        create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0)))
 
 
 def tiny_config(data_dir, source_path, method, **overrides):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from tests.test_baselines import tiny_config
+from tests.test_baselines import tiny_config, write_source
 from tests.test_configs import _set, load
 from vpns_jax import config_checks, train
 from vpns_jax.config_checks import ConfigError
@@ -257,10 +257,7 @@ def test_the_command_line_flags_reach_the_config():
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     model = create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0))
-    _, weights, batch_stats = functional.split_model(model)
-    path = tmp_path_factory.mktemp("source") / "source.npz"
-    checkpoint.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
-    return str(path), functional.leaf_kinds(model)
+    return write_source(tmp_path_factory, model)[0], functional.leaf_kinds(model)
 
 
 def _check_every_group_keeps_two(masks):

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import default_vit
-from tests.test_baselines import DENSITIES, _kept, _masks
+from tests.test_baselines import DENSITIES, _kept, _masks, write_source
 from vpns_jax import train
 from vpns_jax.core import structured
 from vpns_jax.io import checkpoint, export
@@ -24,11 +24,8 @@ VIT = {"patch_size": 4, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    model = create_model("vit_b_16", num_classes=10, image_size=16, vit=VIT, rngs=nnx.Rngs(0))
-    _, weights, batch_stats = functional.split_model(model)
-    path = tmp_path_factory.mktemp("vit_source") / "source.npz"
-    checkpoint.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
-    return str(path)
+    return write_source(tmp_path_factory,
+                        create_model("vit_b_16", num_classes=10, image_size=16, vit=VIT, rngs=nnx.Rngs(0)))[0]
 
 
 def _config(data_dir, source_path, **mask):
