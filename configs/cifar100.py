@@ -3,9 +3,11 @@ python -m vpns_jax.main --config=configs/cifar100.py:resnet50 --config.model.ini
 
 VPNs on CIFAR-100 with an ImageNet-pretrained ResNet-18: the authors' setting.
 
-ARG (after the ':'): the model, one of vpns_jax.models' resnet18 (no ARG), resnet50, vgg16 and
-vgg16_bn, with every other value as below, the ResNet-18 ones; the paper's numbers below are
-ResNet-18's. The run writes workdir/cifar100, or workdir/cifar100_<ARG> with an ARG
+ARG (after the ':'): the model, one of vpns_jax.models' resnet18 (no ARG), resnet50, vgg16,
+vgg16_bn, vit_b_16, vit_b_32 and vit_l_16, with every other value as below, the ResNet-18 ones
+(a ViT runs at 224 px, and the pad prompt covers its border patches; torchvision's ViT weights
+convert as the CNNs' do, e.g. python -m vpns_jax.convert --model=vit_b_16
+--input=vit_b_16-c867db91.pth --output=vit_b_16.npz); the paper's numbers below are ResNet-18's. The run writes workdir/cifar100, or workdir/cifar100_<ARG> with an ARG
 (workdir/cifar100_resnet50 above), unless --workdir says otherwise. The authors' ResNet-50 CIFAR-100
 run used these same values (docs/method.md, section 6.3), so configs/cifar100.py:resnet50 is that
 setting too.
