@@ -441,3 +441,33 @@ def test_a_compute_dtype_the_backend_cannot_run_is_one_line(monkeypatch):
     message = str(error.value)
     assert "\n" not in message and "config.model.dtype='bfloat16'" in message
     assert "cpu backend cannot compute in bfloat16 (UNIMPLEMENTED: bf16 dot)" in message and "'float32'" in message
+
+
+@pytest.mark.parametrize("name, updates, message", [
+    ("default.py", {"model.vit.patch_size": 4},
+     "config.model.vit.patch_size=4 applies only to ViT models (vit_b_16, vit_b_32, vit_l_16), not resnet18: "
+     "leave model.vit at 0 for a CNN"),
+    ("default_vit.py", {"prompt.output_size": 36, "prompt.input_size": 36},
+     "config.prompt.output_size=36 (the ViT's input side) is not a multiple of vit_b_16's patch size 8: use a "
+     "multiple of it, or another model.vit.patch_size"),
+    ("default_vit.py", {"model.vit.num_heads": 5},
+     "config.model.vit: vit_b_16: hidden_dim 64 is not divisible by num_heads 5; set model.vit.hidden_dim to a "
+     "multiple of num_heads"),
+    ("default_vit.py", {"model.vit.num_layers": -1},
+     "config.model.vit: model.vit.num_layers must be a positive integer (0: vit_b_16's 12), got -1"),
+    ("default_vit.py:slim", {},
+     "config.method='slim' prunes by BatchNorm scales, and vit_b_16 has none: use 'vpns' with "
+     "mask.granularity='channel' for a ViT's heads and MLP units"),
+])
+def test_bad_vit_options_are_one_line_errors(name, updates, message):
+    with pytest.raises(ConfigError) as info:
+        config_checks.validate(_set(load(name), updates), num_devices=1)
+    assert str(info.value) == message
+
+
+def test_the_vit_default_validates_and_builds_its_input_side():
+    config = load("default_vit.py")
+    config_checks.validate(config, num_devices=1)
+    assert config_checks.vit_options(config) == {"image_size": 32, "vit": {
+        "patch_size": 8, "num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}}
+    assert config_checks.vit_options(load("default.py")) == {}
