@@ -157,7 +157,7 @@ def test_a_refused_unit_save_keeps_that_units_previous_export(tmp_path, monkeypa
     """``save_unit`` redone after a resume (a run killed between it and its checkpoint): the export it cannot
     write leaves the previous one whole, and the error names it."""
     folder = workdir.unit_folder(tmp_path, 0.5)
-    model = types.SimpleNamespace(name="resnet18", num_classes=10, width=WIDTH, stem="cifar")
+    model = types.SimpleNamespace(name="resnet18", num_classes=10, width=WIDTH, stem="cifar", vit={})
 
     def save(seed):
         trees = _subnetwork(seed)

@@ -183,7 +183,7 @@ def test_bad_config_args_are_one_line_errors(tmp_path, capsys):
     cifar100 = ROOT / "configs" / "cifar100.py"
     assert _one_line_error(["vpns_jax.main", f"--config={cifar100}:resnet34"], capsys) == (
         f"error: --config={cifar100}:resnet34: unknown model 'resnet34': use one of resnet18, resnet50, vgg16, "
-        "vgg16_bn after the ':' (none for resnet18)")
+        "vgg16_bn, vit_b_16, vit_b_32, vit_l_16 after the ':' (none for resnet18)")
     # A config file whose get_config takes no ARG.
     plain = tmp_path / "plain.py"
     plain.write_text("from configs import default\n\n\ndef get_config():\n    return default.get_config()\n")
