@@ -40,22 +40,23 @@ def variants(methods: Sequence[str]) -> dict[str, sweep.Variant]:
     return out
 
 
-def report(root: pathlib.Path, methods: Sequence[str]) -> str:
-    """The accuracy table of every variant, then each method's patterns minus its unstructured masks."""
+def report(root: pathlib.Path, methods: Sequence[str], rows: list | None = None) -> str:
+    """The accuracy table of every variant, then each method's patterns minus its unstructured masks
+    (``rows``: the cells' ``table.collect``, when the caller has read them)."""
     names = list(variants(methods))
-    summary = table.summarize(table.collect(root, by_folder=True), DENSITIES, methods=names)
-    text = table.format_markdown(summary)
+    rows = table.collect(root, by_folder=True) if rows is None else rows
+    text = table.format_markdown(table.summarize(rows, DENSITIES, methods=names))
     for method in methods:
-        family = table.summarize(table.collect(root, by_folder=True), DENSITIES,
-                                 methods=[n for n in names if n == method or n.startswith(f"{method}_")])
+        family = table.summarize(rows, DENSITIES, methods=[n for n in names if n == method or n.startswith(f"{method}_")])
         text += "\n" + table.format_differences(family, reference=method)
     return text
 
 
 def write_reports(root: pathlib.Path, methods: Sequence[str]) -> None:
     """:func:`report` as ``table.md``, the CSV and the accuracy plot under ``root``."""
-    summary = table.summarize(table.collect(root, by_folder=True), DENSITIES, methods=list(variants(methods)))
-    (root / "table.md").write_text(report(root, methods))
+    rows = table.collect(root, by_folder=True)
+    summary = table.summarize(rows, DENSITIES, methods=list(variants(methods)))
+    (root / "table.md").write_text(report(root, methods, rows))
     (root / "table.csv").write_text(table.format_csv(summary))
     plots.plot_accuracy_vs_sparsity(summary, root / "accuracy_vs_sparsity.png")
 

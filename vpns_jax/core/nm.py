@@ -88,13 +88,14 @@ def _check_shape(shape: tuple[int, ...]) -> None:
         raise ValueError(f"N:M groups run along a kernel's input dimension (axis -2); shape {shape} has none")
 
 
-def _grouped(a: jax.Array, m: int) -> jax.Array:
-    """``a`` (..., I, O) padded with _PAD along axis -2 to a multiple of m and viewed as (..., I / m, m, O)."""
+def _grouped(a: Any, m: int, fill: Any, xp: Any = jnp) -> Any:
+    """``a`` (..., I, O) padded with ``fill`` along axis -2 to a multiple of m and viewed as (..., I / m, m, O);
+    ``xp`` is jax.numpy (traced) or numpy (host)."""
     size = a.shape[GROUP_AXIS]
     padded = math.ceil(size / m) * m
     widths = [(0, 0)] * a.ndim
     widths[a.ndim - 2] = (0, padded - size)
-    a = jnp.pad(a, widths, constant_values=_PAD)
+    a = xp.pad(a, widths, constant_values=fill)
     return a.reshape(a.shape[:-2] + (padded // m, m, a.shape[-1]))
 
 
@@ -102,7 +103,7 @@ def nm_keep(magnitudes: jax.Array, n: int, m: int) -> jax.Array:
     """Boolean keep mask of one kernel's non-negative ``magnitudes``: per group the N largest, ties to lower index."""
     n, m = check_nm(n, m)
     _check_shape(magnitudes.shape)
-    grouped = _grouped(magnitudes, m)
+    grouped = _grouped(magnitudes, m, _PAD)
     position = jnp.arange(m).reshape(m, 1)  # an entry's index in its group, broadcast over (m, O)
     rank = jnp.zeros(grouped.shape, jnp.int32)
     # M comparisons per entry, one elementwise pass each (no (m, m) intermediate): exact, sort-free.
@@ -150,11 +151,7 @@ def _host_grouped(mask: Any, m: int) -> np.ndarray:
     """A 0/1 ``mask`` (..., I, O) as bool (..., I / m, m, O), cut groups padded with False (host-side)."""
     mask = np.asarray(mask)
     _check_shape(mask.shape)
-    size = mask.shape[GROUP_AXIS]
-    padded = math.ceil(size / m) * m
-    widths = [(0, 0)] * mask.ndim
-    widths[mask.ndim - 2] = (0, padded - size)
-    return np.pad(mask != 0, widths).reshape(mask.shape[:-2] + (padded // m, m, mask.shape[-1]))
+    return _grouped(mask != 0, m, False, np)
 
 
 def group_kept(mask: Any, m: int) -> np.ndarray:
