@@ -3,7 +3,8 @@
 Covered: ``sweep/table.md`` and ``table.csv``; ``ablations/table.md``, ``table.csv``, ``cost.md`` and the total of
 ``wall_time.txt``; ``maxpool_fix/{sweep,structured,ablations}.md``, whose "after" side is checked against the
 cells in the tree and which are rebuilt whole where the git history holds their "before" cells (the runs they
-replaced). ``structured/`` has no table file of its own.
+replaced); ``vit/table.md``, ``table.csv``, ``cost.md`` and ``nm/table.md``, ``table.csv``, with both totals of
+``wall_time.txt``. ``structured/`` has no table file of its own.
 """
 
 import io
@@ -16,7 +17,7 @@ import tarfile
 
 import pytest
 
-from experiments import ablations, compare, table
+from experiments import ablations, compare, nm_suite, table, vit_suite
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
@@ -49,8 +50,28 @@ def test_the_ablation_reports_are_rebuilt_from_its_cells() -> None:
         assert (root / name).read_text() == text, f"{name} differs from the one its cells give"
 
 
-def test_the_ablation_wall_time_is_the_sum_of_its_cells() -> None:
-    root = RESULTS / "ablations"
+def test_the_vit_reports_are_rebuilt_from_its_cells() -> None:
+    root = RESULTS / "vit"
+    manifest = _manifest(root)
+    assert manifest["methods"] == list(vit_suite.VARIANTS)
+    rebuilt = ablations.reports(root, manifest["methods"], manifest["densities"], level=0.9)
+    for name, text in rebuilt.items():
+        assert (root / name).read_text() == text, f"{name} differs from the one its cells give"
+
+
+def test_the_nm_tables_are_rebuilt_from_its_cells() -> None:
+    root = RESULTS / "nm"
+    methods = [name for name in _manifest(root)["methods"] if "_" not in name]
+    assert list(nm_suite.variants(methods)) == _manifest(root)["methods"]
+    assert (root / "table.md").read_text() == nm_suite.report(root, methods)
+    summary = table.summarize(table.collect(root, by_folder=True), nm_suite.DENSITIES,
+                              methods=list(nm_suite.variants(methods)))
+    assert (root / "table.csv").read_text() == table.format_csv(summary)
+
+
+@pytest.mark.parametrize("root", ["ablations", "vit", "nm"])
+def test_a_suite_wall_time_is_the_sum_of_its_cells(root) -> None:
+    root = RESULTS / root
     total = sum(cell["wall_s"] for cell in _manifest(root)["cells"])
     assert (root / "wall_time.txt").read_text().startswith(f"{total:.0f} s ({total / 3600:.2f} h) of cell runs")
 
@@ -99,7 +120,7 @@ def test_the_maxpool_fix_tables_are_rebuilt_from_the_cells_before_and_after(root
     assert (RESULTS / "maxpool_fix" / f"{root}.md").read_text() == rebuilt
 
 
-@pytest.mark.parametrize("root", ["sweep", "ablations", "structured"])
+@pytest.mark.parametrize("root", ["sweep", "ablations", "structured", "vit", "nm"])
 def test_a_manifest_records_what_it_ran_on_or_predates_that(root) -> None:
     """Manifests written before ``sweep.provenance`` lack its keys; a newer one has all of them, well formed."""
     manifest = _manifest(RESULTS / root)
@@ -114,7 +135,7 @@ def test_a_manifest_records_what_it_ran_on_or_predates_that(root) -> None:
     assert {"platform", "cpu_count", "jax_backend", "device_kind"} <= set(manifest["machine"])
 
 
-@pytest.mark.parametrize("root", ["sweep", "ablations", "structured"])
+@pytest.mark.parametrize("root", ["sweep", "ablations", "structured", "vit", "nm"])
 def test_every_cell_of_a_manifest_is_committed_with_its_results(root) -> None:
     cells = _manifest(RESULTS / root)["cells"]
     assert cells
