@@ -1,5 +1,5 @@
 """Vision Transformers: torchvision's names and counts, a numpy forward of torchvision's semantics, kinds,
-bicubic position-embedding interpolation, option errors and bfloat16 compute (tiny models, no compile over ~1 s)."""
+bicubic position-embedding interpolation, every prompt kind, option errors and bfloat16 compute (tiny models, no compile over ~1 s)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from vpns_jax.core import masking, optim
+from vpns_jax.core import masking, optim, prompts
 from vpns_jax.models import CLASSIFIER_PATHS, MODEL_NAMES, create_model, functional, layers, vit
 
 TINY = dict(patch_size=4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=12)
@@ -259,3 +259,31 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits() -> None:
     assert "bf16[2,5,24]" in jaxpr and "f32[2,2,5,5]" in jaxpr
     grads = jax.jit(jax.grad(lambda w: logits(graphdef16, w, True).sum()))(weights)
     assert grads["encoder"]["pos_embedding"].dtype == jnp.float32 and float(jnp.abs(grads["class_token"]).sum()) > 0
+
+
+@pytest.mark.parametrize("kind, input_size", [("pad", 8), ("fix", 8), ("random", 8), ("expand", 6)])
+def test_every_prompt_kind_feeds_a_vit_and_trains_only_its_own_pixels(kind: str, input_size: int) -> None:
+    """The prompt is the CNNs' one: the prompted image has the ViT's side, and the gradient of the logits
+    reaches exactly the pixels of the prompt's mask, under jit."""
+    graphdef, weights, batch_stats = _randomized(_tiny())
+    spec = prompts.PromptSpec(kind=kind, input_size=input_size, output_size=8, pad_size=2, mask_size=3)
+    key = jax.random.key(5)
+    rng = np.random.default_rng(8)
+    # Images and program inside (0, 1) after the sum, so that the clamp passes every gradient through.
+    images = jnp.asarray(rng.uniform(0.3, 0.6, (2, input_size, input_size, 3)), jnp.float32)
+    program = jnp.asarray(rng.uniform(-0.2, 0.2, (8, 8, 3)) if kind == "pad" else rng.normal(-3, 0.1, (8, 8, 3)),
+                          jnp.float32)
+
+    @jax.jit
+    def logit_sum(program):
+        x = prompts.apply_prompt(spec, {"program": program}, images, key=key)
+        logits, _ = functional.apply_model(graphdef, weights, batch_stats, x, train=False)
+        return logits.sum(), logits
+
+    (_, logits), grad = jax.value_and_grad(logit_sum, has_aux=True)(program)
+    assert logits.shape == (2, 3) and np.isfinite(np.asarray(logits)).all()
+    touched = np.asarray(grad != 0).any(axis=-1)
+    mask = np.asarray(prompts.prompt_mask(spec, key))[..., 0] == 1
+    np.testing.assert_array_equal(touched, mask)
+    expected = {"pad": 64 - 16, "fix": 9, "random": 9, "expand": 64 - 36}[kind]
+    assert mask.sum() == expected
