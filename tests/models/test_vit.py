@@ -1,5 +1,6 @@
 """Vision Transformers: torchvision's names and counts, a numpy forward of torchvision's semantics, kinds,
-bicubic position-embedding interpolation, every prompt kind, option errors and bfloat16 compute (tiny models, no compile over ~1 s)."""
+bicubic position-embedding interpolation, every prompt kind, option errors and bfloat16 compute (tiny models,
+no compile over ~1 s)."""
 
 from __future__ import annotations
 
