@@ -182,6 +182,7 @@ def test_vit_missing_and_misshapen_tensors_are_named_by_torchvision_names() -> N
     for bad in (np.zeros((1, 17, 8), np.float32), np.zeros((1, 11, 16), np.float32)):
         message = _error({**state_dict, "encoder.pos_embedding": bad}, weights_t, stats_t)
         assert f"encoder.pos_embedding has shape {bad.shape}, the model needs (1, 17, 16)" in message
+        assert message.endswith(f"{pretrained.FIX_HINT}") and "config.model.vit" in message
 
 
 @pytest.mark.parametrize("model", ["vgg16_bn", "vgg16"])

@@ -53,7 +53,7 @@ SUFFIXES = (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX, NPZ_SUFFIX)
 _MAX_LISTED = 6
 _DROPPED = "num_batches_tracked"
 _STAT_NAMES = {"running_mean": "mean", "running_var": "var"}
-FIX_HINT = "check the model name, width, stem and num_classes"
+FIX_HINT = "check the model name, width, stem and num_classes (a ViT's: also config.model.vit and prompt.output_size)"
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 NPZ = "a NumPy .npz archive of plain arrays"
