@@ -41,19 +41,11 @@ def test_the_sweep_tables_are_rebuilt_from_its_cells() -> None:
     assert (root / "table.csv").read_text() == csv_text
 
 
-def test_the_ablation_reports_are_rebuilt_from_its_cells() -> None:
-    root = RESULTS / "ablations"
+@pytest.mark.parametrize("root, variants", [("ablations", ablations.VARIANTS), ("vit", vit_suite.VARIANTS)])
+def test_a_suite_report_is_rebuilt_from_its_cells(root, variants) -> None:
+    root = RESULTS / root
     manifest = _manifest(root)
-    assert manifest["methods"] == list(ablations.VARIANTS)
-    rebuilt = ablations.reports(root, manifest["methods"], manifest["densities"], level=0.9)
-    for name, text in rebuilt.items():
-        assert (root / name).read_text() == text, f"{name} differs from the one its cells give"
-
-
-def test_the_vit_reports_are_rebuilt_from_its_cells() -> None:
-    root = RESULTS / "vit"
-    manifest = _manifest(root)
-    assert manifest["methods"] == list(vit_suite.VARIANTS)
+    assert manifest["methods"] == list(variants)
     rebuilt = ablations.reports(root, manifest["methods"], manifest["densities"], level=0.9)
     for name, text in rebuilt.items():
         assert (root / name).read_text() == text, f"{name} differs from the one its cells give"
