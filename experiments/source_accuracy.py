@@ -24,21 +24,19 @@ from flax import nnx
 from experiments import measurement, sweep
 from vpns_jax import cli, config_checks, source_model
 from vpns_jax.core import prompts
-from vpns_jax.data import pipeline, run_data
+from vpns_jax.data import pipeline, registry, run_data
 from vpns_jax.models import create_model, functional
 
 
 def source_accuracy(config, source: str, data_dir: str = "") -> tuple[float, int]:
     """(accuracy, number of test images) of the model in ``source`` on ``config``'s source test split."""
-    model = create_model(config.model.name, num_classes=config.model.num_classes, width=config.model.width,
-                         stem=config.model.stem, rngs=nnx.Rngs(0), **config_checks.vit_options(config))
+    model = create_model(config.model.name, rngs=nnx.Rngs(0), **config_checks.model_arguments(config))
     graphdef, weights, batch_stats = functional.split_model(model)
     weights, batch_stats = source_model.load_weights(source, weights, batch_stats)
     name, data_dir = config.source.dataset, data_dir or config.data.data_dir or None
     run_data.ensure_prepared(name, data_dir, config.data.auto_prepare)
-    test = pipeline.open_split(name, "test", data_dir)
-    classes = tuple(config.source.classes)
-    subset = pipeline.ClassSubset(test, classes, labels=pipeline.read_labels(name, "test", data_dir)) if classes else test
+    subset = pipeline.open_subset(name, registry.get_dataset_spec(name).test_split, data_dir,
+                                  classes=tuple(config.source.classes))
     spec = config_checks.prompt_spec(config)
     stream = pipeline.eval_stream(subset, global_batch_size=200, image_size=spec.input_size)
 

@@ -468,6 +468,8 @@ def test_bad_vit_options_are_one_line_errors(name, updates, message):
 def test_the_vit_default_validates_and_builds_its_input_side():
     config = load("default_vit.py")
     config_checks.validate(config, num_devices=1)
-    assert config_checks.vit_options(config) == {"image_size": 32, "vit": {
+    cnn = {"num_classes": 5, "width": 1.0, "stem": "imagenet", "dtype": "float32", "conv_impl": "auto",
+           "pool_impl": "auto"}
+    assert config_checks.model_arguments(config) == {**cnn, "image_size": 32, "vit": {
         "patch_size": 8, "num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}}
-    assert config_checks.vit_options(load("default.py")) == {}
+    assert config_checks.model_arguments(load("default.py")) == {**cnn, "width": 0.25}

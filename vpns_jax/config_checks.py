@@ -222,10 +222,14 @@ def _check_model(config: Any) -> int:
     return check_int_at_least(config, "model.num_classes", 1, "the source head's classes")
 
 
-def vit_options(config: Any) -> dict[str, Any]:
-    """``create_model``'s ViT arguments of ``config`` (none for a CNN): the input side and the shape overrides."""
-    return models.model_options(get(config, "model.name"), get(config, "prompt.output_size"),
-                                plain(get(config, "model.vit")))
+def model_arguments(config: Any) -> dict[str, Any]:
+    """``create_model``'s keyword arguments from ``config``, all but ``rngs``: the architecture, the kernels'
+    compute settings and, for a ViT, its input side and shape overrides (``models.model_options``)."""
+    name = get(config, "model.name")
+    return {"num_classes": get(config, "model.num_classes"), "width": get(config, "model.width"),
+            "stem": get(config, "model.stem"), "dtype": get(config, "model.dtype"),
+            "conv_impl": get(config, "model.conv_impl"), "pool_impl": get(config, "model.pool_impl"),
+            **models.model_options(name, get(config, "prompt.output_size"), plain(get(config, "model.vit")))}
 
 
 def _check_vit(config: Any) -> None:

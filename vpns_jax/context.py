@@ -40,10 +40,8 @@ class RunContext:
         self.plan = methods.make_plan(config)
         methods.check_inputs(config)
         self.data = run_data.open_run_data(config)
-        self.model = create_model(config.model.name, num_classes=config.model.num_classes, width=config.model.width,
-                                  stem=config.model.stem, rngs=nnx.Rngs(config.seed), dtype=config.model.dtype,
-                                  conv_impl=config.model.conv_impl, pool_impl=config.model.pool_impl,
-                                  **config_checks.vit_options(config))
+        self.model = create_model(config.model.name, rngs=nnx.Rngs(config.seed),
+                                  **config_checks.model_arguments(config))
         self.kinds = functional.leaf_kinds(self.model)
         self.pretrained = self._pretrained_weights()  # read (and checked) now: a bad file leaves no workdir
         self.prompt_spec = config_checks.prompt_spec(config)

@@ -17,8 +17,8 @@ from typing import Any
 
 import jax
 
-from vpns_jax.core import prompts, steps
 from vpns_jax import models
+from vpns_jax.core import prompts, steps
 from vpns_jax.io import checkpoint, export
 
 Params = dict[Any, Any]

@@ -122,4 +122,5 @@ def _set_kernels(model: nnx.Module, dtype: str, conv_impl: str, pool_impl: str) 
     return model
 
 
-__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "model_options", "VIT_NAMES", "check_dtype_runs", "create_model"]
+__all__ = ["CLASSIFIER_PATHS", "COMPUTE_DTYPES", "MODEL_NAMES", "VIT_NAMES", "check_dtype_runs", "create_model",
+           "model_options"]
