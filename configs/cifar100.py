@@ -7,8 +7,8 @@ ARG (after the ':'): the model, one of vpns_jax.models' resnet18 (no ARG), resne
 vgg16_bn, vit_b_16, vit_b_32 and vit_l_16, with every other value as below, the ResNet-18 ones
 (a ViT runs at 224 px, and the pad prompt covers its border patches; torchvision's ViT weights
 convert as the CNNs' do, e.g. python -m vpns_jax.convert --model=vit_b_16
---input=vit_b_16-c867db91.pth --output=vit_b_16.npz); the paper's numbers below are ResNet-18's. The run writes workdir/cifar100, or workdir/cifar100_<ARG> with an ARG
-(workdir/cifar100_resnet50 above), unless --workdir says otherwise. The authors' ResNet-50 CIFAR-100
+--input=vit_b_16-c867db91.pth --output=vit_b_16.npz); the paper's numbers below are ResNet-18's.
+The run writes workdir/cifar100, or workdir/cifar100_<ARG> with an ARG (workdir/cifar100_resnet50 above), unless --workdir says otherwise. The authors' ResNet-50 CIFAR-100
 run used these same values (docs/method.md, section 6.3), so configs/cifar100.py:resnet50 is that
 setting too.
 

@@ -66,7 +66,8 @@ def suite_parser(module: str, doc: str, *, config: str, root: str,
     parser.add_argument("--config", default=config, help="Config file.")
     parser.add_argument("--root", default=root, help="Folder of the cell workdirs.")
     if variants is not None:
-        parser.add_argument("--variants", default=",".join(variants), help=f"Comma-separated, of: {', '.join(variants)}.")
+        parser.add_argument("--variants", default=",".join(variants),
+                            help=f"Comma-separated, of: {', '.join(variants)}.")
         parser.add_argument("--densities", default="0.5,0.2,0.1,0.05", help="Comma-separated keep ratios.")
     parser.add_argument("--seeds", default="7,9,17", help="Comma-separated seeds.")
     parser.add_argument("--dry_run", action="store_true", help="Print the commands; run and write nothing.")

@@ -47,7 +47,8 @@ def report(root: pathlib.Path, methods: Sequence[str], rows: list | None = None)
     rows = table.collect(root, by_folder=True) if rows is None else rows
     text = table.format_markdown(table.summarize(rows, DENSITIES, methods=names))
     for method in methods:
-        family = table.summarize(rows, DENSITIES, methods=[n for n in names if n == method or n.startswith(f"{method}_")])
+        family_names = [n for n in names if n == method or n.startswith(f"{method}_")]
+        family = table.summarize(rows, DENSITIES, methods=family_names)
         text += "\n" + table.format_differences(family, reference=method)
     return text
 
