@@ -35,7 +35,7 @@ stage-1 prompt Adam 1e-4, weights, BatchNorm and stage-2 prompt SGD 0.01 (moment
 decay 1e-4, epoch cosine schedules; pad prompt 16 px on 224 px inputs; global threshold.
 """
 
-from configs import base
+from vpns_jax.config import base
 from vpns_jax.models import MODEL_NAMES
 
 

@@ -1,7 +1,7 @@
 """python -m vpns_jax.main --config=configs/default_vit.py
 python -m vpns_jax.main --config=configs/default_vit.py:hydra
 
-The offline default (configs/default.py: the same task, densities, prompt, epochs and optimisers) with a small
+The offline default (vpns_jax/config/offline.py: the same task, densities, prompt, epochs and optimisers) with a small
 Vision Transformer in place of the ResNet-18: torchvision's vit_b_16 layout shrunk to 32 px inputs in 8 px
 patches (16 patches and a class token), 4 pre-norm blocks of 4 heads, width 64, MLP 128. 8 px patches, not
 4: 17 tokens instead of 65, so that its sweep (experiments/vit_suite.py) runs in about an hour on 2 CPU cores
@@ -17,19 +17,9 @@ source model is the ResNet default's, so the two suites (experiments/results/swe
 experiments/results/vit) differ by the network alone.
 """
 
-from configs import base, default
+from vpns_jax.config import offline
 
 
 def get_config(method: str | None = None):
     """The ViT offline default; ``method`` (the ARG of ``--config=configs/default_vit.py:ARG``) picks the method."""
-    config = default.get_config(method)
-    config.model.name = "vit_b_16"
-    config.model.width = 1.0
-    config.model.vit.patch_size = 8
-    config.model.vit.num_layers = 4
-    config.model.vit.num_heads = 4
-    config.model.vit.hidden_dim = 64
-    config.model.vit.mlp_dim = 128
-    config.source.epochs = 6
-    config.source.optimizer = base.optimizer("adam", 1e-3)
-    return config
+    return offline.vit(method)

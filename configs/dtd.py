@@ -34,7 +34,7 @@ weights, BatchNorm and stage-2 prompt SGD 0.01 (momentum 0.9), weight decay 1e-4
 schedules; pad prompt 16 px on 224 px inputs; global threshold.
 """
 
-from configs import base
+from vpns_jax.config import base
 from vpns_jax.models import MODEL_NAMES
 
 

@@ -40,7 +40,7 @@ Values:
     base.py's.
 """
 
-from configs import base
+from vpns_jax.config import base
 from vpns_jax.models import MODEL_NAMES
 
 

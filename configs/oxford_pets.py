@@ -39,7 +39,7 @@ Values:
     inputs, global threshold: base.py's.
 """
 
-from configs import base
+from vpns_jax.config import base
 from vpns_jax.models import MODEL_NAMES
 
 

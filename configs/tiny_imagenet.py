@@ -39,7 +39,7 @@ epochs, scores and stage-1 prompt Adam 1e-4, weights, BatchNorm and stage-2 prom
 (64 px images upsampled); global threshold.
 """
 
-from configs import base
+from vpns_jax.config import base
 from vpns_jax.models import MODEL_NAMES
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from configs import default
+from vpns_jax.config import offline
 from vpns_jax import methods
 from vpns_jax.config_fields import check_choice
 from vpns_jax.methods import oneshot
@@ -55,7 +55,7 @@ METHOD = methods.register(SourceMagnitude())
 
 def get_config() -> ml_collections.ConfigDict:
     """The offline default, running this method."""
-    config = default.get_config()
+    config = offline.resnet()
     methods.add_sections(config, METHOD)
     config.method = METHOD.name
     return config

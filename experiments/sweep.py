@@ -110,10 +110,8 @@ def cell_workdir(root: str | os.PathLike, method: str, seed: int) -> pathlib.Pat
 
 
 def load_config(config_path: str) -> Any:
-    """The ConfigDict of a config file (``path.py`` or ``path.py:arg``), imported with the repo root on sys.path."""
+    """The ConfigDict of a config file (``path.py`` or ``path.py:arg``)."""
     path, _, arg = config_path.partition(":")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # config files import their base as `configs.base`
     spec = importlib.util.spec_from_file_location(f"_sweep_config_{pathlib.Path(path).stem}", path)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot import config file {path}")

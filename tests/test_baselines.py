@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default
+from vpns_jax.config import offline
 from vpns_jax import methods, train
 from vpns_jax.context import RunContext
 from vpns_jax.core import health, structured
@@ -41,7 +41,7 @@ def source(tmp_path_factory):
 
 
 def tiny_config(data_dir, source_path, method, **overrides):
-    config = default.get_config()
+    config = offline.resnet()
     config.method = method
     config.densities = DENSITIES
     config.model.update(width=1 / 16, stem="cifar", num_classes=10, init_from=source_path)

@@ -2,8 +2,10 @@
 validates; bad fields and bad ARGs fail in one line."""
 
 import json
+import os
 import pathlib
 import shlex
+import subprocess
 import sys
 
 import jax
@@ -19,7 +21,7 @@ from vpns_jax.models import MODEL_NAMES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
-CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py") if p.name not in ("base.py", "__init__.py"))
+CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py"))
 COMMAND = "python -m vpns_jax.main --config=configs/{}"
 # The five optimiser groups of VPNs' two stages, by config path.
 VPNS_GROUPS = ("stage1.scores", "stage1.prompt", "stage2.weights", "stage2.bn", "stage2.prompt")
@@ -43,8 +45,6 @@ PAPER = {
 def load(name: str, *overrides: str):
     """The config of configs/<name> (``file.py`` or ``file.py:ARG``) as config_flags builds it for
     `python -m vpns_jax.main --config=configs/<name> [overrides]`."""
-    if str(REPO) not in sys.path:  # python -m from the repo root puts it there
-        sys.path.insert(0, str(REPO))
     argv = ["vpns_jax.main", f"--config={CONFIG_DIR / name}", *overrides]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
@@ -53,8 +53,6 @@ def load(name: str, *overrides: str):
 
 
 def docstring(name: str) -> str:
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"_doc_{name[:-3]}", CONFIG_DIR / name)
@@ -473,3 +471,19 @@ def test_the_vit_default_validates_and_builds_its_input_side():
     assert config_checks.model_arguments(config) == {**cnn, "image_size": 32, "vit": {
         "patch_size": 8, "num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}}
     assert config_checks.model_arguments(load("default.py")) == {**cnn, "width": 0.25}
+
+
+def test_every_config_file_loads_without_the_repository_on_sys_path(tmp_path):
+    # A user's own config file, or one of configs/ run from elsewhere, imports its shared parts from the package.
+    script = ("import sys, pathlib\nfrom absl import flags\nfrom ml_collections import config_flags\n"
+              "assert not any(pathlib.Path(p or '.').resolve() == pathlib.Path(sys.argv[1]) for p in sys.path)\n"
+              "for path in sys.argv[2:]:\n"
+              "    values = flags.FlagValues()\n"
+              "    config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=['x', '--config=' + path])\n"
+              "    values(['x', '--config=' + path])\n"
+              "    print(path, values.config.method)\n")
+    files = sorted(str(p) for p in CONFIG_DIR.glob("*.py"))
+    done = subprocess.run([sys.executable, "-c", script, str(REPO), *files], capture_output=True, text=True,
+                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.splitlines()) == len(files) == 10

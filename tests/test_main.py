@@ -186,14 +186,14 @@ def test_bad_config_args_are_one_line_errors(tmp_path, capsys):
         "vgg16_bn, vit_b_16, vit_b_32, vit_l_16 after the ':' (none for resnet18)")
     # A config file whose get_config takes no ARG.
     plain = tmp_path / "plain.py"
-    plain.write_text("from configs import default\n\n\ndef get_config():\n    return default.get_config()\n")
+    plain.write_text("from vpns_jax.config import offline\n\n\ndef get_config():\n    return offline.resnet()\n")
     assert _one_line_error(["vpns_jax.main", f"--config={plain}:hydra"], capsys) == (
         f"error: --config={plain}:hydra: config file {plain} takes no ':ARG' (its get_config() has no parameter): "
         f"give --config={plain}")
     # ml_collections' own pattern, a dict of configs, on an unknown ARG.
     table = tmp_path / "table.py"
-    table.write_text("from configs import default\n\n\ndef get_config(arg):\n"
-                     "    return {'a': default.get_config()}[arg]\n")
+    table.write_text("from vpns_jax.config import offline\n\n\ndef get_config(arg):\n"
+                     "    return {'a': offline.resnet()}[arg]\n")
     assert "does not load: KeyError: b" in _one_line_error(["vpns_jax.main", f"--config={table}:b"], capsys)
     # A missing file is named without its ARG.
     assert _one_line_error(["vpns_jax.main", f"--config={tmp_path / 'nope.py'}:hydra"], capsys) == (

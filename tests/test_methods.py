@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from configs import default
+from vpns_jax.config import offline
 from vpns_jax import config_checks, methods
 from vpns_jax.core import steps
 from vpns_jax.methods import bip
 
 
 def _plan(method, **fields):
-    config = default.get_config()
+    config = offline.resnet()
     config.method = method
     for key, value in fields.items():
         section, field = key.split(".")
@@ -54,7 +54,7 @@ def test_bad_vpns_ablations_are_config_errors(fields, message):
 
 
 def test_vpns_ablations_are_refused_for_other_methods():
-    config = default.get_config()
+    config = offline.resnet()
     config.method, config.vpns.prompt_stages = "hydra", ()
     with pytest.raises(config_checks.ConfigError, match="ablates unstructured VPNs' mask search only"):
         config_checks.validate(config, num_devices=1)

@@ -3,7 +3,7 @@
 import ml_collections
 import pytest
 
-from configs import default
+from vpns_jax.config import offline
 from vpns_jax import config_checks, methods
 from vpns_jax.methods import registry
 
@@ -22,8 +22,8 @@ def test_builtin_methods_and_their_sections():
     names = [s.name for s in methods.sections(builtin_only=True)]
     assert len(names) == len(set(names))  # each section once, though several methods read it
     assert set(names) == {"stage1", "stage2", "vpns", "structured", "hydra", "finetune", "bip", "oneshot", "slim"}
-    config = default.get_config()
-    assert all(name in config for name in names)  # configs/base.py adds every built-in section
+    config = offline.resnet()
+    assert all(name in config for name in names)  # vpns_jax/config/base.py adds every built-in section
 
 
 def test_a_builtin_name_cannot_be_taken_and_a_new_method_can_be_replaced():
@@ -38,7 +38,7 @@ def test_a_builtin_name_cannot_be_taken_and_a_new_method_can_be_replaced():
 
 def test_a_registered_method_runs_its_sections_checks_and_plan():
     method = methods.register(_Toy())
-    config = default.get_config()
+    config = offline.resnet()
     config.method = method.name
     with pytest.raises(config_checks.ConfigError, match="config.toy is missing, but method 'toy_registry_method'"):
         config_checks.validate(config, num_devices=1)
@@ -54,7 +54,7 @@ def test_a_registered_method_runs_its_sections_checks_and_plan():
 
 def test_transfer_is_refused_for_methods_without_a_transfer_plan_and_lists_those_with_one():
     method = methods.register(_Toy())
-    config = default.get_config()
+    config = offline.resnet()
     methods.add_sections(config, method)
     config.method, config.transfer.masks_from = method.name, "workdir/a"
     with pytest.raises(config_checks.ConfigError, match="does not find a mask to transfer: use one of "

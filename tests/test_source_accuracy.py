@@ -3,14 +3,14 @@
 import numpy as np
 from flax import nnx
 
-from configs import default
+from vpns_jax.config import offline
 from experiments import source_accuracy
 from vpns_jax.io import checkpoint
 from vpns_jax.models import create_model, functional
 
 
 def test_a_constant_head_scores_the_share_of_its_class(fashion_data_dir, tmp_path):
-    config = default.get_config()
+    config = offline.resnet()
     config.model.width = 1 / 16
     config.data.data_dir = fashion_data_dir
     model = create_model("resnet18", num_classes=5, width=1 / 16, rngs=nnx.Rngs(0))

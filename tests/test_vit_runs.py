@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import default_vit
+from vpns_jax.config import offline
 from tests.test_baselines import DENSITIES, _kept, _masks, write_source
 from vpns_jax import train
 from vpns_jax.core import structured
@@ -29,7 +29,7 @@ def source(tmp_path_factory):
 
 
 def _config(data_dir, source_path, **mask):
-    config = default_vit.get_config()
+    config = offline.vit()
     config.densities = DENSITIES
     config.model.update(num_classes=10, init_from=source_path)
     config.model.vit.update(VIT)

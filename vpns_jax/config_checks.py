@@ -1,6 +1,6 @@
 """Checks of a vpns_jax config before anything runs, and the config's fingerprint.
 
-``validate`` finds the first bad field of a config (``configs/base.py`` holds the
+``validate`` finds the first bad field of a config (``vpns_jax/config/base.py`` holds the
 schema) and raises ``ConfigError`` with one line naming the field as it is
 overridden on the command line (``config.a.b``), its value and the fix. It only
 looks at the config itself (and the number of devices): whether a dataset is

@@ -27,7 +27,7 @@ def get(config: Any, path: str) -> Any:
             value = value[part]
         except (KeyError, TypeError, AttributeError):
             raise ConfigError(
-                f"config.{path} is missing: start the config from configs/base.py's get_config()"
+                f"config.{path} is missing: start the config from vpns_jax/config/base.py's get_config()"
             ) from None
     return value
 

@@ -32,8 +32,6 @@ from vpns_jax import cli, distributed, supervisor
 REPO = pathlib.Path(vpns_jax.__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.py"
 HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-help")
-# Config files import their shared base as `configs.base`.
-sys.path.insert(0, str(REPO))
 
 
 class CommandLineError(ValueError):

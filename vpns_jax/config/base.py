@@ -1,6 +1,6 @@
 """Shared values of every vpns_jax config: the authors' reference setting (docs/method.md, section 6).
 
-Not a runnable config by itself: dataset configs call ``get_config()`` here and
+Not a runnable config by itself: config files call ``vpns_jax.config.base.get_config()`` and
 change what differs. The run-wide fields are listed here and every built-in
 method adds its own sections with their defaults (``vpns_jax/methods/``), so
 ``--config.a.b=value`` overrides work on any config.
