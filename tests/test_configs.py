@@ -448,6 +448,10 @@ def test_a_compute_dtype_the_backend_cannot_run_is_one_line(monkeypatch):
     ("default_vit.py", {"prompt.output_size": 36, "prompt.input_size": 36},
      "config.prompt.output_size=36 (the ViT's input side) is not a multiple of vit_b_16's patch size 8: use a "
      "multiple of it, or another model.vit.patch_size"),
+    ("default_vit.py", {"prompt.kind": "expand", "prompt.input_size": 24},
+     "config.prompt.input_size=24 differs from prompt.output_size=32, the ViT's input side, and vit_b_16 also sees "
+     "unprompted images at input_size: use prompt.input_size=32 with a ViT, and prompt.kind 'pad', 'fix' or "
+     "'random'"),
     ("default_vit.py", {"model.vit.num_heads": 5},
      "config.model.vit: vit_b_16: hidden_dim 64 is not divisible by num_heads 5; set model.vit.hidden_dim to a "
      "multiple of num_heads"),
@@ -479,8 +483,9 @@ def test_every_config_file_loads_without_the_repository_on_sys_path(tmp_path):
               "assert not any(pathlib.Path(p or '.').resolve() == pathlib.Path(sys.argv[1]) for p in sys.path)\n"
               "for path in sys.argv[2:]:\n"
               "    values = flags.FlagValues()\n"
-              "    config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=['x', '--config=' + path])\n"
-              "    values(['x', '--config=' + path])\n"
+              "    argv = ['x', '--config=' + path]\n"
+              "    config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)\n"
+              "    values(argv)\n"
               "    print(path, values.config.method)\n")
     files = sorted(str(p) for p in CONFIG_DIR.glob("*.py"))
     done = subprocess.run([sys.executable, "-c", script, str(REPO), *files], capture_output=True, text=True,

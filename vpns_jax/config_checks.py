@@ -250,6 +250,13 @@ def _check_vit(config: Any) -> None:
     if is_int(size) and size % shape.patch_size:
         raise ConfigError(f"config.prompt.output_size={size!r} (the ViT's input side) is not a multiple of {name}'s "
                           f"patch size {shape.patch_size}: use a multiple of it, or another model.vit.patch_size")
+    plain_size = get(config, "prompt.input_size")
+    if plain_size != size:
+        # Unprompted images (source pretraining, evaluation without the prompt) reach the model at input_size, and a
+        # ViT's position embedding fixes one side; a CNN's global pooling takes both.
+        raise ConfigError(f"config.prompt.input_size={plain_size!r} differs from prompt.output_size={size!r}, the "
+                          f"ViT's input side, and {name} also sees unprompted images at input_size: use "
+                          f"prompt.input_size={size!r} with a ViT, and prompt.kind 'pad', 'fix' or 'random'")
     if get(config, "method") == "slim":
         raise ConfigError(f"config.method='slim' prunes by BatchNorm scales, and {name} has none: use 'vpns' "
                           "with mask.granularity='channel' for a ViT's heads and MLP units")
