@@ -1,7 +1,7 @@
 """Training health: a step whose loss or update is NaN/Inf never reaches the state, and the run stops or skips.
 
 On the device, :func:`keep_if_finite` keeps the state from before a non-finite step; on the host, :class:`FiniteCheck`
-reads that step's flag one step late (so the host never waits between dispatches) and stops the run or skips the
+reads each step's flag one step late (so the host never waits between dispatches) and stops the run or skips the
 batch (``config.on_nonfinite``). So every checkpoint holds a finite state.
 """
 

@@ -17,8 +17,8 @@ import optax
 
 
 def prediction_counts(source_logits: jax.Array, labels: jax.Array, num_target: int) -> jax.Array:
-    """int32 [num_source, num_target] counts D[src, tgt] of target-class-tgt samples whose source argmax is src, to
-    sum over batches; jittable (``num_target`` static). Labels outside [0, num_target) (padding: -1) are not counted.
+    """Count matrix D[src, tgt], int32 [num_source, num_target]: samples of target class tgt whose source argmax is
+    src; sum it over batches. Jittable (``num_target`` static); labels outside [0, num_target) are not counted.
     """
     num_source = source_logits.shape[-1]
     src = jnp.argmax(source_logits, axis=-1)  # first maximum, as torch.argmax

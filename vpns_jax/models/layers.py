@@ -90,8 +90,8 @@ def backend() -> str:
 
 def runs_as_im2col(map_size: tuple[int, int], kernel_size: tuple[int, int]) -> bool:
     """Whether :func:`conv2d` computes a conv as im2col + matmul: a window larger than 1x1 on a map of at most
-    ``IM2COL_MAX_MAP`` px, where XLA:CPU swaps the conv's operands and runs it as a naive loop (docs/performance.md,
-    "What was learnt about XLA:CPU")."""
+    ``IM2COL_MAX_MAP`` px, where XLA swaps a conv's operands and XLA:CPU runs the swapped conv as a naive loop
+    (docs/performance.md, "What was learnt about XLA:CPU")."""
     return kernel_size[0] * kernel_size[1] > 1 and min(map_size) <= IM2COL_MAX_MAP
 
 

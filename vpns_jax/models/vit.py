@@ -66,7 +66,7 @@ def _option(name: str, key: str, value: object, default: int) -> int:
 
 def vit_shape(name: str, vit: Mapping[str, object] | None = None, width: float = 1.0) -> ViTShape:
     """The shape of ViT ``name`` with the ``vit`` overrides (0 or missing: the named value), then ``width``, which
-    scales hidden_dim (to a multiple of num_heads, at least one) and mlp_dim; bad options are one-line ValueErrors."""
+    scales hidden_dim (to a multiple of num_heads, at least num_heads) and mlp_dim; bad options are ValueErrors."""
     if name not in VIT_SHAPES:
         raise ValueError(f"unknown ViT {name!r}; valid: {VIT_NAMES}")
     named = VIT_SHAPES[name]
