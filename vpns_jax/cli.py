@@ -39,10 +39,9 @@ _LAST_BLOCK: list[int] = []  # the first of them, once the block closed
 
 @contextlib.contextmanager
 def stop_requests():
-    """While open, SIGINT and SIGTERM only request a stop, which ``raise_if_stopped`` raises at the next safe
-    point (between steps and batches): a KeyboardInterrupt raised inside an XLA compile or a device transfer can
-    crash the process on its way out. A second signal stops at once. The previous handlers come back on exit;
-    ``requested_stop`` tells the signal afterwards."""
+    """While open, SIGINT and SIGTERM only request a stop, raised by ``raise_if_stopped`` at the next safe point: a
+    KeyboardInterrupt inside an XLA compile or device transfer can crash the process. A second signal stops at once;
+    ``requested_stop`` tells the signal after the block."""
     def request(signum: int, frame) -> None:
         if _REQUESTED:
             raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)

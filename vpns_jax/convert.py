@@ -5,18 +5,9 @@
     python -m vpns_jax.convert --model=vit_b_16 --input=vit_b_16-c867db91.pth --output=vit_b_16_384.npz \
         [--image_size=384] [--vit=patch_size=16,num_layers=12,num_heads=12,hidden_dim=768,mlp_dim=3072]
 
-The input is a torchvision state dict: ``.pth``/``.pt`` (needs torch; loaded
-with ``weights_only=True``), ``.safetensors`` or ``.npz`` (torchvision names as
-keys). The output holds {'weights', 'batch_stats'} as ``checkpoint.save_arrays``
-writes them, ready for ``--config.model.init_from``. (``init_from`` also takes
-the torchvision file directly; converting once saves reading it every run and
-checks it against the model up front.) Every tensor must be float16, bfloat16,
-float32 or float64 and finite (BatchNorm ``num_batches_tracked`` counters
-excepted). For a ViT, ``--image_size`` (default 224) is the side the converted
-model takes: a file made at another size has its position embedding
-interpolated bicubically (torchvision's ``interpolate_embeddings``); ``--vit``
-overrides the named shape, as ``config.model.vit`` does. Errors are one line
-naming the file (exit status 2) unless ``--verbose``.
+The input is a torchvision state dict (``.pth``/``.pt`` with torch, ``weights_only=True``; ``.safetensors``; ``.npz``);
+the output is what ``--config.model.init_from`` reads, checked against the model up front. Formats, checks and ViT
+options: docs/data.md, "Pretrained weights in". Errors are one line naming the file (exit status 2).
 """
 
 from __future__ import annotations
@@ -59,10 +50,8 @@ def convert(
     image_size: int | None = None,
     vit: dict[str, int] | None = None,
 ) -> str:
-    """Writes ``output_path`` from the torchvision file ``input_path``; returns a one-line summary.
-
-    ``image_size`` and ``vit`` (ViTs only) are ``create_model``'s.
-    """
+    """Writes ``output_path`` from the torchvision file ``input_path``; returns a one-line summary. ``image_size``
+    and ``vit`` (ViTs only) are ``create_model``'s."""
     from flax import nnx, traverse_util
 
     from vpns_jax.io import checkpoint

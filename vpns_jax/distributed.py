@@ -1,21 +1,9 @@
 """Multi-process runs: starting JAX's distributed runtime, and ending cleanly when a peer process is lost.
 
-A process whose peer died cannot rely on JAX to say so in one line. Its next collective fails with the
-transport's error ("Gloo AllGather failed: ... Connection closed by peer"), and then, at exit, the runtime's
-shutdown barrier waits for the dead peer until the heartbeat timeout and aborts with a C++ stack trace.
-Where no collective runs (the coordinator itself died, or the survivor is compiling) the runtime's own
-thread aborts the process the same way after the heartbeat timeout (at once when process 0 was lost),
-and no Python handler can intercept that; jax 0.10's missed-heartbeat callback cannot be called from
-Python at all (it fails with ``std::bad_cast``). So:
-
-- in the training process, a collective's failure is reported as a lost peer (:func:`peer_lost`) and the
-  process ends with :func:`exit_now`, without the shutdown barrier;
-- ``python -m vpns_jax.main`` with multi-process flags runs the training as a child and watches it
-  (:mod:`vpns_jax.supervisor`), replacing the runtime's abort with the same one line.
-
-Either way a survivor exits within the heartbeat timeout (``--heartbeat_timeout_s``, JAX's default 100 s)
-of losing its peer, with status :data:`EXIT_PEER_LOST`, and restarting every process with the same command
-resumes from the last checkpoint.
+A lost peer makes the next collective fail, then the runtime's shutdown barrier or its own thread abort the process
+with a C++ stack trace after the heartbeat timeout, which no Python handler can intercept. So a collective's failure
+is reported as a lost peer (:func:`peer_lost`) and the process ends with :func:`exit_now`, skipping the barrier;
+``vpns_jax.supervisor`` covers the runtime's own abort (docs/reliability.md, "Several processes, and a lost host").
 """
 
 from __future__ import annotations
@@ -83,9 +71,8 @@ def peer_lost_message(process_id: int | None, num_processes: int | None, detail:
 
 
 def exit_now(status: int) -> None:
-    """Ends this process with ``status`` at once, after flushing its output: a multi-process run that failed
-    must not wait at the runtime's shutdown barrier for peers that may be gone (it would abort after the
-    heartbeat timeout with a stack trace)."""
+    """Ends this process with ``status`` at once, after flushing its output: a failed multi-process run must not
+    wait at the runtime's shutdown barrier for peers that may be gone."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

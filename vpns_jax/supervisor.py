@@ -1,19 +1,10 @@
 """The parent of a multi-process run's training process: turns the distributed runtime's abort into one line.
 
-JAX's distributed runtime aborts a process whose peer was lost from one of its own threads (a fatal log and
-a C++ stack trace, SIGABRT), which no handler in that process can intercept (see :mod:`vpns_jax.distributed`).
-So a multi-process ``python -m vpns_jax.main`` runs the training as a child (the same command line, marked by
-:data:`SUPERVISED_ENV`) and stays a small parent that:
-
-- passes the child's stdout through, and its stderr too, except error and fatal log lines in glog's format
-  (``E1201 11:35:23.961422  2802 coordination_service.cc:1549] ...``), the distributed runtime's warnings, and
-  what follows them, which are held back; the program's own one-line messages (``error: ...``,
-  ``interrupted ...``) always pass;
-- when the child dies of the runtime's abort, prints one line instead of what was held (a lost peer, and
-  how to resume) and exits :data:`~vpns_jax.distributed.EXIT_PEER_LOST`; otherwise prints what it held and
-  exits with the child's status (128 + signal for a signal);
-- forwards SIGINT and SIGTERM to the child, which stops cleanly (the child runs in its own session, so
-  Ctrl-C reaches it once, through here); the child ends itself if this parent is killed.
+The runtime aborts a process that lost a peer from its own thread (SIGABRT), which no handler in that process can
+intercept, so a multi-process ``python -m vpns_jax.main`` runs the training as a child (marked by
+:data:`SUPERVISED_ENV`). This parent passes the child's output through but holds back error and fatal log lines and
+what follows them; on the runtime's abort it prints one line and exits ``EXIT_PEER_LOST``, else it exits with the
+child's status. It forwards SIGINT and SIGTERM; the child ends itself if the parent dies (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -41,9 +32,8 @@ _RUNTIME_ABORT = b"distributed service detected fatal errors"
 class StderrFilter:
     """Splits a child's stderr, fed in arbitrary chunks, into what to show now and what to hold back.
 
-    From the first error or fatal log line (or warning of the distributed runtime) on, everything but the
-    program's own one-line messages is held. Lines end at ``\\n`` or ``\\r``: progress bars redraw with
-    ``\\r`` and are shown as they come, except at most the few bytes that might start a log line.
+    From the first error or fatal log line (or distributed-runtime warning) on, everything but the program's own
+    one-line messages is held. Lines end at ``\\n`` or ``\\r``, so progress bars are shown as they redraw.
     """
 
     def __init__(self) -> None:

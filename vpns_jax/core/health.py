@@ -1,12 +1,8 @@
 """Training health: a step whose loss or update is NaN/Inf never reaches the state, and the run stops or skips.
 
-On the device (inside the jitted steps), :func:`keep_if_finite` keeps the state
-from before a step whose losses or updated parameters are not all finite, and
-reports the step as not ``finite``. On the host, :class:`FiniteCheck` reads that
-flag one step late, so the host never waits on the device between two
-dispatches, and either stops the run with :class:`NonFiniteLossError` or logs a
-skipped batch (``config.on_nonfinite``: 'stop' or 'skip'). Because a bad step
-never changes the state, every checkpoint holds a finite state.
+On the device, :func:`keep_if_finite` keeps the state from before a non-finite step; on the host, :class:`FiniteCheck`
+reads each step's flag one step late (so the host never waits between dispatches) and stops the run or skips the
+batch (``config.on_nonfinite``). So every checkpoint holds a finite state.
 """
 
 from __future__ import annotations
@@ -34,23 +30,15 @@ def all_finite(*trees: Any) -> jax.Array:
 
 
 def keep_if_finite(new: State, old: State, losses: Mapping[str, jax.Array], updated: Any) -> tuple[State, jax.Array]:
-    """``(new, True)`` when ``losses`` and the ``updated`` parameters are finite, else ``(old, False)``.
-
-    ``new`` and ``old`` have one tree structure; a frozen leaf (the same array in
-    both) costs nothing, and the select fuses into the optimiser's update.
-    """
+    """``(new, True)`` when ``losses`` and the ``updated`` parameters are finite, else ``(old, False)``; the select
+    fuses into the optimiser's update, and a frozen leaf (one array in both) costs nothing."""
     finite = all_finite(losses, updated)
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old), finite
 
 
 class FiniteCheck:
-    """Reads each step's ``finite`` flag one step late and acts on a bad one.
-
-    ``push(flag, step, where)`` hands over the flag of the step just dispatched,
-    its number and a description of it (e.g. 'density 0.1, stage 1, step 12 (epoch
-    0, batch 11)') and checks the step before; ``flush()`` checks the last one
-    (call it before a checkpoint save and at the end of a stage). On a bad step it
-    raises :class:`NonFiniteLossError` ('stop') or calls ``on_skip(step)`` ('skip').
+    """Reads each step's ``finite`` flag one step late: raises :class:`NonFiniteLossError` ('stop') or calls
+    ``on_skip(step)`` ('skip') on a bad one. Call ``flush()`` before a checkpoint save and at the end of a stage.
     """
 
     def __init__(self, on_nonfinite: str, hint: str, on_skip: Callable[[int], None] | None = None):
@@ -63,7 +51,8 @@ class FiniteCheck:
         self._pending: tuple[jax.Array, int, str] | None = None
 
     def push(self, flag: jax.Array, step: int, where: str) -> None:
-        """Records the new step's flag and checks the previous step's."""
+        """Records the new step's flag, number and description ('density 0.1, stage 1, step 12 ...'); checks the
+        previous step's."""
         self.flush()
         self._pending = (flag, step, where)
 

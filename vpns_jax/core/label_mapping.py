@@ -1,12 +1,9 @@
 """Label mapping from a source classifier head onto the target classes.
 
-VPNs keeps the pretrained 1000-way ImageNet head and reads target logits
-through ILM-VP's frequency label mapping (FLM). It counts how often each
-source class is the argmax for samples of each target class, then greedily
-assigns one distinct source class to every target class. A source head needs
-at least as many classes as the target (``config_checks`` refuses a config
-with fewer). ``identity_mapping`` maps class t to logit t, for a head that
-already has the classes it is trained on (source pretraining).
+VPNs keeps the pretrained 1000-way head and reads target logits through ILM-VP's frequency label mapping (FLM): count
+how often each source class is the argmax for each target class, then greedily give every target class a distinct
+source class, so the head needs at least as many classes as the target (docs/method.md, section 5).
+``identity_mapping`` is for a head that already has the target's classes.
 """
 
 from __future__ import annotations
@@ -20,11 +17,8 @@ import optax
 
 
 def prediction_counts(source_logits: jax.Array, labels: jax.Array, num_target: int) -> jax.Array:
-    """Count matrix D[src, tgt]: samples of target class tgt whose source argmax is src.
-
-    Returns int32 of shape [num_source, num_target]; sum it over batches. Jittable
-    with ``num_target`` static. Labels outside [0, num_target) are not counted,
-    so a batch padded with label -1 can be passed as is.
+    """Count matrix D[src, tgt], int32 [num_source, num_target]: samples of target class tgt whose source argmax is
+    src; sum it over batches. Jittable (``num_target`` static); labels outside [0, num_target) are not counted.
     """
     num_source = source_logits.shape[-1]
     src = jnp.argmax(source_logits, axis=-1)  # first maximum, as torch.argmax
@@ -36,12 +30,10 @@ def prediction_counts(source_logits: jax.Array, labels: jax.Array, num_target: i
 
 
 def frequency_label_mapping(counts: Any) -> np.ndarray:
-    """Greedy one-to-one mapping from a [num_source, num_target] count matrix.
+    """Greedy one-to-one int32 mapping [num_target] (``mapping[t]``: the source class of t) from a count matrix.
 
-    As the authors' code: num_target times, take the first maximum of the
-    flattened matrix in row-major order, assign that source to that target, then
-    set the source's row and the target's column to -1. Returns int32
-    ``mapping`` of shape [num_target] with ``mapping[t]`` the source class of t.
+    As the authors' code, num_target times: take the row-major first maximum, assign that source to that target,
+    then set the source's row and the target's column to -1.
     """
     dist = np.array(counts, dtype=np.int64)  # a copy: it is overwritten below
     if dist.ndim != 2:

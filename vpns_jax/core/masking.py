@@ -1,21 +1,11 @@
 """Score-based weight masks: which leaves are prunable, score init, thresholds, straight-through masks.
 
-Scores and masks are nested dicts holding only the prunable kernels (every conv
-and dense kernel; never biases or BatchNorm), at the same paths as in the
-weights dict. A density d (the keep ratio) prunes k = int((1 - d) * N) entries
-per threshold group: one group over all prunable leaves (``'global'``, VPNs and
-the authors' HYDRA) or one group per leaf (``'layer'``, the original HYDRA).
-The threshold tau is the k-th smallest |s| of the group and an entry is kept
-iff |s| > tau (ties at tau are pruned); k = 0 keeps everything.
-
-A layer floor f = ``min_layer_density`` in (0, 1) (0: none, the authors' rule)
-gives every leaf of n entries its own threshold tau_l, the one that prunes
-int((1 - f) * n) of its entries (``prune_counts(scores, f, 'layer')``), and the
-leaf's effective threshold is min(tau, tau_l): a leaf keeps whatever the group
-threshold keeps, or its own top n - int((1 - f) * n) = ceil(f * n) entries if
-those are more (ties at tau_l pruned as at tau). The density then is a lower
-bound: kept = (N - k, ties aside) + what the floor adds. ``collapsed_layers``
-names the leaves a mask empties.
+Scores and masks are nested dicts of the prunable kernels (every conv and dense kernel) at their weights paths.
+Density d prunes k = int((1 - d) * N) entries per threshold group (``'global'``: all leaves, VPNs and the authors'
+HYDRA; ``'layer'``: each leaf, the original HYDRA); an entry is kept iff |s| > tau, the group's k-th smallest |s|
+(ties at tau pruned; k = 0 keeps all). ``min_layer_density`` f > 0 lowers each leaf's threshold to its own at
+density f, so a leaf keeps at least ceil(f * n) entries (ties aside) and d becomes a lower bound (docs/methods.md,
+"Semantics worth knowing").
 """
 
 from __future__ import annotations
@@ -37,16 +27,14 @@ Params = dict[Any, Any]
 THRESHOLD_SCOPES = ("global", "layer")
 PRUNABLE_KINDS = (functional.CONV_KERNEL, functional.DENSE_KERNEL)
 
-# Bit patterns of non-negative float32 (float64) values sort like the values, so an exact k-th smallest is a
-# search over int32 (int64) candidates that only counts entries <= a candidate: no sort of the scores. A pass over every score costs
-# about as much for 7 candidates as for one (XLA:CPU fuses them into one variadic reduction that is memory
-# bound), so each round counts _PIVOTS candidates and narrows the bracket 8-fold; a sorted strided sample
-# places the first round's candidates near the answer (Floyd and Rivest's selection).
+# Bit patterns of non-negative floats sort like the values, so an exact k-th smallest is a search over integer
+# candidates that only counts entries <= each: no sort. A memory-bound pass costs about the same for 7 candidates
+# as for one, so each round counts _PIVOTS of them; a sorted strided sample seeds the first (Floyd-Rivest).
 _PIVOTS = 7
 _SAMPLE_SIZE = 1 << 14
 _SAMPLE_SIGMAS = 4.0
-# Leaves smaller than this are concatenated per group (a cheap copy) and reduced as one array: every pass is
-# one reduction per array, and fewer reductions compile faster. Larger leaves are reduced in place.
+# Leaves smaller than this are concatenated per group and reduced as one array (fewer reductions compile faster);
+# larger leaves are reduced in place.
 _SMALL_LEAF = 1 << 18
 
 
@@ -57,12 +45,8 @@ def prunable_paths(kinds: Params) -> list[tuple[Any, ...]]:
 
 
 def init_scores(weights: Params, kinds: Params) -> Params:
-    """HYDRA's scaled score init: s = sqrt(6 / fan_in) * W / max|W|, per layer.
-
-    fan_in is kh*kw*in for an HWIO conv kernel and in for an (in, out) dense
-    kernel, i.e. the product of all but the last dimension in both layouts.
-    Scores are float32, or float64 for float64 weights (a float64 run stays float64).
-    """
+    """HYDRA's scaled score init, s = sqrt(6 / fan_in) * W / max|W| per layer, fan_in the product of all but the
+    last kernel dimension; float32 scores, float64 for float64 weights."""
     flat = traverse_util.flatten_dict(weights)
     scores = {}
     for path in prunable_paths(kinds):
@@ -90,12 +74,8 @@ def validate_min_layer_density(value: float) -> float:
 
 
 def floor_prune_counts(scores: Params, min_layer_density: float) -> np.ndarray:
-    """Per leaf, the most entries the layer floor lets go: int((1 - f) * n), as ``prune_counts`` at density f
-    with scope 'layer' (float64, as torch computes keep counts).
-
-    So each leaf keeps at least n - int((1 - f) * n) entries, ceil(f * n) in exact arithmetic; in floats it
-    is what density f keeps of that leaf, e.g. all 10 of n = 10 at f = 0.9 (1 - 0.9 = 0.09999999999999998).
-    """
+    """Per leaf, the most entries the layer floor lets go: int((1 - f) * n), as ``prune_counts`` at density f with
+    scope 'layer' (float64, so f = 0.9 keeps all 10 of n = 10, as density 0.9 would)."""
     floor = validate_min_layer_density(min_layer_density)
     sizes = [int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(scores)]
     return np.array([int((1.0 - floor) * n) for n in sizes], dtype=np.int32)
@@ -152,16 +132,11 @@ def _count_at_most(bits: list[jax.Array], groups: Sequence[int], num_groups: int
 
 @functools.partial(jax.jit, static_argnames="groups")
 def kth_smallest(values: Sequence[jax.Array], groups: tuple[int, ...], ks: jax.Array) -> jax.Array:
-    """Exact k-th smallest (1-based) of the non-negative ``values`` in each group.
+    """Exact k-th smallest (1-based) of the non-negative ``values`` in each group (``groups[i]`` is that of
+    ``values[i]``; ``ks``: one k >= 1 per group). Jitted, so eager callers compile the search once per shape.
 
-    ``groups[i]`` is the group of ``values[i]``; ``ks`` holds one k >= 1 per group. Jitted, so eager
-    callers compile the search once per shape.
-    Each group keeps a bracket of bit patterns lo < hi with count(<= lo) < k <= count(<= hi).
-    A round counts the entries <= each of _PIVOTS candidates in one pass and keeps the
-    tightest bracket: the first round's candidates are quantiles of a strided sample,
-    later ones split the bracket's bit range evenly, so at most 11 rounds finish any
-    input. The search stops once the k-th entry is the smallest or largest entry of
-    its bracket, and one min or max pass reads it off.
+    Each group narrows a bracket of bit patterns lo < hi with count(<= lo) < k <= count(<= hi), a pass per round
+    (at most 11), until the k-th entry is its bracket's smallest or largest, which one min/max pass reads off.
     """
     num_groups = ks.shape[0]
     arrays, groups = _search_leaves(values, groups, num_groups)
@@ -287,10 +262,8 @@ def _leaf_thresholds(scores: Params, ks: jax.Array, scope: str, min_layer_densit
 
 
 def masks_from_scores(scores: Params, ks: jax.Array, scope: str = "global", min_layer_density: float = 0.0) -> Params:
-    """Binary float32 masks 1[|s| > tau], without gradient.
-
-    ``min_layer_density`` (a Python float, static under jit): the layer floor of the module docstring.
-    """
+    """Binary float32 masks 1[|s| > tau], without gradient; ``min_layer_density`` (a Python float, static under
+    jit) is the layer floor of the module docstring."""
     leaves, treedef = jax.tree.flatten(scores)
     taus = _leaf_thresholds(scores, ks, scope, min_layer_density)
     masks = [(jnp.abs(s) > t).astype(jnp.float32) for s, t in zip(leaves, taus)]
@@ -298,11 +271,10 @@ def masks_from_scores(scores: Params, ks: jax.Array, scope: str = "global", min_
 
 
 def ste_masks(scores: Params, ks: jax.Array, scope: str = "global", min_layer_density: float = 0.0) -> Params:
-    """Masks whose forward value is exactly 1[|s| > tau] and whose gradient w.r.t. |s| is the identity.
+    """Masks whose forward value is exactly 1[|s| > tau] and whose gradient w.r.t. |s| is the identity, so
+    dL/ds = sign(s) * W * dL/dw for pruned entries too; ``min_layer_density`` as in ``masks_from_scores``.
 
-    So dL/ds = sign(s) * W * dL/dw, for pruned entries too. Written as
-    m + (a - stop_gradient(a)) rather than a + stop_gradient(m - a), which can
-    round 1 to 0.99999994 in float32. ``min_layer_density``: as ``masks_from_scores``.
+    m + (a - stop_gradient(a)), not a + stop_gradient(m - a), which can round 1 to 0.99999994 in float32.
     """
     leaves, treedef = jax.tree.flatten(scores)
     taus = _leaf_thresholds(scores, ks, scope, min_layer_density)
@@ -315,10 +287,8 @@ def ste_masks(scores: Params, ks: jax.Array, scope: str = "global", min_layer_de
 
 
 def collapsed_layers(masks: Params) -> list[str]:
-    """Dotted names of the mask leaves that keep nothing (weight masks: kernels; channel masks: groups).
-
-    Such a layer passes no signal: on the network's only path, the output no longer depends on the input.
-    """
+    """Dotted names of the mask leaves that keep nothing (weight masks: kernels; channel masks: groups): such a
+    layer passes no signal, so on the network's only path the output does not depend on the input."""
     flat = traverse_util.flatten_dict(masks) if masks else {}
     return [".".join(str(p) for p in path) for path, mask in flat.items()
             if np.size(mask) and not np.any(np.asarray(mask))]

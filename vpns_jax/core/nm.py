@@ -1,35 +1,9 @@
 """N:M sparsity: every group of M consecutive kernel entries keeps its N largest |s|.
 
-A group is M consecutive entries along a kernel's **input dimension**, axis -2:
-the input channels of an HWIO conv kernel (one run of groups per (kh, kw, out)
-position) and the input features of an (in, out) dense kernel (one run per
-output column). This is the layout sparse matrix hardware reads (2:4 on sparse
-tensor cores): the reduction dimension of the matmul (conv: of its im2col form,
-per spatial tap). Patterns are N:M with M a power of two in 2..16 and
-1 <= N < M, so N / M is exact in binary and the config's density can be
-exactly N / M.
-
-Selection is exact and needs no sort: with a = |s| >= 0, an entry's rank in its
-group is #{j: a_j > a_i, or a_j == a_i and j < i} (M comparisons per entry) and
-it is kept iff rank < N. Ties therefore go to the lower input index, so every
-full group keeps exactly N, all-equal scores keep the group's first N.
-
-**Cut groups.** Where the input dimension I is not a multiple of M, the last
-group of each run holds r = I mod M < M entries (the first conv's 3 input
-channels at M = 4: r = 3) and keeps min(N, r) of them: what padding it to M
-with entries that always lose gives (they are padded with -1 < any |s|). A
-kernel of shape (..., I, O) thus keeps exactly
-P * (N * (I // M) + min(N, I mod M)) entries, P = its size / I
-(``kept_count``).
-
-``nm_masks`` are hard float32 masks; ``ste_nm_masks`` have the same forward
-value and the straight-through gradient of ``masking.ste_masks``: identity
-w.r.t. |s|, so dL/ds = sign(s) * W * dL/dw (sign(0) = +1, JAX's derivative of
-|s| at 0). Float32 and float64 scores both work.
-
-``group_indices`` / ``from_group_indices`` give each group's kept positions
-and back (host-side), the form ``vpns_jax.io.export`` stores N:M masks in;
-``group_kept``, ``is_nm`` and ``kept_counts`` check and count masks.
+Groups run along a kernel's input dimension (axis -2), the matmul's reduction dimension that sparse hardware reads.
+Selection is exact and sort-free (rank by M comparisons, ties to the lower index); a cut group of r = I mod M
+entries keeps min(N, r). ``ste_nm_masks`` have ``masking.ste_masks``'s straight-through gradient; ``group_indices``
+is the form ``vpns_jax.io.export`` stores. Rules and counts: docs/method.md, section 4.6.
 """
 
 from __future__ import annotations
@@ -66,11 +40,8 @@ def pattern_problem(pattern: str) -> str:
 
 
 def parse_nm(pattern: str) -> tuple[int, int]:
-    """(N, M) of an 'N:M' string; a one-line ValueError saying which rule it breaks.
-
-    Rules: integers N and M, M a power of two in 2..16 (the hardware formats
-    are 2:4, 1:4 and 4:8), 1 <= N < M.
-    """
+    """(N, M) of an 'N:M' string (integers, M a power of two in 2..16, 1 <= N < M); a one-line ValueError saying
+    which rule it breaks."""
     problem = pattern_problem(pattern)
     if problem:
         raise ValueError(f"N:M pattern {pattern!r} {problem}: use e.g. '2:4'")
@@ -120,11 +91,8 @@ def nm_masks(scores: Params, n: int, m: int) -> Params:
 
 
 def ste_nm_masks(scores: Params, n: int, m: int) -> Params:
-    """Masks whose forward value is exactly ``nm_masks`` and whose gradient w.r.t. |s| is the identity.
-
-    Written hard + (a - stop_gradient(a)), as ``masking.ste_masks``, so the
-    forward value stays exactly 0 or 1.
-    """
+    """Masks whose forward value is exactly ``nm_masks`` and whose gradient w.r.t. |s| is the identity (written
+    hard + (a - stop_gradient(a)), as ``masking.ste_masks``, so the forward stays exactly 0 or 1)."""
     def one(s):
         a = jnp.abs(s)
         return nm_keep(a, n, m).astype(a.dtype) + (a - jax.lax.stop_gradient(a))
@@ -187,11 +155,8 @@ def _slots_used(shape: tuple[int, ...], n: int, m: int) -> np.ndarray:
 
 
 def group_indices(mask: Any, n: int, m: int) -> np.ndarray:
-    """uint8 (groups, n): each group's kept positions (0..m-1) in ascending order, unused slots 0.
-
-    Groups in C order of (..., I / m, O); a cut group of r < n entries uses r
-    slots. ``mask`` must be N:M (``is_nm``); ``from_group_indices`` inverts it.
-    """
+    """uint8 (groups, n): each group's kept positions (0..m-1) ascending, unused slots 0 (a cut group of r < n
+    entries uses r), groups in C order of (..., I / m, O). ``mask`` must be N:M; ``from_group_indices`` inverts it."""
     mask = np.asarray(mask)
     if not is_nm(mask, n, m):
         raise ValueError(f"mask of shape {mask.shape} is not {n}:{m}: some group keeps other than min({n}, its size)")

@@ -1,13 +1,8 @@
 """Stage-partitioned optimisers with the reference's torch semantics.
 
-Each stage trains a different set of top-level subtrees of the state (VPNs:
-stage 1 the mask scores and the prompt with the weights frozen, stage 2 the
-weights, BatchNorm affine included, and the prompt; ``steps.Phase`` says which
-for every method). Every trainable
-leaf carries one of the labels {weights, bn, scores, prompt}, and one
-``optax.partition`` per stage gives each label its own torch-style optimiser:
-weight decay added to the gradient before SGD/Adam (torch's coupled decay, not
-AdamW) and a cosine schedule that is constant within an epoch.
+Each stage trains some top-level state subtrees (``steps.Phase``); every trainable leaf is labelled weights, bn,
+scores or prompt, and one ``optax.partition`` per stage gives each label a torch-style optimiser: coupled weight
+decay before SGD/Adam (not AdamW) and a cosine schedule constant within an epoch.
 """
 
 from __future__ import annotations
@@ -61,11 +56,8 @@ def reference_groups(stage: int) -> dict[str, GroupOptimizer]:
 
 
 def param_labels(trainable: Params, kinds: Params) -> Params:
-    """A label for every leaf of ``trainable`` (a dict of top-level state subtrees).
-
-    ``kinds`` is ``functional.leaf_kinds`` of the model; it tells BatchNorm
-    affine parameters ('bn') from the rest of the weights.
-    """
+    """A label for every leaf of ``trainable`` (a dict of top-level state subtrees); ``kinds``
+    (``functional.leaf_kinds``) tells normalisation affines ('bn') from the other weights."""
     labels = {}
     for subtree, params in trainable.items():
         if subtree == "weights":
@@ -110,12 +102,8 @@ def stage_optimizer(
     iterations_per_epoch: int,
     updates_per_iteration: Mapping[str, int] = TWO_STREAM_UPDATES,
 ) -> optax.GradientTransformation:
-    """One ``optax.partition`` over the labels present in ``labels``.
-
-    Each group's schedule counts that group's own updates, so the prompt (one
-    update per iteration) and the scores or weights (two) both see their
-    learning rate fall once per epoch.
-    """
+    """One ``optax.partition`` over the labels present in ``labels``; each group's schedule counts its own updates,
+    so the prompt (one per iteration) and the scores or weights (two) both decay once per epoch."""
     present = set(jax.tree.leaves(labels))
     missing = present - set(groups)
     if missing:
@@ -139,12 +127,8 @@ def apply_gradients(
     *,
     untouched: tuple[str, ...] = (),
 ) -> tuple[Params, optax.transforms.PartitionState]:
-    """One optimiser step; groups named in ``untouched`` keep their parameters and state.
-
-    This is torch's ``zero_grad(set_to_none=True)`` behaviour for a group that
-    got no gradient in a sub-step: its optimiser step is skipped entirely (no
-    Adam count increment, no weight decay, no momentum drift).
-    """
+    """One optimiser step; groups named in ``untouched`` keep their parameters and state, as torch skips a group
+    that got no gradient after ``zero_grad(set_to_none=True)`` (no Adam count, weight decay or momentum drift)."""
     updates, new_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     if untouched:

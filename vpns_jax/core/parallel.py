@@ -1,7 +1,6 @@
 """The device mesh and shardings of data-parallel runs: state replicated, batches split over ``data``.
 
-No pmap: steps are plain ``jax.jit`` functions whose inputs carry these
-shardings, and XLA inserts the gradient all-reduces.
+No pmap: steps are plain ``jax.jit`` functions whose inputs carry these shardings; XLA inserts the all-reduces.
 """
 
 from __future__ import annotations
@@ -79,12 +78,10 @@ def _is_batch(node: Any) -> bool:
 
 
 def replicate(tree, mesh: Mesh):
-    """Places a pytree (e.g. a training state) on every device of the mesh.
+    """Places a pytree (e.g. a training state) on every device of the mesh; leaves already global are kept.
 
-    With several processes, each leaf this process holds whole is rebuilt from its host value with
-    ``make_array_from_process_local_data``: ``device_put`` of a one-device array onto a mesh with one device per
-    process (jax 0.10) gave arrays whose buffer claimed the whole mesh, which orbax could not save. Leaves that
-    are already global (outputs of programs on the mesh) are kept."""
+    With several processes, a leaf held whole here is rebuilt with ``make_array_from_process_local_data``:
+    ``device_put`` onto a mesh of one device per process gives arrays orbax cannot save (jax 0.10)."""
     sharding = replicated(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)

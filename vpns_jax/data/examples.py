@@ -1,7 +1,6 @@
-"""The pixels of one view of a source's examples: the unit of work of the loader threads and worker processes.
+"""Pixels of one view of a source's examples: the unit of work of the loader threads and worker processes.
 
-The views are torchvision's test and training transforms (``transforms.py``)
-up to, not including, ``ToTensor``'s scaling.
+A view is torchvision's test or training transform (``transforms.py``) up to, not including, ``ToTensor``'s scaling.
 """
 
 from __future__ import annotations
@@ -36,8 +35,8 @@ def load_pixels(source: Sequence[dict[str, Any]], indices: np.ndarray, *, view: 
 
 
 def read_examples(source: Sequence[dict[str, Any]], indices: list[int]) -> Sequence[dict[str, Any]]:
-    """The examples at ``indices``, in one batched read where the source has one (``__getitems__``: TFDS's
-    array_record sources read a batch about three times faster than one example at a time)."""
+    """The examples at ``indices``, in one batched read where the source has ``__getitems__`` (TFDS's array_record
+    sources read a batch several times faster than one example at a time)."""
     if hasattr(source, "__getitems__"):
         try:
             return source.__getitems__(indices)

@@ -12,11 +12,8 @@ _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E
 
 
 def read_idx(path: str | pathlib.Path) -> np.ndarray:
-    """Reads an IDX file (``.gz`` or raw) into an array of its declared shape.
-
-    A file that is truncated, padded or not IDX at all is a ValueError naming
-    the file, never a silently short array.
-    """
+    """Reads an IDX file (``.gz`` or raw) into an array of its declared shape; a truncated, padded or non-IDX file
+    is a ValueError naming it, never a silently short array."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such IDX file")

@@ -1,17 +1,8 @@
 """Deterministic, resumable, per-process batches from prepared TFDS datasets, without TensorFlow.
 
-A split is opened as a random-access ``as_data_source`` (array_record). A
-``BatchStream`` turns it into batches of one view (the clean test-transform
-view, or the augmented training view) for this process: batch ``b`` of epoch
-``e`` is a pure function of (seed, stream, e, b) — the epoch's permutation, the
-process's rows of that global batch, and per-example augmentation draws seeded
-by the example's index — so any position can be saved as two integers and a
-restart yields exactly the batches an uninterrupted run would have seen, on any
-number of processes, loader threads or worker processes (``workers.py``).
-Training streams drop the last partial batch (fixed shapes under jit);
-evaluation streams pad it with label -1, which the eval step and the
-label-mapping counts ignore. Batches hold uint8 pixels: ``ToTensor``'s scaling
-to [0, 1] happens on the device (``parallel.global_batch``), bit for bit.
+Batch ``b`` of epoch ``e`` of a ``BatchStream`` is a pure function of (seed, stream, e, b), so a position is two
+integers and a restart sees exactly the batches an uninterrupted run would, whatever the number of processes, loader
+threads or worker processes. Batches hold uint8 pixels, scaled on the device (docs/data.md, "Transforms and streams").
 """
 
 from __future__ import annotations
@@ -38,9 +29,8 @@ def open_split(
 ) -> Sequence[dict[str, Any]]:
     """Random-access examples ({'image': uint8 HWC, 'label': int, ...}) of a prepared split.
 
-    Fails at once, without touching the network, if the dataset is not prepared
-    under ``data_dir`` or was prepared as TFRecord. ``labels_only`` leaves every
-    other feature undecoded (bytes), for fast label scans.
+    Fails at once, offline, if the split is not prepared as array_record under ``data_dir``. ``labels_only`` leaves
+    the other features undecoded (bytes), for fast label scans.
     """
     import vpns_jax.data.builders  # noqa: F401  (registers our TFDS builders)
 
@@ -77,9 +67,8 @@ def read_labels(name: str, split: str, data_dir: str | None = None) -> np.ndarra
 class ClassSubset(Sequence):
     """The examples of ``classes`` only (the first ``limit`` of them), relabelled 0..len(classes)-1 in order.
 
-    For class splits of one dataset, e.g. a source task on Fashion-MNIST classes
-    0-4 and a target task on 5-9. Pass ``labels`` (e.g. from ``read_labels``) to
-    avoid decoding every example to find them.
+    For class splits of one dataset (source task on classes 0-4, target on 5-9); ``labels`` (``read_labels``)
+    spares decoding every example to find them.
     """
 
     def __init__(self, source: Sequence[dict[str, Any]], classes: Sequence[int], limit: int | None = None,
@@ -127,12 +116,9 @@ def _assemble(parts: list[concurrent.futures.Future]) -> dict[str, np.ndarray]:
 class BatchStream:
     """Batches of one view of a split, for this process, at explicit (epoch, batch) positions.
 
-    ``global_batch_size`` counts every process's rows; this process reads only
-    its ``global_batch_size / process_count`` rows of each global batch.
-    ``source`` is either the examples themselves, loaded by ``num_threads``
-    threads here, or a ``workers.RemoteSource``, loaded by a pool of worker
-    processes; the batches are the same bytes either way. ``prefetch`` batches
-    after the current one are being built while it is used.
+    This process reads its ``global_batch_size / process_count`` rows of each global batch, from ``source`` itself
+    (``num_threads`` threads) or a ``workers.RemoteSource`` (worker processes): the same bytes either way. The
+    ``prefetch`` batches after the current one are built while it is used.
     """
 
     def __init__(
@@ -174,8 +160,8 @@ class BatchStream:
         self.batch = 0
         self._prefetch = prefetch
         self._remote = isinstance(source, workers.RemoteSource)
-        # Workers take whole batches while enough are in flight to keep each busy (fewer, larger tasks: at 32 px
-        # a 64-image task costs about 10 ms, and its round trip through the pool adds a few), else shares.
+        # Workers take whole batches while enough are in flight to keep each busy (fewer, larger tasks amortise
+        # the pool's round trip), else shares.
         self._chunks = max(1, source.pool.workers // (prefetch + 1)) if self._remote else max(1, num_threads)
         # Batches are assembled one after another in their own thread; their chunks load in the example
         # threads (or worker processes), which never wait on anything, so no pool waits on itself.
@@ -198,8 +184,8 @@ class BatchStream:
         return np.pad(indices, (0, self.global_batch_size - len(indices)), constant_values=-1)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        """The example order of ``epoch``: its permutation when training, computed once per epoch (drawing one
-        per batch cost the loading process about a millisecond per batch at 60,000 examples)."""
+        """The example order of ``epoch``: its permutation when training, computed once per epoch (a draw per
+        batch is costly on large splits)."""
         if self._order[0] != epoch:
             if self.training:
                 order = np.random.default_rng((self.seed, self.stream, epoch)).permutation(self.num_examples)
@@ -226,9 +212,8 @@ class BatchStream:
         return self._batch_pool.submit(_assemble, parts)
 
     def load(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
-        """This process's batch at a position: {'image': (b, S, S, 3) uint8, 'label': (b,) int32}.
-
-        The pixels are ``ToTensor``'s input: ``parallel.global_batch`` scales them to [0, 1] on the device."""
+        """This process's batch at a position: {'image': (b, S, S, 3) uint8, 'label': (b,) int32}; the pixels are
+        ``ToTensor``'s input, scaled to [0, 1] on the device by ``parallel.global_batch``."""
         return self._start(epoch, batch).result()
 
     def _position_after(self, epoch: int, batch: int) -> tuple[int, int]:

@@ -4,25 +4,8 @@
         [--verbose]
     python -m vpns_jax.data.prepare --dataset=NAME --convert [--data_dir=DIR]
 
-* ``fashion_mnist``, ``digits``, ``tiny_imagenet``: prepared offline by this project's
-  builders (:mod:`vpns_jax.data.builders`). Tiny-ImageNet needs ``--manual_dir`` unless
-  TFDS's default manual dir ``<data_dir>/downloads/manual`` holds it; Fashion-MNIST
-  reads ``--manual_dir`` when given, else Debian's ``/usr/share/datasets/fashion-mnist``.
-* TFDS's own builders (cifar10, cifar100, ...): only with ``--download`` (network, and
-  TensorFlow for most of them); without it this fails at once, saying how to get the data.
-
-* ``--convert``: a dataset prepared elsewhere as TFRecord (TFDS's old default) is read once
-  through tf.data and written beside it as array_record, which the pipeline reads without
-  TensorFlow; needs TensorFlow installed (``pip install tensorflow-cpu``). The TFRecord
-  files are kept.
-
-A dataset already prepared (at the builder's version) is reported and left untouched; ``--force``
-prepares it again and replaces the old copy only once the new one is complete. A preparation
-is built in ``<data_dir>/.incomplete-<tfds name>-*`` and renamed into place when complete, so a
-failed or interrupted one never passes for a prepared dataset (a folder left by a killed one
-may be deleted). Every image file is decoded while preparing: a broken one is a one-line error
-naming it.
-Errors are one line on stderr and exit code 2 (``--verbose`` adds the traceback).
+Which datasets need ``--manual_dir`` or ``--download``, and what ``--force``, ``--convert`` and the staging folder
+guarantee: docs/data.md, "Datasets". Errors are one line on stderr, exit code 2 (``--verbose`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -76,11 +59,9 @@ def _build_and_install(make_builder, root: pathlib.Path, version_dir: pathlib.Pa
                        manual: pathlib.Path | None) -> None:
     """Prepares the dataset in a staging folder, then renames it to ``version_dir`` (replacing one there).
 
-    The staging folder ``<root>/.incomplete-<tfds_name>-*`` is outside ``<root>/<tfds_name>``,
-    where :func:`registry.prepared_dir` looks, so a failed or killed preparation never passes
-    for a finished one; it is deleted on failure. An existing ``version_dir`` (``--force``) is
-    moved aside only once the new copy is complete, and deleted after the new one is in place:
-    a failed ``--force`` leaves it as it was.
+    The staging folder ``<root>/.incomplete-<tfds_name>-*`` is outside where :func:`registry.prepared_dir` looks,
+    so a failed preparation never passes for a finished one; an old ``version_dir`` is replaced only by a complete
+    copy, so a failed ``--force`` leaves it as it was.
     """
     import tensorflow_datasets as tfds
 
@@ -143,13 +124,10 @@ def prepare(
     name: str, data_dir: str | None = None, manual_dir: str | None = None, download: bool = False,
     force: bool = False,
 ) -> pathlib.Path:
-    """Prepares registry dataset ``name`` under ``data_dir`` (see :func:`registry.resolve_data_dir`).
+    """Prepares registry dataset ``name`` under ``data_dir``; returns ``<data_dir>/<tfds_name>/<version>``.
 
-    Returns the prepared version directory (``<data_dir>/<tfds_name>/<version>``). A dataset
-    already prepared there is returned untouched unless ``force``, which prepares it again and
-    replaces the old copy once the new one is complete. ``download`` is needed (and used) only
-    for TFDS's own builders; without it they raise :class:`registry.DataNotFoundError` at once.
-    A failed preparation leaves nothing that counts as prepared.
+    A dataset already prepared is left untouched unless ``force``. ``download`` is needed only for TFDS's own
+    builders (without it they raise :class:`registry.DataNotFoundError` at once).
     """
     return _prepare(name, data_dir, manual_dir, download, force)[0]
 
@@ -157,10 +135,8 @@ def prepare(
 def convert(name: str, data_dir: str | None = None) -> tuple[pathlib.Path, bool]:
     """Adds array_record files to a dataset prepared as TFRecord; (version dir, whether it converted now).
 
-    Both formats hold the same serialized examples, so each TFRecord shard is
-    copied record by record into an array_record shard of the same name pattern,
-    and ``array_record`` is listed in dataset_info.json as an alternative format.
-    Each file is written under a temporary name and renamed when complete.
+    Both formats hold the same serialized examples, so each shard is copied record by record (to a temporary name,
+    renamed when complete) and ``array_record`` is listed in dataset_info.json as an alternative format.
     """
     spec = registry.get_dataset_spec(name)
     version_dir = registry.prepared_dir(spec, data_dir)

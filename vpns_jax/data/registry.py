@@ -1,10 +1,7 @@
 """The datasets vpns_jax knows, by config name: their TFDS builders, splits and how to get them.
 
-Splits follow the authors' code (docs/method.md, section 2.2): Tiny-ImageNet's
-official val set is the test set; DTD and Flowers102 train on train+validation;
-Oxford Pets on trainval (TFDS ``train``). Nothing here downloads: a dataset that
-is not prepared under ``data_dir`` is a one-line ``DataNotFoundError`` saying
-where it was looked for and how to provide it.
+Splits follow the authors' code (docs/method.md, section 2.2). Nothing here downloads: a dataset not prepared under
+``data_dir`` is a one-line ``DataNotFoundError`` saying where it was looked for and how to provide it.
 """
 
 from __future__ import annotations
@@ -96,11 +93,8 @@ def resolve_data_dir(data_dir: str | None) -> pathlib.Path:
 
 
 def prepared_dir(spec: DatasetSpec, data_dir: str | None) -> pathlib.Path:
-    """The newest prepared version directory of ``spec`` under ``data_dir``.
-
-    Looks only at the local file system (``<data_dir>/<tfds_name>[/<config>]/<version>/dataset_info.json``),
-    so a missing dataset is reported at once, never after a download attempt.
-    """
+    """The newest prepared version directory (``<data_dir>/<tfds_name>[/<config>]/<version>``) of ``spec``; only
+    the local file system is read, so a missing dataset is reported at once, never after a download attempt."""
     root = resolve_data_dir(data_dir) / spec.tfds_name
     infos = sorted(root.glob("*/dataset_info.json")) + sorted(root.glob("*/*/dataset_info.json"))
     # Only version folders count: TFDS writes into ``incomplete.<id>_<version>`` and renames it when done,
@@ -125,11 +119,8 @@ def prepared_file_formats(version_dir: pathlib.Path) -> list[str]:
 
 
 def prepared_num_classes(version_dir: pathlib.Path) -> int | None:
-    """The class count of a prepared dataset's ``label`` feature, read from its metadata files (no TFDS).
-
-    ``features.json`` records it; a copy without one (older TFDS) is counted by its label names
-    file; None when neither says.
-    """
+    """The class count of a prepared dataset's ``label`` feature from ``features.json``, else from its label names
+    file (TFDS copies without one), else None; no TFDS import."""
     try:
         features = json.loads((version_dir / "features.json").read_text())
         return int(features["featuresDict"]["features"]["label"]["classLabel"]["numClasses"])
@@ -142,11 +133,8 @@ def prepared_num_classes(version_dir: pathlib.Path) -> int | None:
 
 
 def class_count_problem(spec: DatasetSpec, version_dir: pathlib.Path) -> str | None:
-    """Why the prepared copy ``version_dir`` of ``spec`` does not fit its configs (another class count), or None.
-
-    A copy prepared from an incomplete source (say a Tiny-ImageNet with 199 class folders)
-    would otherwise train with missing classes and report against the wrong head size.
-    """
+    """Why the prepared copy ``version_dir`` of ``spec`` does not fit its configs (another class count), or None:
+    a copy from an incomplete source would train with missing classes against the wrong head size."""
     found = prepared_num_classes(version_dir)
     if found is None or found == spec.num_classes:
         return None
@@ -157,7 +145,7 @@ def class_count_problem(spec: DatasetSpec, version_dir: pathlib.Path) -> str | N
 
 def check_class_count(spec: DatasetSpec, data_dir: str | None) -> None:
     """A one-line ValueError when the prepared copy of ``spec`` has another class count than ``spec.num_classes``
-    (read from its metadata files: cheap)."""
+    (metadata only: cheap)."""
     problem = class_count_problem(spec, prepared_dir(spec, data_dir))
     if problem is not None:
         raise ValueError(problem)

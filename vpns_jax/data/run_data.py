@@ -1,9 +1,4 @@
-"""The data a run reads: its datasets prepared (offline ones on demand), the training streams, the test stream.
-
-The streams' positions are functions of (seed, stream, epoch, batch), so a
-resumed run continues exactly where a killed one stopped
-(``pipeline.BatchStream``).
-"""
+"""The data a run reads: its datasets prepared (offline ones on demand), the training streams, the test stream."""
 
 from __future__ import annotations
 
@@ -81,11 +76,8 @@ def ensure_prepared(name: str, data_dir: str | None, auto_prepare: bool) -> None
 
 def dataset_class_names(name: str, data_dir: str | None = None, classes: Sequence[int] = (),
                         num_target: int | None = None) -> list[str] | None:
-    """Names of the target classes of a prepared dataset (its label feature's names), or None if it has none.
-
-    ``classes`` picks (and orders) a subset of the dataset's labels, as
-    ``config.data.classes``; otherwise the first ``num_target`` names (all by default).
-    """
+    """Names of the target classes of a prepared dataset, or None if its label feature has none: those of
+    ``classes`` (as ``config.data.classes``, in its order), else the first ``num_target`` (default: all)."""
     spec = registry.get_dataset_spec(name)
     try:
         source = pipeline.open_split(name, spec.test_split, data_dir, labels_only=True)

@@ -1,13 +1,8 @@
 """Worker processes that decode and augment examples, so the input pipeline scales with CPU cores.
 
-A ``WorkerPool`` starts ``workers`` processes (the ``spawn`` start method: a
-process that has started JAX must not ``fork``) and hands each of them the
-run's sources once, at start-up. A ``RemoteSource`` stands for one of those
-sources in this process: ``pipeline.BatchStream`` sends it chunks of example
-indices and gets back uint8 pixels and labels, built by the same
-``examples.load_pixels`` as in-process loading, so a batch holds the same bytes
-whichever way it was loaded. Workers exit when their parent does, even after a
-SIGKILL of the parent.
+Workers are spawned (a process that has started JAX must not ``fork``), get the run's sources once, and build chunks
+with the same ``examples.load_pixels`` as in-process loading, so a batch holds the same bytes either way. They exit
+when their parent does, even after a SIGKILL (docs/data.md, "Who builds the batches").
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """BiP: bi-level pruning, a weight step and an implicit-gradient score step in every iteration.
 
-One stage (docs/method.md, section 7.4) whose iteration is its own
-``Bilevel``: (i) a weight step on an augmented batch through the current hard
-masks; (ii) a score step on a second, independently shuffled augmented batch
-with dL/ds - lr_b * (dL/ds * dL/dtheta), the first-order implicit-gradient
-correction with both gradients from that batch.
+One stage (docs/method.md, section 7.4) of ``Bilevel`` iterations: a weight step on an augmented batch through the
+current hard masks, then a score step on a second, independently shuffled augmented batch with the first-order
+implicit-gradient correction dL/ds - lr_b * (dL/ds * dL/dtheta), both gradients from that batch.
 """
 
 from __future__ import annotations

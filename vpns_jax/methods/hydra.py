@@ -1,8 +1,7 @@
 """HYDRA: scores trained with the weights frozen on one plain stream, no prompt, then the weights finetuned.
 
-The authors' HYDRA baseline (docs/method.md, section 7.1): the same global
-threshold and straight-through masks as VPNs, without the prompt and its
-clean stream.
+The authors' HYDRA baseline (docs/method.md, section 7.3): VPNs' global threshold and straight-through masks without
+the prompt and its clean stream.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Network Slimming: sparsity training with L1 on BatchNorm scales, then channels pruned by |scale| and finetuned.
 
-Channel granularity only (docs/method.md, section 8): one dense unit trains with
-the L1 term, then each density keeps the channels with the largest BatchNorm
-scales (under ``structured.channel_max``) and finetunes.
+Channel granularity only (docs/method.md, section 7.7): one dense unit trains with the L1 term, then each density
+keeps the channels with the largest BatchNorm scales (under ``structured.channel_max``) and finetunes.
 """
 
 from __future__ import annotations

@@ -52,19 +52,12 @@ def create_model(
     image_size: int | None = None,
     vit: dict | None = None,
 ) -> nnx.Module:
-    """Builds model ``name`` (one of ``MODEL_NAMES``).
+    """Builds model ``name`` (one of ``MODEL_NAMES``); ``stem`` 'cifar' is for ResNets only.
 
-    ``stem`` is 'imagenet' or 'cifar' for ResNets; VGGs and ViTs only have the
-    'imagenet' layout. ``dtype`` is the compute dtype of convs, matmuls and
-    activations (``COMPUTE_DTYPES``); parameters stay float32, BatchNorm
-    statistics, LayerNorm, attention softmax and the logits at least float32,
-    and 'float32' computes in the input's own dtype (float64 inputs stay
-    float64). ``conv_impl`` and ``pool_impl`` pick the kernels
-    (``layers.CONV_IMPLS``, ``layers.POOL_IMPLS``). All three are static: they
-    live in the graphdef. ViTs only: ``image_size`` (None: 224) is the input
-    side the position embedding is made for, and ``vit`` overrides the named
-    shape (keys ``vit.VIT_OPTIONS``; 0 or missing: the named value); ``width``
-    scales their hidden and MLP widths (``vit.vit_shape``).
+    ``dtype`` (``COMPUTE_DTYPES``) is the compute dtype of convs, matmuls and activations: parameters stay float32,
+    normalisation statistics, softmax and logits at least float32, and 'float32' keeps the input's dtype (float64
+    stays float64). ``dtype``, ``conv_impl`` and ``pool_impl`` are static (in the graphdef). ViTs only:
+    ``image_size`` (None: 224) and ``vit`` (``vit.vit_shape``'s overrides).
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid models: {MODEL_NAMES}")

@@ -1,10 +1,8 @@
 """Use an NNX model as pure functions of pytrees.
 
-A model is split once into a static ``graphdef`` and two plain nested dicts:
-``weights`` (every ``nnx.Param``: kernels, biases, BatchNorm / LayerNorm affine, embeddings) and
-``batch_stats`` (every ``nnx.BatchStat``: BatchNorm running statistics).
-Training code only ever sees those dicts; ``apply_model`` rebuilds the module
-inside the traced function, so nothing stateful leaks out of ``jit``.
+A model is split once into a static ``graphdef`` and two plain nested dicts, ``weights`` (every ``nnx.Param``) and
+``batch_stats`` (every ``nnx.BatchStat``); ``apply_model`` rebuilds the module inside the traced function, so nothing
+stateful leaks out of ``jit``.
 """
 
 from __future__ import annotations
@@ -42,11 +40,8 @@ def apply_model(
     train: bool,
     dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, Params]:
-    """Runs the model on ``x``; returns (logits, batch_stats after the pass).
-
-    In training mode BatchNorm normalises with batch statistics and updates its
-    running statistics (returned); in eval mode ``batch_stats`` comes back as is.
-    """
+    """Runs the model on ``x``; returns (logits, batch_stats after the pass): updated running statistics in
+    training mode, ``batch_stats`` as given in eval mode."""
     model = nnx.merge(graphdef, weights, batch_stats)
     logits = model(x, train=train, dropout_key=dropout_key)
     if not train:
@@ -55,14 +50,9 @@ def apply_model(
 
 
 def leaf_kinds(model: nnx.Module) -> Params:
-    """A dict shaped like ``weights`` whose leaves name what each parameter is.
+    """A dict shaped like ``weights`` whose leaves name each parameter's kind (``CONV_KERNEL`` ... ``EMBEDDING``).
 
-    Kinds: ``conv_kernel``, ``dense_kernel``, ``bias`` (of a conv or dense
-    layer), ``bn`` (the affine of a normalisation layer: BatchNorm2d or
-    LayerNorm scale or bias) and ``embedding`` (a ``layers.Embedding``, such as
-    a ViT's class token and position embedding). Any other parameter is an
-    error, so that new layer types cannot slip past masking or the optimiser
-    labels unnoticed.
+    Any other parameter is an error, so a new layer type cannot slip past masking or the optimiser labels.
     """
     kinds: dict[tuple[Any, ...], str] = {}
     for path, module in nnx.iter_modules(model):

@@ -1,9 +1,7 @@
 """Building blocks with PyTorch semantics, in NHWC / float32.
 
-The layers mirror ``torch.nn`` (initialisation, BatchNorm momentum and
-unbiased running variance, pooling bins) so that the models match torchvision
-numerically and pretrained torchvision weights can be ported by renaming and
-transposing only.
+They mirror ``torch.nn`` (initialisation, BatchNorm momentum and unbiased running variance, pooling bins) so the
+models match torchvision numerically and its weights port by renaming and transposing only.
 """
 
 from __future__ import annotations
@@ -20,19 +18,14 @@ Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
 def scale_channels(channels: int, width: float) -> int:
-    """Channel count ``channels`` scaled by the width multiplier (at least 1).
-
-    Every model uses this one rule so that widths stay consistent between a
-    layer and the layers that consume its output.
-    """
+    """Channel count ``channels`` scaled by the width multiplier (at least 1): one rule for every model, so a
+    layer's width matches what its consumers expect."""
     return max(1, round(channels * width))
 
 
 def kaiming_normal_fan_out() -> Initializer:
-    """torch ``kaiming_normal_(mode='fan_out', nonlinearity='relu')`` for HWIO kernels.
-
-    Untruncated normal with std ``sqrt(2 / (kh * kw * out))``.
-    """
+    """torch ``kaiming_normal_(mode='fan_out', nonlinearity='relu')`` for HWIO kernels: untruncated normal with std
+    ``sqrt(2 / (kh * kw * out))``."""
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
         *receptive, _, out_channels = shape
@@ -63,11 +56,8 @@ def xavier_uniform() -> Initializer:
 
 
 def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    """``nnx.Linear`` initialised like torch's ``nn.Linear`` default.
-
-    torch's ``kaiming_uniform_(a=sqrt(5))`` on the weight reduces to
-    U(-1/sqrt(in), 1/sqrt(in)), the same bound as its bias.
-    """
+    """``nnx.Linear`` initialised like torch's ``nn.Linear``: its ``kaiming_uniform_(a=sqrt(5))`` weight init is
+    U(-1/sqrt(in), 1/sqrt(in)), the bias's bound."""
     bound = 1.0 / math.sqrt(in_features)
     return nnx.Linear(
         in_features,
@@ -81,7 +71,7 @@ def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.
 # Largest input map (px) on which a conv with a window larger than 1x1 runs as im2col + matmul.
 IM2COL_MAX_MAP = 4
 # How convs and max-pools are computed (config.model.conv_impl, pool_impl). 'auto' takes the CPU kernels on the
-# CPU backend only: they were made for and measured on XLA:CPU (docs/performance.md); GPU and TPU get plain lax ops.
+# CPU backend only: they work around XLA:CPU (docs/performance.md); GPU and TPU get plain lax ops.
 CONV_IMPLS = ("auto", "lax", "im2col")  # im2col: im2col + matmul on maps of at most IM2COL_MAX_MAP px
 POOL_IMPLS = ("auto", "lax", "argmax")  # argmax: the custom VJP routing by the saved argmax; lax: JAX's own
 
@@ -100,24 +90,16 @@ def backend() -> str:
 
 def runs_as_im2col(map_size: tuple[int, int], kernel_size: tuple[int, int]) -> bool:
     """Whether :func:`conv2d` computes a conv as im2col + matmul: a window larger than 1x1 on a map of at most
-    ``IM2COL_MAX_MAP`` px.
-
-    Where the window exceeds the input map (or, for a strided conv's gradients, the
-    output map), XLA swaps the conv's operands, and XLA:CPU runs the swapped conv as
-    a naive loop: on ResNet-18's 2 px maps 50x slower than the exact matmul form.
-    Measured on whole ImageNet-stem steps at 64 px, including the 4 px maps (the
-    stride-2 conv from 4 to 2 px among them) makes the stage-1 iteration 1.5x faster;
-    on larger maps the conv is faster.
-    """
+    ``IM2COL_MAX_MAP`` px, where XLA swaps a conv's operands and XLA:CPU runs the swapped conv as a naive loop
+    (docs/performance.md, "What was learnt about XLA:CPU")."""
     return kernel_size[0] * kernel_size[1] > 1 and min(map_size) <= IM2COL_MAX_MAP
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, impl: str = "auto") -> jax.Array:
-    """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero padding.
+    """2-D cross-correlation, NHWC input, HWIO kernel, symmetric zero padding: every conv of the package.
 
-    All convolutions in the package go through here. ``impl`` (``CONV_IMPLS``):
-    'im2col' computes small maps as im2col + matmul (:func:`runs_as_im2col`),
-    'lax' always uses XLA's conv, 'auto' the first on CPU and the second elsewhere.
+    ``impl`` (``CONV_IMPLS``): 'im2col' computes small maps as im2col + matmul (:func:`runs_as_im2col`), 'lax'
+    always uses XLA's conv, 'auto' the first on CPU and the second elsewhere.
     """
     if _cpu_kernels(impl, CONV_IMPLS, "im2col") and runs_as_im2col(x.shape[1:3], kernel.shape[:2]):
         return conv2d_im2col(x, kernel, stride, padding)
@@ -184,12 +166,8 @@ class Conv2d(nnx.Module):
 
 
 class BatchNorm2d(nnx.Module):
-    """BatchNorm over (N, H, W) with torch semantics.
-
-    Training normalises with the biased batch variance and updates the running
-    variance with the unbiased one; ``momentum`` is torch's (weight of the new
-    batch), not flax's.
-    """
+    """BatchNorm over (N, H, W) with torch semantics: training normalises with the biased batch variance and
+    updates the running variance with the unbiased one; ``momentum`` is torch's (the new batch's weight)."""
 
     def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5) -> None:
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
@@ -229,11 +207,8 @@ class BatchNorm2d(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis with torch semantics (biased variance, ``eps`` inside the root).
-
-    Parameters are named like BatchNorm2d's affine (``scale``, ``bias``), so
-    torch's ``weight`` maps to ``scale`` by the same rule.
-    """
+    """LayerNorm over the last axis with torch semantics (biased variance, ``eps`` inside the root); parameters are
+    named like BatchNorm2d's (``scale``, ``bias``), so torch's ``weight`` maps to ``scale`` by the same rule."""
 
     def __init__(self, num_features: int, *, eps: float = 1e-5) -> None:
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
@@ -260,10 +235,8 @@ def _pool_padding(padding: int) -> tuple[tuple[int, int], ...]:
 
 
 def max_pool2d_reference(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
-    """:func:`max_pool2d` as XLA's ``reduce_window``, differentiated by JAX itself (select-and-scatter).
-
-    The reference that tests and benchmarks hold the custom gradient against.
-    """
+    """:func:`max_pool2d` as XLA's ``reduce_window``, differentiated by JAX itself (select-and-scatter): the
+    reference the custom gradient is tested against."""
     return jax.lax.reduce_window(
         x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), _pool_padding(padding)
     )
@@ -283,18 +256,11 @@ def _window_views(x: jax.Array, window: int, stride: int, padding: int):
 def max_pool2d(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1, impl: str = "auto") -> jax.Array:
     """torch ``max_pool2d`` (floor mode) on NHWC; padding counts as -inf.
 
-    ``impl`` (``POOL_IMPLS``) picks the gradient: 'lax' is JAX's own
-    (:func:`max_pool2d_reference`), 'argmax' the custom VJP below, 'auto' the
-    custom VJP on CPU and JAX's own elsewhere.
-
-    The gradient goes to the first maximum of each window in row-major order, as
-    in torch. The forward keeps that position (one int8 per output) and the
-    backward routes the gradient by it: the backward never compares values
-    again, since under ``jit`` XLA may recompute the pool's input there with
-    another fusion, and a window none of whose entries equals the saved maximum
-    in the last bit would lose its gradient. Routing from window-sized strided
-    views also avoids XLA's select-and-scatter, which XLA:CPU expands into four
-    int32 index arrays of the padded input's size plus a scatter.
+    ``impl`` (``POOL_IMPLS``) picks the gradient: 'lax' is JAX's own (:func:`max_pool2d_reference`), 'argmax' the
+    custom VJP below, 'auto' the custom VJP on CPU and JAX's own elsewhere. The custom VJP sends each window's
+    gradient to its first maximum in row-major order, as torch, by the argmax the forward saved: the backward
+    compares no value, since XLA may recompute the input there with another fusion, differing in the last bit.
+    It also avoids select-and-scatter, costly on XLA:CPU (docs/performance.md, docs/gradients.md).
     """
     if not _cpu_kernels(impl, POOL_IMPLS, "argmax"):
         return max_pool2d_reference(x, window, stride, padding)
@@ -344,11 +310,8 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _adaptive_avg_pool_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
-    """Adaptive average pooling along one axis with torch's bins.
-
-    Bin i covers [floor(i*In/Out), ceil((i+1)*In/Out)). Bins are rectangles,
-    so pooling H then W equals torch's 2-D average.
-    """
+    """Adaptive average pooling along one axis with torch's bins, [floor(i*In/Out), ceil((i+1)*In/Out)); the bins
+    are rectangles, so pooling H then W equals torch's 2-D average."""
     in_size = x.shape[axis]
     if in_size == out_size:
         return x

@@ -1,21 +1,10 @@
 """Multiply-accumulate counts of a (masked) network, as the authors' calculate_flops.py counts them.
 
-Per conv: nnz(kernel) * H_out * W_out; per dense layer: nnz(kernel) per
-output position (1, or a ViT's tokens). The reference counts 2 * nnz * H * W
-FLOPs and halves the total, i.e. MACs. A product of two activations (a ViT's
-attention scores q k^T and their weighted sum of v) has no kernel to prune: it
-is one ``matmul`` row of contraction length times outputs, the same in dense
-and masked counts, so torchvision's published ViT GFLOPS figures come out.
-BatchNorm, ReLU, pooling and bias adds are not counted (the reference's BN,
-ReLU and pool hooks are commented out; the models here have no conv biases
-except VGG's, whose adds are negligible and left out for one rule for all).
-nnz is taken on the weights as given, so unstructured masks and zeroed
-channels both lower the count when the masked weights are passed in.
-
-Output sizes come from the model itself: the forward pass at the requested
-input size is traced to a jaxpr (nothing is computed) and each conv / dot
-whose kernel operand is a weights leaf (also through a reshape or a cast to the
-compute dtype) contributes one row, and so does each dot of two activations.
+Per conv nnz(kernel) * H_out * W_out, per dense layer nnz(kernel) per output position (1, or a ViT's tokens); the
+reference's 2 * nnz * H * W FLOPs, halved. A product of two activations (ViT attention) counts one ``matmul`` row,
+unmasked, so torchvision's published ViT GFLOPS come out. BatchNorm, ReLU, pooling and bias adds are not counted, as
+in the reference (whose hooks for them are commented out). nnz is taken on the weights as given, so pass masked
+weights. Output sizes come from tracing the forward pass to a jaxpr (nothing is computed).
 """
 
 from __future__ import annotations
@@ -100,10 +89,7 @@ def _abstract(tree: Params) -> Params:
 
 def _kernel_uses(jaxpr: jax.extend.core.Jaxpr, var_paths: dict[Any, Path], found: list) -> None:
     """Appends (path, output shape, None) for each counted op whose kernel operand is a weights leaf, and
-    (None, output shape, contraction length) for each dot of two activations.
-
-    Recurses into sub-jaxprs (e.g. a jitted helper) carrying the leaf identities across the call.
-    """
+    (None, output shape, contraction length) for each dot of two activations; recurses into sub-jaxprs."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _COUNTED:
             rhs = eqn.invars[1]
@@ -157,12 +143,8 @@ def count_macs(
     *,
     in_channels: int = 3,
 ) -> MacsReport:
-    """MACs of the model for one ``input_size`` x ``input_size`` image, with nnz taken on ``weights``.
-
-    Pass masked weights (``masking.apply_masks`` / ``structured.apply_channel_masks``)
-    to count a pruned network. Every conv and dense kernel must show up as the
-    kernel operand of a conv or dot in the traced forward pass.
-    """
+    """MACs of the model for one ``input_size`` x ``input_size`` image, with nnz taken on ``weights`` (masked weights
+    count a pruned network); every kernel must be the kernel operand of a conv or dot in the traced forward pass."""
     flat = jax.tree_util.tree_flatten_with_path(weights)[0]
     paths = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path) for key_path, _ in flat]
 

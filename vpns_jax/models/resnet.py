@@ -1,9 +1,7 @@
 """ResNet-18 / ResNet-50 in torchvision's layout.
 
-Attribute names follow torchvision, so a weights-dict path such as
-``('layer2', 0, 'downsample', 0, 'kernel')`` corresponds to the state-dict key
-``layer2.0.downsample.0.weight`` (kernels HWIO instead of OIHW, BatchNorm
-``scale``/``mean``/``var`` instead of ``weight``/``running_mean``/``running_var``).
+Attribute names follow torchvision: the weights path ``('layer2', 0, 'downsample', 0, 'kernel')`` is the state-dict
+key ``layer2.0.downsample.0.weight`` (kernels HWIO, not OIHW; BatchNorm ``scale``/``mean``/``var``).
 """
 
 from __future__ import annotations
@@ -81,11 +79,8 @@ class Bottleneck(nnx.Module):
 
 
 class ResNet(nnx.Module):
-    """torchvision-style ResNet with a width multiplier and an ImageNet or CIFAR stem.
-
-    ``width`` scales the base widths 64/128/256/512 (``scale_channels``); a
-    Bottleneck's output is the scaled base width times 4.
-    """
+    """torchvision-style ResNet with an ImageNet or CIFAR stem; ``width`` scales the base widths 64/128/256/512
+    (``scale_channels``), and a Bottleneck's output is the scaled base width times 4."""
 
     def __init__(
         self,

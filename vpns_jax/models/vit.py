@@ -1,17 +1,9 @@
 """Vision Transformers (ViT-B/16, ViT-B/32, ViT-L/16) in torchvision's layout.
 
-Module and parameter names follow torchvision's ``VisionTransformer``, so a
-weights-dict path maps to a state-dict name as for the CNNs:
-``('encoder', 'layers', 'encoder_layer_3', 'mlp', 0, 'kernel')`` is
-``encoder.layers.encoder_layer_3.mlp.0.weight`` transposed. The exceptions are
-torch's ``MultiheadAttention`` tensors ``in_proj_weight`` / ``in_proj_bias``,
-held here by an ``in_proj`` Linear (kernel (D, 3D), columns q | k | v), and the
-two learned embeddings ``class_token`` and ``encoder.pos_embedding``, kept by
-their own names. The prunable kernels are the patch embedding (``conv_proj``),
-each block's ``in_proj``, ``out_proj``, ``mlp.0`` and ``mlp.3``, and the head.
-
-Images are NHWC at exactly ``image_size`` px; dropout rates are torchvision's
-defaults (0), so training and eval compute the same function.
+Names follow torchvision's ``VisionTransformer`` (``encoder.layers.encoder_layer_3.mlp.0.weight`` is the path
+``('encoder', 'layers', 'encoder_layer_3', 'mlp', 0, 'kernel')``, transposed), except attention's ``in_proj_weight``
+/ ``in_proj_bias``, held by an ``in_proj`` Linear (kernel (D, 3D), columns q | k | v). Images are NHWC at exactly
+``image_size`` px; dropout rates are torchvision's (0). Prunable kernels: docs/methods.md, "Vision Transformers".
 """
 
 from __future__ import annotations
@@ -73,11 +65,8 @@ def _option(name: str, key: str, value: object, default: int) -> int:
 
 
 def vit_shape(name: str, vit: Mapping[str, object] | None = None, width: float = 1.0) -> ViTShape:
-    """The shape of ViT ``name`` with the ``vit`` overrides (0 or missing: the named value), then ``width``.
-
-    ``width`` scales hidden_dim (rounded to a multiple of num_heads, at least
-    num_heads) and mlp_dim (``scale_channels``). Bad options are one-line ValueErrors.
-    """
+    """The shape of ViT ``name`` with the ``vit`` overrides (0 or missing: the named value), then ``width``, which
+    scales hidden_dim (to a multiple of num_heads, at least num_heads) and mlp_dim; bad options are ValueErrors."""
     if name not in VIT_SHAPES:
         raise ValueError(f"unknown ViT {name!r}; valid: {VIT_NAMES}")
     named = VIT_SHAPES[name]
@@ -121,11 +110,8 @@ def _normal(std: float):
 
 
 class MultiheadSelfAttention(nnx.Module):
-    """torch ``nn.MultiheadAttention(D, heads, batch_first=True)`` on (x, x, x), no mask, no dropout.
-
-    ``in_proj`` holds torch's ``in_proj_weight`` transposed (columns q | k | v);
-    head h reads dims ``h*dh:(h+1)*dh`` of each, as torch splits them.
-    """
+    """torch ``nn.MultiheadAttention(D, heads, batch_first=True)`` on (x, x, x), no mask, no dropout; ``in_proj``
+    holds ``in_proj_weight`` transposed (columns q | k | v) and head h reads dims ``h*dh:(h+1)*dh`` of each."""
 
     def __init__(self, hidden_dim: int, num_heads: int, *, rngs: nnx.Rngs) -> None:
         self.in_proj = nnx.Linear(hidden_dim, 3 * hidden_dim, kernel_init=xavier_uniform(),
@@ -255,11 +241,8 @@ def _cubic_taps(t: float) -> tuple[float, float, float, float]:
 
 
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float64 matrix of torch's 1-D bicubic resize with ``align_corners=True``.
-
-    Output i samples src = i * (in - 1) / (out - 1) (0 when out is 1); the four
-    taps around it are clamped to the border, as torch's upsample_bicubic2d does.
-    """
+    """(out_size, in_size) float64 matrix of torch's 1-D bicubic resize with ``align_corners=True``: output i samples
+    src = i * (in - 1) / (out - 1) (0 when out is 1), its four taps clamped to the border as upsample_bicubic2d's."""
     scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
     matrix = np.zeros((out_size, in_size), np.float64)
     for i in range(out_size):
@@ -271,13 +254,9 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def interpolate_pos_embedding(pos_embedding: np.ndarray | jax.Array, grid: int) -> np.ndarray | jax.Array:
-    """(1, 1 + g0*g0, D) -> (1, 1 + grid*grid, D) as torchvision's ``interpolate_embeddings`` (bicubic).
-
-    The class token's row is kept; the g0 x g0 grid (row-major patches) is
-    resized by separable bicubic interpolation with ``align_corners=True``
-    (:func:`bicubic_matrix`). numpy in, numpy out (computed in float64, returned
-    in the input's dtype); a jax array in, a jax array out.
-    """
+    """(1, 1 + g0*g0, D) -> (1, 1 + grid*grid, D) as torchvision's ``interpolate_embeddings``: the class token's row
+    kept, the row-major g0 x g0 grid resized by separable bicubic (:func:`bicubic_matrix`). numpy in, numpy out
+    (computed in float64, returned in the input's dtype); jax in, jax out."""
     xp = jnp if isinstance(pos_embedding, jax.Array) else np
     n, length, dim = pos_embedding.shape
     old = math.isqrt(length - 1)

@@ -1,18 +1,8 @@
 """TFDS builder ``fashion_mnist_local``: the real Fashion-MNIST, prepared offline from IDX files.
 
-The source is the four gzipped IDX files of Debian's ``dataset-fashion-mnist``
-package (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``). Where they are read
-from:
-
-1. the TFDS manual dir (``DownloadConfig(manual_dir=...)``, i.e. the prepare CLI's
-   ``--manual_dir``; TFDS's default is ``<data_dir>/downloads/manual``) when it holds
-   at least one of the four files;
-2. otherwise :data:`DEFAULT_SOURCE_DIR` (``/usr/share/datasets/fashion-mnist``, where
-   the Debian package installs them).
-
-The prepared dataset has the features, supervised keys and splits of TFDS's own
-``fashion_mnist`` (``train`` 60,000 and ``test`` 10,000 examples); the images are
-stored as lossless PNG encoded with PIL, so no TensorFlow is needed.
+The four gzipped IDX files of Debian's ``dataset-fashion-mnist`` are read from the TFDS manual dir when it holds any
+of them, else from ``DEFAULT_SOURCE_DIR``. Features, supervised keys and splits are TFDS ``fashion_mnist``'s (train
+60,000, test 10,000); images are stored as lossless PNG.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """TFDS builder ``sklearn_digits``: scikit-learn's bundled 8x8 handwritten digits, offline.
 
-``sklearn.datasets.load_digits`` ships with scikit-learn (1,797 images of 8x8 pixels
-with values 0..16). Each image is stored as a uint8 (8, 8, 1) PNG with
-``pixel = round(v * 255 / 16)`` (0 -> 0, 16 -> 255, 8 -> 128), label 0..9.
-
-Split (deterministic, the data has no official one): ``np.random.default_rng(0).permutation(1797)``;
-its first 360 indices are ``test``, the remaining 1,437 ``train``. Example keys are the
-indices into ``load_digits()``.
+Each of the 1,797 images (values 0..16) is stored as a uint8 (8, 8, 1) PNG of ``round(v * 255 / 16)``. The data
+has no official split: the first 360 indices of ``default_rng(0).permutation(1797)`` are ``test``, the other 1,437
+``train``; example keys index ``load_digits()``.
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """TFDS builder ``tiny_imagenet``: Tiny-ImageNet-200 from a manual copy, offline.
 
-Source, looked for in the TFDS manual dir (the prepare CLI's ``--manual_dir``;
-TFDS's default is ``<data_dir>/downloads/manual``), first match wins:
-
-1. ``tiny-imagenet-200.zip`` (read in place, never extracted to disk);
-2. the extracted ``tiny-imagenet-200/`` folder;
-3. the manual dir itself, when it is that folder (holds ``wnids.txt``).
-
-Layout read: ``wnids.txt``; ``words.txt``; ``train/<wnid>/images/*.JPEG``;
-``val/images/*.JPEG`` with ``val/val_annotations.txt`` (tab separated: file name,
-wnid, bounding box). The label is the index of the wnid in the SORTED wnids; the
-``ClassLabel`` names are the wnids' readable names from ``words.txt`` (the first of
-each wnid's comma-separated names, e.g. ``goldfish``), in that same order. Splits:
-``train`` (100,000) and ``validation`` (the official val set, 10,000; the registry
-uses it as the test split). Example keys are the image file names.
-
-Images: every file is decoded in full while preparing, so a truncated or corrupt
-one stops the preparation with one line naming it (and nothing is left prepared,
-see ``vpns_jax.data.prepare``) instead of failing a run at its first batch. RGB
-JPEGs are stored as their original bytes, so they decode exactly as the
-originals; the few non-RGB (grayscale) ones are converted to RGB with PIL and
-stored as lossless PNG, so every image decodes to (64, 64, 3) uint8.
-
-Versions: 1.1.0 has the readable label names and checked images; a 1.0.0 copy
-(label names = wnids, same labels and image bytes) is still read.
+Label i is the i-th of the SORTED wnids, named by its first readable name in ``words.txt``; splits are ``train``
+(100,000) and ``validation`` (the official val set, 10,000; the registry's test split). Every image is decoded while
+preparing, so a broken one is a one-line error; RGB JPEGs keep their bytes, greyscale ones become RGB PNGs. Where
+the copy is looked for and which files are read: docs/data.md, "Datasets".
 """
 
 from __future__ import annotations
@@ -103,7 +83,7 @@ class _Source:
 
 
 def find_source(manual_dir: pathlib.Path) -> pathlib.Path:
-    """The zip or folder to read in ``manual_dir`` (see the module docstring); a one-line error otherwise."""
+    """The zip or folder to read in ``manual_dir`` (docs/data.md, "Datasets"); a one-line error otherwise."""
     for candidate in (manual_dir / ZIP_NAME, manual_dir / FOLDER_NAME, manual_dir):
         if candidate.suffix == ".zip" and candidate.is_file():
             return candidate
@@ -122,11 +102,8 @@ def read_wnids(source: _Source) -> list[str]:
 
 
 def read_class_names(source: _Source, wnids: list[str]) -> list[str]:
-    """The readable name of each of ``wnids``, in their order, from ``words.txt`` (``wnid<TAB>name, name, ...``).
-
-    Each wnid gets its first comma-separated name; a name two wnids share (ImageNet has
-    two "crane"s) gets its wnid appended, because TFDS label names must be unique.
-    """
+    """The first comma-separated name of each of ``wnids`` in ``words.txt`` (``wnid<TAB>name, name, ...``); a name
+    two wnids share (ImageNet has two "crane"s) gets its wnid appended, as TFDS label names must be unique."""
     wanted = set(wnids)
     first: dict[str, str] = {}
     for line in source.read_text("words.txt").splitlines():
@@ -160,11 +137,8 @@ def read_val_annotations(source: _Source, wnids: list[str]) -> dict[str, str]:
 
 
 def image_for_storage(data: bytes, where: str) -> bytes:
-    """The original bytes of a 64x64 RGB image; a lossless RGB PNG of any other mode (grayscale).
-
-    The image is decoded in full first: ``Image.open`` reads only the header, so a
-    truncated file would otherwise be stored and fail only when a run decodes it.
-    """
+    """The original bytes of a 64x64 RGB image; a lossless RGB PNG of any other mode (grayscale). Decoded in full
+    first: ``Image.open`` reads only the header, so a truncated file would otherwise fail only in a run."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # PIL's decoder is the one the reader uses (TFDS decodes with PIL when OpenCV is absent)
