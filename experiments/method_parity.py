@@ -48,8 +48,8 @@ CASES = {
     "vpns_channel": ("--config.method=vpns",) + CHANNEL,
     "slim": ("--config.method=slim",) + CHANNEL,
     "hydra_transfer": ("--config.method=hydra", "--config.transfer.masks_from={workdir}/vpns"),
-    "vpns_nm_2_4": ("--config.method=vpns", "--config.mask.pattern=2:4", "--config.densities=(0.5,)"),
-    "omp_nm_1_4": ("--config.method=omp", "--config.mask.pattern=1:4", "--config.densities=(0.25,)"),
+    "vpns_nm_2_4": ("--config.method=vpns", "--config.mask.granularity=2:4", "--config.densities=(0.5,)"),
+    "omp_nm_1_4": ("--config.method=omp", "--config.mask.granularity=1:4", "--config.densities=(0.25,)"),
     "vit_vpns": ("--config=configs/default_vit.py", "--config.method=vpns"),
     "vit_vpns_channel": ("--config=configs/default_vit.py", "--config.method=vpns") + CHANNEL,
 }

@@ -36,7 +36,7 @@ def variants(methods: Sequence[str]) -> dict[str, sweep.Variant]:
     for method in methods:
         out[method] = sweep.Variant(method)
         for pattern, density in PATTERNS.items():
-            out[variant_name(method, pattern)] = sweep.Variant(method, {"mask.pattern": pattern}, (density,))
+            out[variant_name(method, pattern)] = sweep.Variant(method, {"mask.granularity": pattern}, (density,))
     return out
 
 

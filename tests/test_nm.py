@@ -1,4 +1,4 @@
-"""N:M masks (``mask.pattern='N:M'``): exact per-group selection, the cut-group rule, ties and zeros, the
+"""N:M masks (``mask.granularity='N:M'``): exact per-group selection, the cut-group rule, ties and zeros, the
 straight-through gradient, the one-line config errors, and tiny VPNs and OMP runs whose every group keeps N.
 
 float64 selection and the gradient at XLA's default optimisation level are in
@@ -186,31 +186,35 @@ def _config(**updates):
     return _set(load("default.py"), {path.replace("__", "."): value for path, value in updates.items()})
 
 
-NM = {"mask__pattern": "2:4", "densities": (0.5,)}
+NM = {"mask__granularity": "2:4", "densities": (0.5,)}
 
 
 @pytest.mark.parametrize("updates, message", [
-    ({"mask__pattern": "2:5"}, "config.mask.pattern='2:5' has M = 5, but M must be a power of two in 2..16 (the "
-                               "hardware formats are 2:4, 1:4 and 4:8): use an N:M pattern such as '2:4'"),
-    ({"mask__pattern": "0:4"}, "config.mask.pattern='0:4' has N = 0, but 1 <= N < M"),
-    ({"mask__pattern": "4:4"}, "config.mask.pattern='4:4' has N = 4, but 1 <= N < M"),
-    ({"mask__pattern": "abc"}, "config.mask.pattern='abc' is not 'N:M' with integers N and M: use an N:M pattern "
-                               "such as '2:4' or '1:4', or 'unstructured' or 'channel'"),
-    ({**NM, "method": "bip"}, "config.mask.pattern='2:4' is not available for method 'bip': use one of vpns, hydra, "
-                              "omp, omp_vp, or pattern 'unstructured'"),
-    ({**NM, "method": "lth"}, "config.mask.pattern='2:4' is not available for method 'lth'"),
-    ({"mask__pattern": "2:4"}, "config.mask.pattern='2:4' keeps N/M = 0.5 of every group, but config.densities="
-                               "(0.5, 0.1, 0.05, 0.02): set config.densities=(0.5,)"),
-    ({"mask__pattern": "1:4", "densities": (0.5,)}, "config.mask.pattern='1:4' keeps N/M = 0.25 of every group, "
-                                                    "but config.densities=(0.5,): set config.densities=(0.25,)"),
-    ({**NM, "mask__granularity": "channel"}, "config.mask.pattern='2:4' is a per-weight pattern, but "
-                                             "config.mask.granularity='channel': use granularity 'weight'"),
+    ({"mask__granularity": "2:5"}, "config.mask.granularity='2:5' has M = 5, but M must be a power of two in 2..16 "
+                                   "(the hardware formats are 2:4, 1:4 and 4:8): use 'weight', 'channel', or an N:M"),
+    ({"mask__granularity": "0:4"}, "config.mask.granularity='0:4' has N = 0, but 1 <= N < M"),
+    ({"mask__granularity": "4:4"}, "config.mask.granularity='4:4' has N = 4, but 1 <= N < M"),
+    ({"mask__granularity": "abc"}, "config.mask.granularity='abc' is not 'N:M' with integers N and M: use 'weight', "
+                                   "'channel', or an N:M pattern such as '2:4' or '1:4'"),
+    ({**NM, "method": "bip"}, "config.mask.granularity='2:4' is not available for method 'bip': use one of vpns, "
+                              "hydra, omp, omp_vp, or granularity 'weight'"),
+    ({**NM, "method": "lth"}, "config.mask.granularity='2:4' is not available for method 'lth'"),
+    ({"mask__granularity": "2:4"}, "config.mask.granularity='2:4' keeps N/M = 0.5 of every group, but "
+                                   "config.densities=(0.5, 0.1, 0.05, 0.02): set config.densities=(0.5,)"),
+    ({"mask__granularity": "1:4", "densities": (0.5,)}, "config.mask.granularity='1:4' keeps N/M = 0.25 of every "
+                                                        "group, but config.densities=(0.5,): set "
+                                                        "config.densities=(0.25,)"),
     ({**NM, "mask__min_layer_density": 0.05}, "config.mask.min_layer_density=0.05 does not apply to N:M masks"),
     ({**NM, "mask__scope": "layer"}, "config.mask.scope='layer' does not apply to N:M masks"),
-    ({**NM, "transfer__masks_from": "workdir/a"}, "config.mask.pattern='2:4' has no effect with "
+    ({**NM, "transfer__masks_from": "workdir/a"}, "config.mask.granularity='2:4' has no effect with "
                                                   "config.transfer.masks_from"),
-    ({"mask__pattern": "channel", "method": "hydra"}, "config.mask.pattern='channel' is not available for method "
-                                                      "'hydra': use pattern 'unstructured' or an N:M one"),
+    ({"mask__granularity": "channel", "method": "hydra"}, "config.mask.granularity='channel' is not available for "
+                                                          "method 'hydra': use one of 'weight'"),
+    # The field that N:M masks had before they became a granularity, as a config file would still set it.
+    ({"mask__pattern": "2:4"}, "config.mask.pattern was folded into config.mask.granularity: use "
+                               "--config.mask.granularity=2:4 (in a config file, config.mask.granularity = '2:4')"),
+    ({"mask__pattern": "unstructured"}, "config.mask.pattern was folded into config.mask.granularity: use "
+                                        "--config.mask.granularity=weight"),
 ])
 def test_bad_patterns_are_one_line_errors(updates, message):
     with pytest.raises(ConfigError) as info:
@@ -219,35 +223,32 @@ def test_bad_patterns_are_one_line_errors(updates, message):
 
 
 @pytest.mark.parametrize("updates", [NM, {**NM, "method": "hydra"}, {**NM, "method": "omp"}, {**NM, "method": "omp_vp"},
-                                     {"mask__pattern": "1:4", "densities": (0.25,)},
-                                     {"mask__pattern": "4:8", "densities": (0.5,), "method": "hydra"}])
+                                     {"mask__granularity": "1:4", "densities": (0.25,)},
+                                     {"mask__granularity": "4:8", "densities": (0.5,), "method": "hydra"}])
 def test_n_m_configs_validate_for_the_methods_that_make_n_m_masks(updates):
     config_checks.validate(_config(**updates), num_devices=1)
-    assert config_checks.mask_pattern(_config(**updates)) == ("weight", nm.parse_nm(updates["mask__pattern"]))
+    assert config_checks.mask_pattern(_config(**updates)) == ("weight", nm.parse_nm(updates["mask__granularity"]))
 
 
-def test_one_helper_reads_pattern_and_granularity():
+def test_one_field_says_what_a_mask_unit_is():
     assert config_checks.mask_pattern(_config()) == ("weight", None)
     assert config_checks.mask_pattern(_config(mask__granularity="channel")) == ("channel", None)
-    assert config_checks.mask_pattern(_config(mask__pattern="channel")) == ("channel", None)  # granularity 'weight'
-    config = _config()
-    del config.mask["pattern"]  # a config from before the field
-    assert config_checks.mask_pattern(config) == ("weight", None)
+    assert config_checks.mask_pattern(_config(mask__granularity="4:8")) == ("weight", (4, 8))
 
 
-def test_the_pattern_field_leaves_existing_fingerprints_alone():
+def test_fingerprints_keep_the_layout_existing_workdirs_hold():
     default = config_checks.fingerprint(_config())
-    assert "pattern" not in default["mask"]  # workdirs fingerprinted before the field still resume
-    # 'channel' either way is one fingerprint: the granularity spelling that existing workdirs hold.
     channel = config_checks.fingerprint(_config(mask__granularity="channel"))
-    assert config_checks.fingerprint(_config(mask__pattern="channel")) == channel != default
+    assert "pattern" not in default["mask"] and "pattern" not in channel["mask"] and channel != default
+    # Workdirs of N:M runs hold granularity 'weight' and the pattern in a field of its own: they still resume.
     n_m = config_checks.fingerprint(_config(**NM))
-    assert n_m["mask"]["pattern"] == "2:4" and n_m != config_checks.fingerprint(_config(densities=(0.5,)))
+    assert (n_m["mask"]["granularity"], n_m["mask"]["pattern"]) == ("weight", "2:4")
+    assert n_m != config_checks.fingerprint(_config(densities=(0.5,)))
 
 
 def test_the_command_line_flags_reach_the_config():
-    config = load("default.py", "--config.mask.pattern=2:4", "--config.densities=(0.5,)", "--config.method=omp")
-    assert (config.mask.pattern, tuple(config.densities), config.method) == ("2:4", (0.5,), "omp")
+    config = load("default.py", "--config.mask.granularity=2:4", "--config.densities=(0.5,)", "--config.method=omp")
+    assert (config.mask.granularity, tuple(config.densities), config.method) == ("2:4", (0.5,), "omp")
     config_checks.validate(config, num_devices=1)
 
 
@@ -272,7 +273,7 @@ def _check_every_group_keeps_two(masks):
 
 @pytest.mark.parametrize("method", ["vpns", "omp"])
 def test_tiny_n_m_run_keeps_two_of_every_four_and_exports_them(fashion_data_dir, source, tmp_path, method):
-    config = tiny_config(fashion_data_dir, source[0], method, **{"mask.pattern": "2:4", "densities": (0.5,)})
+    config = tiny_config(fashion_data_dir, source[0], method, **{"mask.granularity": "2:4", "densities": (0.5,)})
     results = train.run(config, tmp_path)
     assert json.loads((tmp_path / workdir_files.RESULTS_JSON).read_text()) == results
     row = [r for r in results if r["density"] == 0.5][0]

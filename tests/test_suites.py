@@ -41,7 +41,7 @@ def test_nm_cells_run_only_their_patterns_density(tmp_path, capsys):
     commands = {line.split("--workdir=")[1].split()[0]: line for line in out.splitlines() if "vpns_jax.main" in line}
     assert "'--config.densities=(0.5, 0.25)'" in commands[f"{tmp_path}/vpns/seed_7"]
     two_four = commands[f"{tmp_path}/omp_2_4/seed_7"]
-    assert "--config.method=omp" in two_four and "--config.mask.pattern=2:4" in two_four
+    assert "--config.method=omp" in two_four and "--config.mask.granularity=2:4" in two_four
     assert "'--config.densities=(0.5,)'" in two_four
     assert "'--config.densities=(0.25,)'" in commands[f"{tmp_path}/vpns_1_4/seed_7"]
 

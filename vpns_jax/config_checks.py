@@ -22,7 +22,8 @@ from typing import Any
 from vpns_jax import methods, models
 from vpns_jax.config_fields import (ConfigError, check_choice, check_int_at_least, check_optimizer, get,  # noqa: F401
                                     group_optimizer, is_int, is_real, mask_pattern, plain)
-from vpns_jax.core import health, masking, prompts, steps
+from vpns_jax.core import health, masking, prompts
+from vpns_jax.core.nm import pattern_problem
 from vpns_jax.data import registry
 from vpns_jax.models import layers
 from vpns_jax.models import vit as vit_models
@@ -153,7 +154,6 @@ def validate(config: Any, *, num_devices: int) -> None:
         _check_source(config, num_classes, num_devices)
     _check_prompt(config)
     check_choice(config, "mask.scope", masking.THRESHOLD_SCOPES)
-    check_choice(config, "mask.granularity", steps.GRANULARITIES)
     masks_from = get(config, "transfer.masks_from")
     if not isinstance(masks_from, str):
         raise ConfigError(f"config.transfer.masks_from={masks_from!r} must be a workdir path, or '' for no transfer")
@@ -183,26 +183,26 @@ def _check_min_layer_density(config: Any) -> None:
 
 
 def _check_mask_pattern(config: Any) -> None:
-    """An N:M pattern: a method that makes N:M masks, densities (N/M,), and no field that N:M masks ignore."""
-    pattern = get(config, "mask.pattern")
-    _, nm = methods.check_pattern(config)  # a malformed pattern, or one the method does not make, is refused here
+    """An N:M granularity: a method that makes N:M masks, densities (N/M,), and no field that N:M masks ignore."""
+    _, nm = methods.check_pattern(config)  # a malformed granularity, or N:M for a method without, is refused here
     if nm is None:
         return
     n, m = nm
+    pattern = get(config, "mask.granularity")
     densities = tuple(get(config, "densities"))
     if densities != (n / m,):
-        raise ConfigError(f"config.mask.pattern={pattern!r} keeps N/M = {n / m!r} of every group, but config.densities="
-                          f"{densities!r}: set config.densities=({n / m!r},)")
+        raise ConfigError(f"config.mask.granularity={pattern!r} keeps N/M = {n / m!r} of every group, but "
+                          f"config.densities={densities!r}: set config.densities=({n / m!r},)")
     floor = get(config, "mask.min_layer_density")
     if floor:
         raise ConfigError(f"config.mask.min_layer_density={floor!r} does not apply to N:M masks (every group keeps "
-                          f"{n} of {m}, so no layer empties): use 0 with config.mask.pattern={pattern!r}")
+                          f"{n} of {m}, so no layer empties): use 0 with config.mask.granularity={pattern!r}")
     if get(config, "mask.scope") != "global":
         raise ConfigError(f"config.mask.scope={get(config, 'mask.scope')!r} does not apply to N:M masks (each group "
-                          f"of {m} chooses its own {n}): use 'global' with config.mask.pattern={pattern!r}")
+                          f"of {m} chooses its own {n}): use 'global' with config.mask.granularity={pattern!r}")
     if get(config, "transfer.masks_from"):
-        raise ConfigError(f"config.mask.pattern={pattern!r} has no effect with config.transfer.masks_from (the masks "
-                          "come from that run): use 'unstructured' here, and the pattern in the run that found them")
+        raise ConfigError(f"config.mask.granularity={pattern!r} has no effect with config.transfer.masks_from (the "
+                          "masks come from that run): use 'weight' here, and the pattern in the run that found them")
 
 
 def _check_model(config: Any) -> int:
@@ -301,9 +301,9 @@ def fingerprint(config: Any) -> dict[str, Any]:
     """
     result = copy.deepcopy(plain(config))
     mask = result.get("mask")
-    if isinstance(mask, dict) and mask.get("pattern") == "channel":
-        # Two spellings of channel masks, one fingerprint: granularity 'channel' is what workdirs already hold.
-        mask.update(granularity="channel", pattern="unstructured")
+    if isinstance(mask, dict) and not pattern_problem(mask.get("granularity")):
+        # Workdirs hold N:M masks as granularity 'weight' with a pattern field, the layout before the one field.
+        mask.update(granularity="weight", pattern=mask["granularity"])
     for path in NON_RESULT_FIELDS:
         node, leaf = _parent(result, path)
         node.pop(leaf, None)

@@ -71,29 +71,35 @@ def check_fraction(config: Any, path: str, what: str) -> None:
         raise ConfigError(f"config.{path}={value!r} must be a fraction in (0, 1): {what}")
 
 
-def mask_pattern(config: Any) -> tuple[str, tuple[int, int] | None]:
-    """(granularity, (N, M) or None): the masks ``config.mask.pattern`` and ``config.mask.granularity`` select.
+# What a mask's unit is: one field, ``mask.granularity``; an N:M string is per-weight masks kept N of every M.
+GRANULARITIES = ("weight", "channel")
+# Fields folded into another: old path -> (new path, old value -> new value).
+RENAMED_FIELDS = {"mask.pattern": ("mask.granularity", {"unstructured": "weight"})}
 
-    The one place that decides it. 'unstructured' (the default) keeps ``mask.granularity`` as it is, so configs
-    from before the pattern field mean what they meant; 'channel' is channel granularity whatever the
-    granularity says; an N:M string is per-weight N:M masks and needs granularity 'weight'. A config without
-    ``mask.pattern`` is 'unstructured'.
+
+def renamed_field_error(path: str, value: Any) -> ConfigError:
+    """The one-line error for a field that was folded into another, naming the new spelling of ``value``."""
+    new_path, values = RENAMED_FIELDS[path]
+    new_value = values.get(value, value) if isinstance(value, str) else value
+    return ConfigError(f"config.{path} was folded into config.{new_path}: use --config.{new_path}={new_value} "
+                       f"(in a config file, config.{new_path} = {new_value!r})")
+
+
+def mask_pattern(config: Any) -> tuple[str, tuple[int, int] | None]:
+    """(granularity, (N, M) or None) of ``config.mask.granularity``: 'weight', 'channel' or an 'N:M' string.
+
+    The one place that reads what a mask's unit is; N:M masks are per-weight, so their granularity is 'weight'.
     """
-    pattern = config.mask.get("pattern", "unstructured")
+    if "pattern" in config.mask:
+        raise renamed_field_error("mask.pattern", config.mask.pattern)
     granularity = get(config, "mask.granularity")
-    if pattern == "unstructured":
+    if granularity in GRANULARITIES:
         return granularity, None
-    if pattern == "channel":
-        return "channel", None
-    problem = nm.pattern_problem(pattern)
+    problem = nm.pattern_problem(granularity)
     if problem:
-        raise ConfigError(f"config.mask.pattern={pattern!r} {problem}: use an N:M pattern such as '2:4' or '1:4', "
-                          "or 'unstructured' or 'channel'")
-    n, m = nm.parse_nm(pattern)
-    if granularity != "weight":
-        raise ConfigError(f"config.mask.pattern={pattern!r} is a per-weight pattern, but config.mask.granularity="
-                          f"{granularity!r}: use granularity 'weight' with N:M, or pattern 'channel'")
-    return "weight", (n, m)
+        raise ConfigError(f"config.mask.granularity={granularity!r} {problem}: use 'weight', 'channel', or an N:M "
+                          "pattern such as '2:4' or '1:4'")
+    return "weight", nm.parse_nm(granularity)
 
 
 def group_optimizer(cfg: Any) -> optim.GroupOptimizer:

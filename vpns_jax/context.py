@@ -45,7 +45,7 @@ class RunContext:
         self.kinds = functional.leaf_kinds(self.model)
         self.pretrained = self._pretrained_weights()  # read (and checked) now: a bad file leaves no workdir
         self.prompt_spec = config_checks.prompt_spec(config)
-        # (granularity, N:M or None): the one reading of config.mask.pattern and config.mask.granularity.
+        # (granularity, N:M or None): the one reading of config.mask.granularity.
         self.granularity, self.nm = config_checks.mask_pattern(config)
         self.uses_prompt = any("prompt" in phase.trains for phase in self.plan.phases.values())
         self.channel_groups = self._channel_groups()

@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 import vpns_jax
 from vpns_jax import cli, distributed, supervisor
+from vpns_jax.config_fields import RENAMED_FIELDS, renamed_field_error
 
 REPO = pathlib.Path(vpns_jax.__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.py"
@@ -148,6 +149,10 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     """The parsed flags of ``argv`` (program name first; a repeated ``--config.`` override takes its last
     value); :class:`CommandLineError` names what is wrong."""
     argv = _last_override_wins(argv)
+    for arg in argv:
+        path, _, value = arg.removeprefix("--config.").partition("=")
+        if arg.startswith("--config.") and path in RENAMED_FIELDS:
+            raise CommandLineError(str(renamed_field_error(path, value)))
     config_path = _config_path(argv)
     config_file, _ = split_config_arg(config_path)
     if not pathlib.Path(config_file).is_file():

@@ -83,11 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.mask = ml_collections.ConfigDict()
     config.mask.scope = "global"  # 'global' (VPNs, the authors' HYDRA) or 'layer' (original HYDRA)
-    config.mask.granularity = "weight"  # 'weight' (unstructured) or 'channel' (one score per conv output channel)
-    # 'unstructured' (per-weight masks at mask.granularity, the default), 'channel' (= granularity 'channel'), or
-    # N:M such as '2:4' / '1:4' / '4:8': every M consecutive input entries of a kernel keep their N largest
+    # A mask's unit: 'weight' (unstructured), 'channel' (one score per conv output channel, ViT head or MLP unit),
+    # or N:M such as '2:4' / '1:4' / '4:8': every M consecutive input entries of a kernel keep their N largest
     # (methods vpns, hydra, omp, omp_vp; densities=(N/M,)). docs/method.md, section 4.6.
-    config.mask.pattern = "unstructured"
+    config.mask.granularity = "weight"
     # Layer floor: every prunable layer (channel group) keeps at least ceil(f * n) of its n entries, so the
     # global threshold cannot empty one; the density becomes a lower bound. 0.0 = the authors' rule.
     config.mask.min_layer_density = 0.0

@@ -88,8 +88,8 @@ def check_pattern(config: Any) -> tuple[str, tuple[int, int] | None]:
     granularity, nm = mask_pattern(config)
     if nm is not None and not method.supports_nm:
         raise ConfigError(
-            f"config.mask.pattern={config.mask.pattern!r} is not available for method {method.name!r}: use one of "
-            f"{', '.join(nm_methods())}, or pattern 'unstructured'")
+            f"config.mask.granularity={config.mask.granularity!r} is not available for method {method.name!r}: use "
+            f"one of {', '.join(nm_methods())}, or granularity 'weight'")
     return granularity, nm
 
 
@@ -97,9 +97,6 @@ def make_plan(config: Any) -> Plan:
     """The plan of ``config`` (its method, mask pattern and granularity, epochs and densities)."""
     method = get_method(config.method)
     granularity, _ = check_pattern(config)
-    if granularity not in method.granularities and config.mask.get("pattern") == "channel":
-        raise ConfigError(f"config.mask.pattern='channel' is not available for method {method.name!r}: use pattern "
-                          "'unstructured'" + (" or an N:M one" if method.supports_nm else ""))
     if granularity not in method.granularities:
         raise ConfigError(
             f"config.mask.granularity={granularity!r} is not available for method {method.name!r}: use one of "
