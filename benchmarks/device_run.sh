@@ -3,9 +3,10 @@
 #
 #     bash benchmarks/device_run.sh        # writes $OUT/device_check.md ($OUT defaults to ./device_out)
 #
-# The device machine has Python 3.12 with jax, flax, optax, orbax-checkpoint and torch (CUDA) but not the rest of
-# this project's runtime dependencies, and no network. Bring them as py3.12 wheels in .whl/ (gitignored, so name
-# it in the run's carry), fetched on a machine with PyPI, one `pip download` per NAME==VERSION:
+# Written for a GPU host without network access whose Python 3.12 has jax, flax, optax, orbax-checkpoint and torch
+# (CUDA) but not the rest of this project's runtime dependencies. Copy them there as py3.12 wheels in a wheels
+# folder .whl/ at the repository root (gitignored), fetched on a machine with PyPI, one `pip download` per
+# NAME==VERSION:
 #
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -18,13 +19,13 @@
 # certifi==2026.10.19.post1 charset-normalizer==3.5.3 (about 18 MB). promise==2.3 exists on PyPI only as a
 # source archive: build its pure-Python wheel with `python3 -m pip wheel --no-deps -w .whl promise==2.3`.
 # pyarrow is left out on purpose: TFDS lists it, but reading and preparing array_record datasets never imports it,
-# and its 55 MB wheel would not fit the carry limit next to the data. These are the non-extra requirements of
+# and its 55 MB wheel is the largest of all. These are the non-extra requirements of
 # TFDS, ml_collections and array_record (plus PIL and tensorboardX, which the pipeline and the metrics writer
 # import) that jax, flax, optax, orbax-checkpoint and torch do not already pull in.
 #
 # Fashion-MNIST: `python -m vpns_jax.data.prepare --manual_dir=DIR` reads Debian's four IDX files from DIR (else
-# from /usr/share/datasets/fashion-mnist). Carry a copy of them as .data/fashion-mnist (or point
-# FASHION_MNIST_DIR at one); without either, the pipeline row and the end-to-end run say the data is missing.
+# from /usr/share/datasets/fashion-mnist). Copy them to the host as .data/fashion-mnist (or point
+# FASHION_MNIST_DIR at a copy); without either, the pipeline row and the end-to-end run say the data is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
