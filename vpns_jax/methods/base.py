@@ -132,6 +132,9 @@ class RunContext(Protocol):
     def training_batches(self, count: int) -> list[dict]:
         """The first ``count`` full batches of the label-mapping stream, placed on the mesh."""
 
+    def transfer_arrays(self, density: float) -> tuple[Params, Params]:
+        """(masks, prompt) that the run in ``config.transfer.masks_from`` saved for ``density`` (host arrays)."""
+
 
 class Method:
     """Base of every method; subclass it, set the class attributes and override ``plan`` (and the masks)."""

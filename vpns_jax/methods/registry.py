@@ -133,9 +133,3 @@ def unit_start(plan: Plan, run: RunContext, unit: Unit, index: int) -> tuple[Par
     # One-shot methods select with oneshot.keep_largest, which reads the run's layer floor from here.
     with oneshot.layer_floor(run.config.mask.min_layer_density):
         return plan.method.unit_masks(run, unit, index), None
-
-
-def check_inputs(config: Any) -> None:
-    """Checks what the method reads from disk before anything trains (a transfer's source subnetworks)."""
-    if config.transfer.masks_from:
-        transfer.check_sources(config)
