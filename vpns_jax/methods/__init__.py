@@ -2,8 +2,9 @@
 
 Built in: vpns (vpns.py), hydra (hydra.py), bip (bip.py), omp/lth and their
 "+ VP" variants (magnitude.py), random/snip/grasp/synflow (prune_at_init.py),
-dense (finetune.py) and slim (slim.py); oneshot.py holds the one-shot
-importance functions they share, transfer.py the masks taken from another run.
+dense (finetune.py) and slim (slim.py); transfer.py checks the masks taken
+from another run. The one-shot importance and selection they share are
+``vpns_jax.core.saliency`` and ``vpns_jax.core.selection``.
 A method is a ``base.Method``; ``register`` adds a new one (see
 ``experiments/custom_method.py`` and docs/methods.md).
 """

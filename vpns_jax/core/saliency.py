@@ -1,46 +1,15 @@
-"""One-shot masks for the baselines: OMP, LTH (IMP), Random, SNIP, GraSP and SynFlow.
+"""Importance scores of the prunable kernels for one-shot masks: magnitude, random, SNIP, GraSP, SynFlow; and the
+iterative pruners built on them (an LTH round, iterative SynFlow).
 
-Every method produces an *importance* tree shaped like the masking scores (only
-the prunable conv and dense kernels, at their paths in the weights dict) and
-``keep_largest`` turns it into exact 0/1 masks: a density d keeps
-``N - int((1 - d) * N)`` entries per group, the arithmetic of
-``masking.prune_counts``. Selection is host-side numpy, exact, and breaks ties
-deterministically: among equal importances the entry that comes first in the
-group's flattened order is kept. That order is the leaves in ``jax.tree``
-order (sorted dict keys), each leaf in C order.
-
-Methods and the conventions they follow:
-
-* OMP: ``magnitude_importance`` (|W|, global) on the densely finetuned weights;
-  with an N:M pattern, ``keep_nm`` keeps the N largest |W| of every group of M
-  (``vpns_jax.core.nm``) instead of a global count.
-* LTH: ``lth_round`` repeats torch's ``prune.global_unstructured`` with
-  ``L1Unstructured``: each round prunes round(fraction * kept) of the kept
-  entries with the smallest |W| globally.
-* Random: ``random_importance`` with a per-layer ``keep_largest``: every layer
-  keeps exactly its share (the reference draws a Bernoulli mask per layer, so
-  its per-layer counts only match in expectation).
-* SNIP, GraSP: gradients of a loss over data batches; see ``snip_importance``.
-* SynFlow: data-free, iterative; see ``synflow_masks``.
-
-Layer floor (``config.mask.min_layer_density`` f, 0 = none): ``keep_largest``
-then keeps, in every leaf of n entries, at least n - int((1 - f) * n) =
-ceil(f * n) (``masking.floor_prune_counts``): a leaf whose share of the
-selection is smaller keeps its own largest instead, ties again to the first
-in C order. The group's selection restricted to a leaf is the leaf's top
-entries in that same order, so a leaf keeps exactly max(its selection, its
-floor) and the total is the group's count plus what the floor adds. The
-floor is an argument, or (for the methods, which do not read the config) the
-one ``layer_floor`` sets around their ``unit_masks``
-(``vpns_jax.methods.registry.unit_start``).
+Each score is a tree shaped like the masking scores (the prunable conv and dense kernels at their weight
+paths); ``selection.keep_largest`` turns it into exact masks. docs/method.md (section 7.2) gives each
+baseline's recipe.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -48,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vpns_jax.core import masking, nm
+from vpns_jax.core import masking, selection
 
 Params = dict[Any, Any]
 # loss_fn(weights, batch, temperature) -> scalar; the logits are divided by temperature.
@@ -59,113 +28,6 @@ ApplyFn = Callable[[Params, Params, jax.Array], jax.Array]
 # Below every valid importance of the entries that may still be kept, so that an
 # entry pruned earlier is never chosen while a kept entry is available.
 _PRUNED = -1.0
-# The layer floor keep_largest applies when not given one: set by layer_floor around a method's masks, so
-# that every method that selects with keep_largest honours the run's config without reading it.
-_FLOOR: contextvars.ContextVar[float] = contextvars.ContextVar("min_layer_density", default=0.0)
-
-
-@contextlib.contextmanager
-def layer_floor(min_layer_density: float) -> Iterator[None]:
-    """Within it, ``keep_largest`` (given no floor) keeps at least ceil(f * n) of every leaf of n entries."""
-    token = _FLOOR.set(masking.validate_min_layer_density(min_layer_density))
-    try:
-        yield
-    finally:
-        _FLOOR.reset(token)
-
-
-def keep_counts(importance: Params, density: float, scope: str = "global") -> np.ndarray:
-    """Entries to keep per group: N - int((1 - density) * N), as ``masking.prune_counts``."""
-    prune = masking.prune_counts(importance, density, scope).astype(np.int64)
-    sizes = np.array([int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(importance)], dtype=np.int64)
-    if scope == "global":
-        sizes = np.array([sizes.sum()], dtype=np.int64)
-    return sizes - prune
-
-
-def _group_members(num_leaves: int, scope: str) -> list[list[int]]:
-    if scope == "global":
-        return [list(range(num_leaves))]
-    if scope == "layer":
-        return [[i] for i in range(num_leaves)]
-    raise ValueError(f"threshold scope {scope!r} is unknown: use one of {masking.THRESHOLD_SCOPES}")
-
-
-def _top_k(values: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the k largest ``values``; ties go to the lowest index.
-
-    O(N): one partition finds the k-th largest value t, everything above t is
-    kept, and the remaining places go to the first entries equal to t.
-    """
-    n = values.size
-    if k <= 0:
-        return np.zeros(n, bool)
-    if k >= n:
-        return np.ones(n, bool)
-    t = np.partition(values, n - k)[n - k]
-    keep = values > t
-    missing = k - int(np.count_nonzero(keep))
-    keep[np.flatnonzero(values == t)[:missing]] = True
-    return keep
-
-
-def keep_largest(importance: Params, keep: np.ndarray | Sequence[int], scope: str = "global",
-                 min_layer_density: float | None = None) -> Params:
-    """Float32 0/1 numpy masks shaped like ``importance`` keeping exactly ``keep[g]`` entries per group.
-
-    The largest importances are kept; any sign is allowed. Ties go to the entry
-    first in the group's flattened order (leaves in ``jax.tree`` order, each in C
-    order), so the result is deterministic. ``scope`` is 'global' (one group,
-    ``keep`` of length 1) or 'layer' (one group per leaf). ``min_layer_density``
-    (None: the one ``layer_floor`` set, default 0) adds the layer floor of the
-    module docstring: every leaf keeps max(its share, n - int((1 - f) * n)).
-    """
-    leaves, treedef = jax.tree.flatten(importance)
-    arrays = [np.asarray(leaf) for leaf in leaves]
-    groups = _group_members(len(arrays), scope)
-    keep = np.asarray(keep, dtype=np.int64).reshape(-1)
-    if keep.shape[0] != len(groups):
-        raise ValueError(f"keep has {keep.shape[0]} counts but scope {scope!r} has {len(groups)} groups")
-    masks: list[np.ndarray | None] = [None] * len(arrays)
-    for count, members in zip(keep, groups):
-        values = np.concatenate([arrays[i].ravel() for i in members]) if members else np.zeros(0, np.float32)
-        if not 0 <= count <= values.size:
-            raise ValueError(f"cannot keep {count} entries of a group of {values.size}")
-        if not np.all(np.isfinite(values)):
-            bad = values.size - int(np.count_nonzero(np.isfinite(values)))
-            raise ValueError(f"importance has {bad} non-finite entries (nan/inf); masks need finite scores")
-        selected = _top_k(values, int(count)).astype(np.float32)
-        offset = 0
-        for i in members:
-            size = arrays[i].size
-            masks[i] = selected[offset : offset + size].reshape(arrays[i].shape)
-            offset += size
-    floor = _FLOOR.get() if min_layer_density is None else masking.validate_min_layer_density(min_layer_density)
-    if floor:
-        masks = _with_floor(arrays, masks, masking.floor_prune_counts(importance, floor))
-    return jax.tree.unflatten(treedef, masks)
-
-
-_nm_masks = jax.jit(nm.nm_masks, static_argnums=(1, 2))  # one compile per kernel shapes, not one per op
-
-
-def keep_nm(importance: Params, n: int, m: int) -> Params:
-    """Float32 0/1 numpy masks keeping the N largest |importance| of every group of M along each kernel's
-    input dimension (``nm.nm_masks``: ties to the lower input index, a cut group of r < M keeps min(N, r))."""
-    return jax.tree.map(lambda mask: np.asarray(mask, np.float32), _nm_masks(importance, *nm.check_nm(n, m)))
-
-
-def _with_floor(arrays: list[np.ndarray], masks: list[np.ndarray], most_pruned: np.ndarray) -> list[np.ndarray]:
-    """Each leaf's mask, or its own top n - most_pruned entries where it keeps fewer."""
-    out = []
-    for values, mask, most in zip(arrays, masks, most_pruned):
-        floor = values.size - int(most)
-        # The group's selection in this leaf is the leaf's top entries in the same order (ties to the first),
-        # so the leaf's own top ``floor`` holds it: replacing the mask only adds entries.
-        if np.count_nonzero(mask) < floor:
-            mask = _top_k(values.ravel(), floor).astype(np.float32).reshape(values.shape)
-        out.append(mask)
-    return out
 
 
 def _prunable(weights: Params, kinds: Params) -> Params:
@@ -217,10 +79,9 @@ def random_importance(kinds_or_like: Params, key: jax.Array, kinds: Params | Non
 
     ``kinds_or_like`` gives the shapes: a tree shaped like the importance (e.g.
     ``magnitude_importance(weights, kinds)`` or a mask tree), or the full weights
-    together with ``kinds``, which then selects the prunable kernels. With
-    ``keep_largest(imp, keep_counts(imp, d, 'layer'), 'layer')`` every layer keeps
-    exactly its share: the reference's per-layer Bernoulli(d) mask has these
-    counts only in expectation.
+    together with ``kinds``, which then selects the prunable kernels. With a
+    per-layer ``selection.keep_largest`` every layer keeps exactly its share: the
+    reference's per-layer Bernoulli(d) mask has these counts only in expectation.
     """
     like = kinds_or_like if kinds is None else _prunable(kinds_or_like, kinds)
     leaves, treedef = jax.tree.flatten(like)
@@ -231,60 +92,22 @@ def random_importance(kinds_or_like: Params, key: jax.Array, kinds: Params | Non
     return jax.tree.unflatten(treedef, drawn)
 
 
-def _check_fraction(fraction: float) -> float:
-    if not 0.0 < float(fraction) < 1.0:
-        raise ValueError(f"pruning fraction {fraction!r} must be in (0, 1), e.g. 0.2 for LTH's 20% per round")
-    return float(fraction)
-
-
-def _lth_prune_count(kept: int, fraction: float) -> int:
-    # torch's _compute_nparams_toprune: Python round (half to even) of amount * unpruned.
-    return round(fraction * kept)
-
-
-def lth_round(weights: Params, masks: Params | None, kinds: Params, fraction: float = 0.2) -> Params:
+def lth_round(weights: Params, masks: Params | None, kinds: Params, fraction: float = 0.2, *,
+              min_layer_density: float = 0.0) -> Params:
     """One IMP round: prune round(fraction * kept) of the kept entries with the smallest |W| globally.
 
     As torch's ``prune.global_unstructured(..., L1Unstructured, amount=fraction)``
     applied again each round: the count is taken over the entries that
     ``masks`` still keeps (``None``: all of them), entries already pruned stay
     pruned, and |W| ties are resolved by flattened order (torch's ``topk`` order
-    is unspecified). Returns the new float32 numpy masks.
+    is unspecified). ``min_layer_density``: ``selection.keep_largest``'s layer
+    floor. Returns the new float32 numpy masks.
     """
-    fraction = _check_fraction(fraction)
+    floor = masking.validate_min_layer_density(min_layer_density)
     importance = magnitude_importance(weights, kinds)
     masks = _ones_like(importance) if masks is None else _check_masks(masks, importance)
-    kept = _kept(masks)
-    keep = kept - _lth_prune_count(kept, fraction)
-    return keep_largest(_restrict(importance, masks), [keep], "global")
-
-
-def lth_schedule(num_weights: int, rounds: int, fraction: float = 0.2) -> list[int]:
-    """Kept counts after rounds 1 ... ``rounds`` of ``lth_round`` on ``num_weights`` prunable entries."""
-    fraction = _check_fraction(fraction)
-    kept, counts = int(num_weights), []
-    for _ in range(rounds):
-        kept -= _lth_prune_count(kept, fraction)
-        counts.append(kept)
-    return counts
-
-
-def lth_rounds_for(density: float, fraction: float = 0.2) -> int:
-    """Fewest IMP rounds r whose nominal density (1 - fraction)**r is at most ``density``.
-
-    The trainer runs this many rounds for its smallest requested density and
-    reports every round on the way, so each requested density has a round at or
-    below it. A relative tolerance of 1e-9 absorbs float error (0.64 -> 2 rounds,
-    not 3). Density 0.1 needs 11 rounds (0.086); the paper's plots stop after 10
-    (0.107), which ``lth_rounds_for(0.8 ** 10)`` gives. Exact kept counts differ
-    from the nominal density by the per-round rounding (``lth_schedule``).
-    """
-    density = masking.validate_density(density)
-    fraction = _check_fraction(fraction)
-    rounds = 0
-    while (1.0 - fraction) ** rounds > density * (1.0 + 1e-9):
-        rounds += 1
-    return rounds
+    keep = selection.lth_schedule(_kept(masks), 1, fraction)[0]
+    return selection.keep_largest(_restrict(importance, masks), [keep], "global", min_layer_density=floor)
 
 
 def _materialise(batches: Iterable) -> list[Any]:
@@ -454,39 +277,36 @@ def synflow_masks(
     iterations: int = 100,
     masks: Params | None = None,
     rescale: bool = False,
+    min_layer_density: float = 0.0,
 ) -> Params:
     """Iterative SynFlow: for i = 1..n keep density**(i/n) of the entries by the current score, globally.
 
     The score is recomputed on the masked network each iteration (see
-    ``synflow_importance``); each step keeps ``keep_counts`` of its density,
-    never revives a pruned entry, and the last step (i = n) keeps exactly
-    ``keep_counts(..., density)`` (plus what a layer floor adds, if one is set). Returns float32 numpy masks.
+    ``synflow_importance``); each step keeps ``selection.keep_counts`` of its
+    density, never revives a pruned entry, and the last step (i = n) keeps
+    exactly ``keep_counts(..., density)``, plus what the layer floor
+    ``min_layer_density`` (applied at every step) adds. Returns float32 numpy masks.
     """
     density = masking.validate_density(density)
+    floor = masking.validate_min_layer_density(min_layer_density)
     if iterations < 1:
         raise ValueError(f"SynFlow needs at least 1 iteration, got {iterations}")
     kernels = _prunable(weights, kinds)
     masks = _ones_like(kernels) if masks is None else _check_masks(masks, kernels)
-    target = int(keep_counts(kernels, density)[0])
+    target = int(selection.keep_counts(kernels, density)[0])
     if _kept(masks) < target:
         raise ValueError(f"the starting masks keep {_kept(masks)} entries, fewer than the target {target}")
     score_fn = _synflow_fn(apply_fn, input_shape, rescale)
     for i in range(1, iterations + 1):
-        keep = min(int(keep_counts(kernels, density ** (i / iterations))[0]), _kept(masks))
+        keep = min(int(selection.keep_counts(kernels, density ** (i / iterations))[0]), _kept(masks))
         scores = _checked(*score_fn(weights, batch_stats, kernels, masks), rescale)
-        masks = keep_largest(_restrict(scores, masks), [keep], "global")
+        masks = selection.keep_largest(_restrict(scores, masks), [keep], "global", min_layer_density=floor)
     return masks
 
 
 __all__ = [
     "grasp_importance",
-    "keep_counts",
-    "keep_largest",
-    "keep_nm",
-    "layer_floor",
     "lth_round",
-    "lth_rounds_for",
-    "lth_schedule",
     "magnitude_importance",
     "random_importance",
     "snip_importance",
