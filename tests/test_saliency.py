@@ -226,7 +226,8 @@ def test_synflow_path_sums_of_a_two_layer_linear_net():
     np.testing.assert_allclose(masked["l1"]["kernel"], [[2.0, 2.0, 0.0], [1.0, 1.0, 0.5]], rtol=1e-6)
     np.testing.assert_allclose(masked["l2"]["kernel"], [[3.0], [3.0], [0.5]], rtol=1e-6)
     # Statistics are linearised too: |mean| = (1, 0, 0) lowers the first path sum to 0.5.
-    shifted = saliency.synflow_importance(_chain, _chain_weights(), {"mean": jnp.array([-1.0, 0, 0])}, CHAIN_KINDS, (2,))
+    shifted = saliency.synflow_importance(_chain, _chain_weights(), {"mean": jnp.array([-1.0, 0, 0])}, CHAIN_KINDS,
+                                          (2,))
     np.testing.assert_allclose(shifted["l2"]["kernel"], [[1.0], [3.0], [2.0]], rtol=1e-6)
     # Without BatchNorm shifts, rescaling multiplies every score by one constant: c1 = 8.5 / 3, c2 = 3.5.
     rescaled = saliency.synflow_importance(_chain, _chain_weights(), stats, CHAIN_KINDS, (2,), rescale=True)
