@@ -133,14 +133,9 @@ def _kernel_grad(loss_fn: LossFn, temperature: float) -> Callable[[Params, Param
 def snip_importance(loss_fn: LossFn, weights: Params, kinds: Params, batches: Iterable) -> Params:
     """SNIP's connection sensitivity |g * W| of every prunable kernel (Lee et al. 2019); keep the largest.
 
-    ``loss_fn(weights, batch, temperature)`` returns the scalar loss of one
-    batch with the logits divided by ``temperature``; SNIP calls it with 1.0 so
-    the GraSP loss can be reused. g is the gradient summed over ``batches``.
-    The trainer should build ``loss_fn`` in training mode (BatchNorm on batch
-    statistics, the updated running statistics discarded): GraSP's reference
-    code scores the network in the mode it trains in, and the gradients are then
-    those the first finetuning step sees. Synaptic-Flow's unified pruner
-    defaults to eval mode instead. Any jittable ``loss_fn`` is accepted.
+    ``loss_fn(weights, batch, temperature)`` (any jittable one) returns one batch's scalar loss with the
+    logits divided by ``temperature``; SNIP passes 1.0. g is the gradient summed over ``batches``. The
+    trainer builds ``loss_fn`` in training mode (docs/method.md, section 7.2).
     """
     kernels = _prunable(weights, kinds)
     grad_fn = jax.jit(_kernel_grad(loss_fn, 1.0))
@@ -155,13 +150,9 @@ def grasp_importance(
 ) -> Params:
     """GraSP (Wang et al. 2020) importance W * Hg of every prunable kernel; keep the largest (may be negative).
 
-    g is the gradient of the temperature-scaled loss (``loss_fn(weights, batch,
-    temperature)``, logits divided by ``temperature``) summed over ``batches``;
-    Hg is the Hessian-vector product of the same summed loss, both w.r.t. the
-    prunable kernels only (other weights fixed), computed as a forward-mode
-    derivative of the gradient. GraSP's score S = -W * Hg removes the highest S,
-    so keeping the largest -S = W * Hg is the same rule. ``batches`` is iterated
-    twice, so it is held as a list. Mode: as ``snip_importance`` (training mode).
+    g is the gradient of the temperature-scaled loss (as ``snip_importance``'s) summed over ``batches``, Hg
+    the Hessian-vector product of that summed loss, both w.r.t. the prunable kernels only. Keeping the
+    largest W * Hg is GraSP's rule of removing the highest S = -W * Hg.
     """
     kernels = _prunable(weights, kinds)
     batches = _materialise(batches)
@@ -243,23 +234,11 @@ def synflow_importance(
 ) -> Params:
     """SynFlow's data-free score |theta * dR/dtheta| of every prunable kernel (Tanaka et al. 2020).
 
-    Every weight and BatchNorm statistic is replaced by its absolute value (the
-    reference linearises the whole state dict, running mean and variance
-    included), the prunable kernels are multiplied by ``masks``, and
-    R = sum(apply_fn(weights, batch_stats, ones((1, *input_shape)))).
-    ``apply_fn`` runs the model in eval mode (BatchNorm on its running
-    statistics), as the reference does; ``input_shape`` is one example's shape
-    (H, W, C), and the input reaches the model as is (no normalisation). R sums
-    whatever ``apply_fn`` returns: the full head as in the reference, or the
-    label-mapped logits to score only the head rows the target uses.
-
-    float32 overflows for deep networks; a non-finite R raises a ValueError.
-    ``rescale=True`` divides each (masked, absolute) kernel by the mean L1 norm
-    of its output units first. Without BatchNorm and biases R is multilinear in
-    the kernels, so that multiplies every score by one constant and the ranking
-    is exact; with them (BatchNorm's mean shift, biases) the function is not
-    homogeneous and the rescaled score is an approximation, so it is off by
-    default.
+    Every weight and BatchNorm statistic is replaced by its absolute value, the prunable kernels are
+    multiplied by ``masks``, and R = sum(apply_fn(weights, batch_stats, ones((1, *input_shape)))), with
+    ``apply_fn`` in eval mode and ``input_shape`` one example's (H, W, C). A non-finite R (float32
+    overflow) raises a ValueError; ``rescale=True`` first divides each kernel by the mean L1 norm of its
+    output units (docs/method.md, section 7.2, says when that keeps the ranking exact).
     """
     kernels = _prunable(weights, kinds)
     masks = _ones_like(kernels) if masks is None else _check_masks(masks, kernels)

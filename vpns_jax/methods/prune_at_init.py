@@ -1,6 +1,6 @@
 """Masks chosen at the source weights, then finetuned: Random (and "+ VP"), SNIP, GraSP and SynFlow.
 
-docs/method.md, section 7.3. Random keeps a uniform random share of every layer;
+docs/method.md, section 7.2. Random keeps a uniform random share of every layer;
 SNIP and GraSP score the loss on ``oneshot.batches`` training batches through
 the dense network's label mapping; SynFlow iterates its data-free score.
 """
