@@ -3,9 +3,10 @@
 ``RunContext`` is what the trainer (``vpns_jax.train``) loops with and what a
 method reads (the ``methods.RunContext`` protocol): states for a unit, the
 label mapping through given masks, a finished unit's saved arrays, training
-batches for a saliency, a transfer source's masks and prompt. Everything that can be checked without the workdir is
-checked in the constructor, so a bad config or weights file leaves no workdir
-behind; ``start`` then reads or pretrains the source weights.
+batches for a saliency, a transfer source's masks and prompt. Everything that
+can be checked without the workdir is checked in the constructor, so a bad
+config or weights file leaves no workdir behind; ``start`` then reads or
+pretrains the source weights.
 """
 
 from __future__ import annotations
