@@ -21,7 +21,7 @@ import ml_collections
 from vpns_jax.config import offline
 from vpns_jax import methods
 from vpns_jax.config_fields import check_choice
-from vpns_jax.methods import oneshot
+from vpns_jax.core import saliency, selection
 
 
 def _defaults() -> ml_collections.ConfigDict:
@@ -45,9 +45,10 @@ class SourceMagnitude(methods.Method):
         return methods.finetune_plan(self, config, prompt=True, epochs=config.source_magnitude.epochs)
 
     def unit_masks(self, run: methods.RunContext, unit: methods.Unit, index: int) -> dict:
-        importance = oneshot.magnitude_importance(run.source[0], run.kinds)
+        importance = saliency.magnitude_importance(run.source[0], run.kinds)
         scope = run.config.source_magnitude.scope
-        return oneshot.keep_largest(importance, oneshot.keep_counts(importance, unit.density, scope), scope)
+        keep = selection.keep_counts(importance, unit.density, scope)
+        return selection.keep_largest(importance, keep, scope, min_layer_density=run.config.mask.min_layer_density)
 
 
 METHOD = methods.register(SourceMagnitude())

@@ -1,4 +1,4 @@
-"""The package's shape, kept: short functions, no import cycles, the core free of the rest, no citations out of the repo.
+"""The package's shape, kept: short functions, no import cycles, one-way layering, no citations out of the repo.
 
 All read from the source with ``ast``: nothing is imported or run.
 """
@@ -13,6 +13,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "vpns_jax"
 MAX_FUNCTION_LINES = 60
 SUBPACKAGES = ("core", "data", "io", "methods", "models")
+# The top-level modules: entry points and the trainer's pieces (train, main, context, cli, config_checks, ...).
+ENTRY_POINTS = tuple(sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"))
+# One-way layering: what each subpackage must not import (subpackages and top-level modules of vpns_jax).
+FORBIDDEN = {
+    "models": ("core", "data", "io", "methods", *ENTRY_POINTS),
+    "core": ("data", "io", "methods", *ENTRY_POINTS),
+    "methods": ("data", "io", "context", "main", "train"),
+}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -25,16 +33,39 @@ def _modules() -> dict[str, pathlib.Path]:
 
 
 def _imports(name: str, path: pathlib.Path, modules: dict[str, pathlib.Path]) -> set[str]:
-    """The package's modules that ``name`` imports, at module level or inside functions."""
+    """The package's modules that ``name`` imports, at module level or inside functions (relative imports
+    resolved)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                package = name.split(".")[: len(name.split(".")) - node.level + (path.stem == "__init__")]
+                module = ".".join(package + ([module] if module else []))
+            targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
         else:
             continue
         found.update(t for t in targets if t in modules and t != name)
+    return found
+
+
+def _layer(module: str) -> str:
+    """The subpackage or top-level module of vpns_jax holding ``module`` ('' for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def layering_violations(subpackage: str, forbidden: tuple[str, ...],
+                        modules: dict[str, pathlib.Path]) -> dict[str, list[str]]:
+    """Module of ``subpackage`` -> the modules it imports from ``forbidden`` layers."""
+    found = {}
+    for name, path in modules.items():
+        if _layer(name) == subpackage:
+            bad = sorted(t for t in _imports(name, path, modules) if _layer(t) in forbidden)
+            if bad:
+                found[name] = bad
     return found
 
 
@@ -89,6 +120,28 @@ def test_the_core_and_the_functional_example_import_only_the_core(importer, allo
     for name, path in files.items():
         outside = {t for t in _imports(name, path, modules) if not t.startswith(allowed)}
         assert not outside, f"{name} imports {outside}"
+
+
+@pytest.mark.parametrize("subpackage, forbidden", sorted(FORBIDDEN.items()))
+def test_layering_is_one_way(subpackage, forbidden):
+    assert set(forbidden) <= set(SUBPACKAGES) | set(ENTRY_POINTS), "a rule names no part of the package"
+    violations = layering_violations(subpackage, forbidden, _modules())
+    assert not violations, f"{subpackage}/ must import none of {forbidden}: {violations}"
+
+
+def test_the_layering_check_sees_absolute_relative_and_function_level_imports(tmp_path):
+    fake = tmp_path / "fake.py"
+    modules = {**_modules(), "vpns_jax.models.fake": fake}
+    for source, found in [
+        ("from vpns_jax.core import masking\n", ["vpns_jax.core", "vpns_jax.core.masking"]),
+        ("def f():\n    import vpns_jax.io.workdir\n", ["vpns_jax.io.workdir"]),
+        ("from ..data import pipeline\n", ["vpns_jax.data", "vpns_jax.data.pipeline"]),
+        ("from vpns_jax import train\n", ["vpns_jax.train"]),
+        ("from vpns_jax.models import layers\n", None),
+    ]:
+        fake.write_text(source)
+        violations = layering_violations("models", FORBIDDEN["models"], modules)
+        assert violations.get("vpns_jax.models.fake") == found, source
 
 
 def test_the_package_is_subpackages_and_entry_points():

@@ -16,10 +16,9 @@ from flax import nnx
 from vpns_jax.config import offline
 from vpns_jax import methods, train
 from vpns_jax.context import RunContext
-from vpns_jax.core import health, structured
+from vpns_jax.core import health, saliency, selection, structured
 from vpns_jax.io import checkpoint
 from vpns_jax.io import workdir as workdir_files
-from vpns_jax.methods import oneshot
 from vpns_jax.models import create_model, functional
 
 DENSITIES = (0.5, 0.2)
@@ -129,7 +128,7 @@ def test_lth_rounds_prune_a_fifth_of_the_rest(runs):
     assert [r["density"] for r in rounds] == nominal
     np.testing.assert_allclose(nominal, [0.8, 0.64, 0.512, 0.4096])  # 0.8^r down to the first <= 0.5
     total = _kept(_masks(workdir, 1.0))[1]
-    expected = oneshot.lth_schedule(total, len(rounds))
+    expected = selection.lth_schedule(total, len(rounds))
     previous = _masks(workdir, 1.0)
     for r, count in zip(rounds, expected):
         masks = _masks(workdir, r["density"])
@@ -151,9 +150,9 @@ def test_omp_rewinds_to_the_source_weights(runs, source):
         weights, masks = starts[index]
         for a, b in zip(jax.tree.leaves(weights), jax.tree.leaves(source_weights)):
             np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
-        importance = oneshot.magnitude_importance(finetuned, functional.leaf_kinds(
+        importance = saliency.magnitude_importance(finetuned, functional.leaf_kinds(
             create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0))))
-        expected = oneshot.keep_largest(importance, oneshot.keep_counts(importance, density))
+        expected = selection.keep_largest(importance, selection.keep_counts(importance, density))
         for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)):
             np.testing.assert_array_equal(a, b)
 

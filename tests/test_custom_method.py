@@ -10,8 +10,8 @@ from flax import nnx
 from experiments import custom_method
 from tests.test_baselines import source  # noqa: F401 - the module's random-init source model fixture
 from vpns_jax import config_checks, main, methods
+from vpns_jax.core import saliency, selection
 from vpns_jax.io import checkpoint, workdir
-from vpns_jax.methods import oneshot
 from vpns_jax.models import create_model, functional
 
 CONFIG = "experiments/custom_method.py"
@@ -47,12 +47,12 @@ def test_custom_method_runs_end_to_end_through_the_command_line(fashion_data_dir
     assert [(r["method"], r["density"]) for r in rows] == [("source_magnitude", 0.5), ("source_magnitude", 0.2)]
     kinds = functional.leaf_kinds(create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar",
                                                rngs=nnx.Rngs(0)))
-    importance = oneshot.magnitude_importance(source_weights, kinds)
+    importance = saliency.magnitude_importance(source_weights, kinds)
     for density in (0.5, 0.2):
         folder = workdir.unit_folder(tmp_path, density)
         masks = checkpoint.load_arrays(folder / "masks.npz")
         # Exactly the largest |W| of the source weights: the masks equal a fresh one-shot selection.
-        expected = oneshot.keep_largest(importance, oneshot.keep_counts(importance, density))
+        expected = selection.keep_largest(importance, selection.keep_counts(importance, density))
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)))
         kept = sum(int(m.sum()) for m in jax.tree.leaves(masks))
         total = sum(m.size for m in jax.tree.leaves(masks))

@@ -22,13 +22,13 @@ from flax import nnx
 
 from tests.test_configs import _set, load
 
-from vpns_jax import config_checks, evaluation
+from vpns_jax import config_checks, evaluation, methods
 from vpns_jax.config_fields import ConfigError
-from vpns_jax.core import masking, steps, structured
-from vpns_jax.core.structured import ChannelGroup
+from vpns_jax.core import masking, saliency, selection, steps, structured
 from vpns_jax.io import workdir
-from vpns_jax.methods import oneshot, registry
+from vpns_jax.methods import registry
 from vpns_jax.models import create_model, functional
+from vpns_jax.models.channels import ChannelGroup
 
 
 # Leaves in jax.tree order a, b, c (N = 10). Sorted |s|: 0.05 0.1 0.2 0.2 0.3 0.4 0.6 0.7 0.8 0.9.
@@ -78,12 +78,11 @@ def test_default_floor_gives_the_masks_of_before_bit_for_bit(scope):
                 assert got.dtype == want.dtype
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         importance = jax.tree.map(lambda s: np.abs(np.asarray(s)), scores)
-        keep = oneshot.keep_counts(importance, density, scope)
-        plain = oneshot.keep_largest(importance, keep, scope)
-        with oneshot.layer_floor(0.0):
-            for got, want in zip(jax.tree.leaves(oneshot.keep_largest(importance, keep, scope)),
-                                 jax.tree.leaves(plain)):
-                np.testing.assert_array_equal(got, want)
+        keep = selection.keep_counts(importance, density, scope)
+        plain = selection.keep_largest(importance, keep, scope)
+        explicit = selection.keep_largest(importance, keep, scope, min_layer_density=0.0)
+        for got, want in zip(jax.tree.leaves(explicit), jax.tree.leaves(plain)):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_a_floor_every_layer_already_meets_changes_nothing():
@@ -91,8 +90,8 @@ def test_a_floor_every_layer_already_meets_changes_nothing():
     np.testing.assert_array_equal(
         np.concatenate(jax.tree.leaves(masking.masks_from_scores(SCORES, ks, min_layer_density=0.5))), np.ones(10))
     importance = {"a": np.arange(1.0, 5.0), "b": np.arange(5.0, 9.0)}
-    plain = oneshot.keep_largest(importance, [6])  # keeps b's 4 and a's largest 2 >= ceil(0.5 * 4)
-    floored = oneshot.keep_largest(importance, [6], min_layer_density=0.5)
+    plain = selection.keep_largest(importance, [6])  # keeps b's 4 and a's largest 2 >= ceil(0.5 * 4)
+    floored = selection.keep_largest(importance, [6], min_layer_density=0.5)
     assert all(np.array_equal(plain[k], floored[k]) for k in plain)
 
 
@@ -178,56 +177,73 @@ IMPORTANCE = {"a": np.array([4.0, 3.0, 2.0, 1.0]), "b": np.array([0.5, 0.5, 0.1,
 
 def test_one_shot_floor_exact_counts_with_ties_by_position():
     # The global top 5: a's four and c's 1.5; b keeps nothing.
-    assert _kept(oneshot.keep_largest(IMPORTANCE, [5])) == {"a": 4, "b": 0, "c": 1}
+    assert _kept(selection.keep_largest(IMPORTANCE, [5])) == {"a": 4, "b": 0, "c": 1}
     # f = 0.5: b keeps its own top 4 - int(2.0) = 2, ties to the first in C order; c's floor (1) is met.
-    masks = oneshot.keep_largest(IMPORTANCE, [5], min_layer_density=0.5)
+    masks = selection.keep_largest(IMPORTANCE, [5], min_layer_density=0.5)
     np.testing.assert_array_equal(masks["b"], [1, 1, 0, 0])
     assert _kept(masks) == {"a": 4, "b": 2, "c": 1}
     # f = 0.25: 4 - int(3.0) = 1 of b, the first of its three tied 0.5s; position breaks the tie, so the
     # one-shot floor is exact where a threshold would prune all three.
-    np.testing.assert_array_equal(oneshot.keep_largest(IMPORTANCE, [5], min_layer_density=0.25)["b"], [1, 0, 0, 0])
+    np.testing.assert_array_equal(selection.keep_largest(IMPORTANCE, [5], min_layer_density=0.25)["b"], [1, 0, 0, 0])
     # Per-layer groups: one each, then the floor lifts a and b to 2 and leaves c at its 1.
-    layer = oneshot.keep_largest(IMPORTANCE, [1, 1, 1], "layer", min_layer_density=0.5)
+    layer = selection.keep_largest(IMPORTANCE, [1, 1, 1], "layer", min_layer_density=0.5)
     np.testing.assert_array_equal(layer["a"], [1, 1, 0, 0])
     assert _kept(layer) == {"a": 2, "b": 2, "c": 1}
 
 
-def test_layer_floor_context_reaches_keep_largest_and_an_explicit_floor_wins():
-    with oneshot.layer_floor(0.5):
-        assert _kept(oneshot.keep_largest(IMPORTANCE, [5])) == {"a": 4, "b": 2, "c": 1}
-        assert _kept(oneshot.keep_largest(IMPORTANCE, [5], min_layer_density=0.0)) == {"a": 4, "b": 0, "c": 1}
-    assert _kept(oneshot.keep_largest(IMPORTANCE, [5])) == {"a": 4, "b": 0, "c": 1}  # reset on exit
-    with pytest.raises(ValueError, match="min_layer_density"):
-        with oneshot.layer_floor(1.0):
-            pass
+def test_a_one_shot_floor_outside_zero_to_one_is_refused():
+    for fn in (lambda: selection.keep_largest(IMPORTANCE, [5], min_layer_density=1.0),
+               lambda: saliency.lth_round(WEIGHTS, None, KINDS, 0.5, min_layer_density=-0.1)):
+        with pytest.raises(ValueError, match="min_layer_density"):
+            fn()
+
+
+KINDS = {"a": {"kernel": functional.CONV_KERNEL}, "b": {"kernel": functional.CONV_KERNEL}}
+WEIGHTS = {"a": {"kernel": np.array([4.0, -3.0, 2.0, 1.0]).reshape(1, 1, 1, 4)},
+           "b": {"kernel": np.array([0.5, -0.5, 0.1, 0.5]).reshape(1, 1, 1, 4)}}
+
+
+def _kernels_kept(masks) -> dict[str, int]:
+    return {k: int(np.count_nonzero(v["kernel"])) for k, v in masks.items()}
 
 
 def test_lth_rounds_with_a_floor_never_revive_a_pruned_entry():
-    kinds = {"a": {"kernel": functional.CONV_KERNEL}, "b": {"kernel": functional.CONV_KERNEL}}
-    weights = {"a": {"kernel": np.array([4.0, -3.0, 2.0, 1.0]).reshape(1, 1, 1, 4)},
-               "b": {"kernel": np.array([0.5, -0.5, 0.1, 0.5]).reshape(1, 1, 1, 4)}}
-    count = lambda masks: {k: int(np.count_nonzero(v["kernel"])) for k, v in masks.items()}  # noqa: E731
-    with oneshot.layer_floor(0.5):
-        # Round 1: 8 kept, prune round(0.5 * 8) = 4 -> a's four; the floor adds b's first two 0.5s: 4 + 2.
-        first = oneshot.lth_round(weights, None, kinds, 0.5)
-        assert count(first) == {"a": 4, "b": 2}
-        # Round 2: 6 kept, prune 3 -> a's top 3; b's floor (2) takes its two kept entries, never the pruned.
-        second = oneshot.lth_round(weights, first, kinds, 0.5)
-    assert count(second) == {"a": 3, "b": 2}
+    # Round 1: 8 kept, prune round(0.5 * 8) = 4 -> a's four; the floor adds b's first two 0.5s: 4 + 2.
+    first = saliency.lth_round(WEIGHTS, None, KINDS, 0.5, min_layer_density=0.5)
+    assert _kernels_kept(first) == {"a": 4, "b": 2}
+    # Round 2: 6 kept, prune 3 -> a's top 3; b's floor (2) takes its two kept entries, never the pruned.
+    second = saliency.lth_round(WEIGHTS, first, KINDS, 0.5, min_layer_density=0.5)
+    assert _kernels_kept(second) == {"a": 3, "b": 2}
     assert np.all(second["b"]["kernel"] <= first["b"]["kernel"])
 
 
-def test_unit_start_applies_the_run_floor_to_a_one_shot_method():
-    class Method:
-        def unit_masks(self, run, unit, index):
-            return oneshot.keep_largest(IMPORTANCE, [5])
+@pytest.mark.parametrize("name, density, without, with_floor", [
+    ("omp", 0.5, {"a": 4, "b": 0}, {"a": 4, "b": 2}),  # the global top 4 is a's; b's floor is 2
+    ("lth", 0.8, {"a": 4, "b": 0}, {"a": 4, "b": 2}),  # round 1 at lth_fraction 0.5: as OMP at 0.5
+    ("random", 0.25, {"a": 1, "b": 1}, {"a": 2, "b": 2}),  # 4 - int(0.75 * 4) = 1 per layer; the floor 2
+])
+def test_one_shot_methods_pass_the_config_floor(name, density, without, with_floor):
+    method = registry.get_method(name)
+    config = ml_collections.ConfigDict({"mask": {"min_layer_density": 0.0}, "finetune": {"lth_fraction": 0.5},
+                                        "seed": 0})
+    run = types.SimpleNamespace(config=config, kinds=KINDS, source=(WEIGHTS, {}), spec=types.SimpleNamespace(nm=None),
+                                finished_unit=lambda index: (WEIGHTS, None))
+    unit = methods.Unit(density, (2,))
+    assert _kernels_kept(method.unit_masks(run, unit, 1)) == without
+    config.mask.min_layer_density = 0.5
+    assert _kernels_kept(method.unit_masks(run, unit, 1)) == with_floor
 
-    config = ml_collections.ConfigDict({"mask": {"min_layer_density": 0.5}, "transfer": {"masks_from": ""}})
-    plan, run = types.SimpleNamespace(method=Method()), types.SimpleNamespace(config=config)
-    masks, prompt = registry.unit_start(plan, run, None, 0)
-    assert _kept(masks) == {"a": 4, "b": 2, "c": 1} and prompt is None
-    config.mask.min_layer_density = 0.0
-    assert _kept(registry.unit_start(plan, run, None, 0)[0]) == {"a": 4, "b": 0, "c": 1}
+
+def test_synflow_applies_the_floor():
+    kinds = {"l1": {"kernel": functional.DENSE_KERNEL}, "l2": {"kernel": functional.DENSE_KERNEL}}
+    rng = np.random.default_rng(0)
+    weights = {"l1": {"kernel": rng.normal(size=(4, 8)).astype(np.float32)},
+               "l2": {"kernel": rng.normal(size=(8, 2)).astype(np.float32)}}
+    apply_fn = lambda w, stats, x: x @ w["l1"]["kernel"] @ w["l2"]["kernel"]  # noqa: E731
+    synflow = functools.partial(saliency.synflow_masks, apply_fn, weights, {}, kinds, (4,), 0.1, iterations=3)
+    # 48 entries at density 0.1 keep 48 - int(0.9 * 48) = 5 in all, fewer than either layer's floor at 0.5.
+    assert sum(_kernels_kept(synflow()).values()) == 5
+    assert _kernels_kept(synflow(min_layer_density=0.5)) == {"l1": 16, "l2": 8}
 
 
 # -- channel masks --------------------------------------------------------------------------------------------
@@ -312,7 +328,7 @@ def test_sparsity_and_cost_of_a_tiny_network_reports_its_collapsed_layer():
     graphdef, weights, batch_stats = functional.split_model(abstract)
     weights, batch_stats = (jax.tree.map(lambda x: np.ones(x.shape, np.float32), t) for t in (weights, batch_stats))
     kinds = functional.leaf_kinds(abstract)
-    masks = jax.tree.map(np.ones_like, oneshot.magnitude_importance(weights, kinds))
+    masks = jax.tree.map(np.ones_like, saliency.magnitude_importance(weights, kinds))
     masks["fc"]["kernel"] = np.zeros_like(masks["fc"]["kernel"])
     found = {"masks": masks, "effective": masking.apply_masks(weights, masks), "kernel_masks": masks}
     cost = evaluation.sparsity_and_cost(steps.MaskedModel(graphdef, None), types.SimpleNamespace(

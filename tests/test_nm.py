@@ -17,10 +17,9 @@ from tests.test_baselines import tiny_config, write_source
 from tests.test_configs import _set, load
 from vpns_jax import config_checks, train
 from vpns_jax.config_checks import ConfigError
-from vpns_jax.core import nm, steps
+from vpns_jax.core import nm, saliency, selection, steps
 from vpns_jax.io import checkpoint, export
 from vpns_jax.io import workdir as workdir_files
-from vpns_jax.methods import oneshot
 from vpns_jax.models import create_model, functional
 
 
@@ -173,7 +172,7 @@ def test_steps_dispatch_n_m_masks_and_keep_no_threshold():
 
 def test_one_shot_keep_nm_is_the_per_group_top_n_of_the_magnitudes():
     weights = {"conv": {"kernel": np.random.default_rng(6).standard_normal((3, 3, 3, 8)).astype(np.float32)}}
-    masks = oneshot.keep_nm(jax.tree.map(np.abs, weights), 2, 4)
+    masks = selection.keep_nm(jax.tree.map(np.abs, weights), 2, 4)
     assert isinstance(masks["conv"]["kernel"], np.ndarray) and masks["conv"]["kernel"].dtype == np.float32
     np.testing.assert_array_equal(masks["conv"]["kernel"].astype(bool),
                                   reference_keep(np.abs(weights["conv"]["kernel"]), 2, 4))
@@ -290,7 +289,7 @@ def test_tiny_n_m_run_keeps_two_of_every_four_and_exports_them(fashion_data_dir,
         np.testing.assert_array_equal(np.asarray(a), b)
     if method == "omp":  # the N largest |W| per group of the dense finetune's weights
         dense = checkpoint.load_arrays(workdir_files.unit_folder(tmp_path, 1.0) / "weights.npz")
-        expected = oneshot.keep_nm(oneshot.magnitude_importance(dense, source[1]), 2, 4)
+        expected = selection.keep_nm(saliency.magnitude_importance(dense, source[1]), 2, 4)
         for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)):
             np.testing.assert_array_equal(a, b)
         assert export.load_subnetwork(workdir_files.unit_folder(tmp_path, 1.0) / "subnetwork.npz").nm_pattern is None

@@ -12,7 +12,7 @@ from flax import nnx
 
 from vpns_jax.core import structured
 from vpns_jax.models import create_model, functional
-from vpns_jax.core.structured import ChannelGroup
+from vpns_jax.models.channels import ChannelGroup
 
 
 def random_network(name: str, *, width: float = 1 / 16, num_classes: int = 10, seed: int = 0):

@@ -3,9 +3,10 @@
 ``RunContext`` is what the trainer (``vpns_jax.train``) loops with and what a
 method reads (the ``methods.RunContext`` protocol): states for a unit, the
 label mapping through given masks, a finished unit's saved arrays, training
-batches for a saliency. Everything that can be checked without the workdir is
-checked in the constructor, so a bad config or weights file leaves no workdir
-behind; ``start`` then reads or pretrains the source weights.
+batches for a saliency, a transfer source's masks and prompt. Everything that
+can be checked without the workdir is checked in the constructor, so a bad
+config or weights file leaves no workdir behind; ``start`` then reads or
+pretrains the source weights.
 """
 
 from __future__ import annotations
@@ -21,14 +22,30 @@ from flax import nnx, traverse_util
 from vpns_jax import config_checks, evaluation, methods, source_model
 from vpns_jax.core import masking, parallel, prompts, steps, structured
 from vpns_jax.data import run_data
-from vpns_jax.io import metrics, workdir
+from vpns_jax.io import checkpoint, metrics, workdir
 from vpns_jax.models import create_model, functional
 
 Params = dict[Any, Any]
+TRANSFERRED_FILES = ("masks.npz", "prompt.npz")  # what config.transfer.masks_from takes from each density
 
 
 def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def check_transfer_sources(config: Any) -> None:
+    """A one-line error when ``config.transfer.masks_from`` lacks a finished subnetwork of one of
+    ``config.densities`` (nothing to check without a transfer)."""
+    if not config.transfer.masks_from:
+        return
+    source = pathlib.Path(config.transfer.masks_from)
+    missing = [d for d in config.densities
+               if not all((workdir.unit_folder(source, d) / name).is_file() for name in TRANSFERRED_FILES)]
+    if missing:
+        raise config_checks.ConfigError(
+            f"config.transfer.masks_from={config.transfer.masks_from!r} has no finished subnetwork for densities "
+            f"{missing} (no {' or '.join(TRANSFERRED_FILES)} in {workdir.unit_folder(source, missing[0])}): run "
+            "them there first, or list only the densities it has")
 
 
 class RunContext:
@@ -38,7 +55,7 @@ class RunContext:
         self.config, self.workdir, self.mesh = config, workdir_path, mesh
         config_checks.validate(config, num_devices=mesh.devices.size)
         self.plan = methods.make_plan(config)
-        methods.check_inputs(config)
+        check_transfer_sources(config)
         self.data = run_data.open_run_data(config)
         self.model = create_model(config.model.name, rngs=nnx.Rngs(config.seed),
                                   **config_checks.model_arguments(config))
@@ -137,6 +154,13 @@ class RunContext:
         """The first ``count`` full batches (no padding rows) of the label-mapping stream, on the mesh."""
         full = (b for b in self.data.mapping.epoch_batches() if (b["label"] >= 0).all())
         return [parallel.global_batch(b, self.mesh) for b, _ in zip(full, range(count))]
+
+    def transfer_arrays(self, density: float) -> tuple[Params, Params]:
+        """(masks, prompt) that the run in ``config.transfer.masks_from`` saved for ``density`` (host arrays;
+        ``check_transfer_sources`` ran in the constructor)."""
+        folder = workdir.unit_folder(pathlib.Path(self.config.transfer.masks_from), density)
+        masks, prompt = (checkpoint.load_arrays(folder / name) for name in TRANSFERRED_FILES)
+        return masks, prompt
 
     # -- what the trainer reads --------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.gradcheck import eager, mnist_like, production_jit, relative_errors, worst
 from vpns_jax.core import masking, nm, prompts, structured
-from vpns_jax.models import layers
+from vpns_jax.models import channels, layers
 
 DTYPES = ("float32", "float64")
 # A whole computation in float32 against another order of the same float operations; float64 likewise.
@@ -203,8 +203,8 @@ def test_ste_masks_under_jit_keep_exact_counts_and_pass_the_gradient_straight_th
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ste_channel_masks_under_jit_prune_exact_counts_and_pass_the_gradient_straight_through(dtype) -> None:
     rng = np.random.default_rng(5)
-    groups = (structured.ChannelGroup("a", convs=(), bns=(), consumers=(), num_channels=8, capped=False),
-              structured.ChannelGroup("b", convs=(), bns=(), consumers=(), num_channels=12, capped=False))
+    groups = (channels.ChannelGroup("a", convs=(), bns=(), consumers=(), num_channels=8, capped=False),
+              channels.ChannelGroup("b", convs=(), bns=(), consumers=(), num_channels=12, capped=False))
     with _x64(dtype):
         # Ties and exact zeros on a coarse grid.
         scores = {g.name: jnp.asarray(np.round(rng.standard_normal(g.num_channels) * 2) / 4, dtype) for g in groups}

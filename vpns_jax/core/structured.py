@@ -1,10 +1,10 @@
 """Structured (per-output-channel) masks, as in the authors' structured VPNs.
 
-Each conv that owns a *channel group* has one score per output channel; the
-group's mask gates those output channels (and the output channels of any
-follower conv that must agree with it, i.e. a block's downsample conv), the
-BatchNorm right after them, and the input channels of the convs that read the
-output only through this mask (inside a block, or the next VGG conv).
+Each conv that owns a *channel group* (``models.channels.ChannelGroup``; ``channel_groups`` builds each
+model's) has one score per output channel; the group's mask gates those output channels (and the output
+channels of any follower conv that must agree with it, i.e. a block's downsample conv), the BatchNorm right
+after them, and the input channels of the convs that read the output only through this mask (inside a block,
+or the next VGG conv).
 
 Density is the channel keep ratio: k = int((1 - d) * C_total) channels are
 pruned under one global threshold on |s|, except that *capped* groups (the
@@ -29,7 +29,6 @@ weight masks (``vpns_jax.core.masking``).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpns_jax.core import masking
-from vpns_jax.models.vgg import VGG16_CFG
+from vpns_jax.models.channels import ChannelGroup, Path, at
+from vpns_jax.models.vgg import VGG16_CFG, vgg_conv_indices
 
 Params = dict[Any, Any]
-Path = tuple[Any, ...]
 
 CNN_STRUCTURED_MODELS = ("resnet18", "resnet50", "vgg16", "vgg16_bn")
 VIT_STRUCTURED_MODELS = ("vit_b_16", "vit_b_32", "vit_l_16")
@@ -51,35 +50,6 @@ STRUCTURED_MODELS = CNN_STRUCTURED_MODELS + VIT_STRUCTURED_MODELS
 # stage): they play the role of ResNet's stem + first stage, the layers whose
 # pruning the reference protects; VGG has no reference choice to follow.
 VGG_CAPPED_CONVS = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelGroup:
-    """One per-output-channel mask and everything it gates.
-
-    ``convs`` are kernel paths whose output channels (last axis) the mask
-    gates: the owning conv first, then followers (a block's downsample conv).
-    ``bns`` are paths of the BatchNorm modules after those convs.
-    ``consumers`` are kernel paths whose input channels (axis -2) read this
-    output only through the mask.
-    A unit (channel, attention head) spans ``unit_width`` consecutive entries
-    of those axes, and the owning kernels' output axis holds ``blocks`` copies
-    of the pattern (3 for a fused q|k|v projection).
-    """
-
-    name: str
-    convs: tuple[Path, ...]
-    bns: tuple[Path, ...]
-    consumers: tuple[Path, ...]
-    num_channels: int
-    capped: bool
-    unit_width: int = 1
-    blocks: int = 1
-
-    @property
-    def owner(self) -> Path:
-        """Kernel path of the conv that owns the scores."""
-        return self.convs[0]
 
 
 def dotted(path: Path) -> str:
@@ -117,11 +87,6 @@ def _resnet_groups(weights: Params) -> list[ChannelGroup]:
                 num = block[conv]["kernel"].shape[-1]
                 groups.append(ChannelGroup(dotted(convs[0]), convs, bns, consumers, num, capped))
     return groups
-
-
-def vgg_conv_indices(weights: Params) -> list[int]:
-    """Indices in ``features`` of VGG's convs, in forward order."""
-    return sorted(i for i, layer in weights["features"].items() if "kernel" in layer)
 
 
 def _vgg_groups(weights: Params, batch_norm: bool) -> list[ChannelGroup]:
@@ -332,12 +297,6 @@ def ste_channel_masks(
     return out
 
 
-def _get(tree: Params, path: Path) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def _set(tree: Params, path: Path, value: Any) -> Params:
     """A copy of ``tree`` (dicts along ``path`` only) with ``value`` at ``path``."""
     head, *rest = path
@@ -363,15 +322,15 @@ def apply_channel_masks(
         fixed = jax.lax.stop_gradient(m)
         owned = expand_units(m, g.unit_width, g.blocks)
         for path in g.convs:
-            weights = _set(weights, path, _get(weights, path) * owned)
-            layer = _get(weights, path[:-1])
+            weights = _set(weights, path, at(weights, path) * owned)
+            layer = at(weights, path[:-1])
             if "bias" in layer:
                 weights = _set(weights, (*path[:-1], "bias"), layer["bias"] * owned)
         for bn in g.bns:
             for leaf in ("scale", "bias"):
-                weights = _set(weights, (*bn, leaf), _get(weights, (*bn, leaf)) * fixed)
+                weights = _set(weights, (*bn, leaf), at(weights, (*bn, leaf)) * fixed)
         for path in g.consumers:
-            weights = _set(weights, path, _get(weights, path) * expand_units(fixed, g.unit_width)[:, None])
+            weights = _set(weights, path, at(weights, path) * expand_units(fixed, g.unit_width)[:, None])
     return weights
 
 
@@ -410,7 +369,6 @@ def max_prunable(groups: Sequence[ChannelGroup], channel_max: float = 0.25) -> i
 
 
 __all__ = [
-    "ChannelGroup",
     "apply_channel_masks",
     "channel_caps",
     "channel_groups",
@@ -431,4 +389,4 @@ def bn_scale_importance(weights: Params, groups: Sequence[ChannelGroup]) -> dict
     if missing:
         raise ValueError(f"Network Slimming prunes by BatchNorm scales, but {missing[0]} has no BatchNorm: "
                          "use a model with BatchNorm (resnet18, resnet50, vgg16_bn)")
-    return {g.name: np.abs(np.asarray(_get(weights, (*g.bns[0], "scale")))) for g in groups}
+    return {g.name: np.abs(np.asarray(at(weights, (*g.bns[0], "scale")))) for g in groups}

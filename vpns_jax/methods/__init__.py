@@ -2,8 +2,9 @@
 
 Built in: vpns (vpns.py), hydra (hydra.py), bip (bip.py), omp/lth and their
 "+ VP" variants (magnitude.py), random/snip/grasp/synflow (prune_at_init.py),
-dense (finetune.py) and slim (slim.py); oneshot.py holds the one-shot
-importance functions they share, transfer.py the masks taken from another run.
+dense (finetune.py) and slim (slim.py); transfer.py checks the masks taken
+from another run. The one-shot importance and selection they share are
+``vpns_jax.core.saliency`` and ``vpns_jax.core.selection``.
 A method is a ``base.Method``; ``register`` adds a new one (see
 ``experiments/custom_method.py`` and docs/methods.md).
 """
@@ -15,8 +16,8 @@ from vpns_jax.methods.finetune import Dense, MaskThenFinetune
 from vpns_jax.methods.hydra import Hydra
 from vpns_jax.methods.magnitude import LTH, OMP, lth_densities
 from vpns_jax.methods.prune_at_init import SNIP, GraSP, Random, SynFlow
-from vpns_jax.methods.registry import (add_sections, check_config, check_inputs, check_pattern, get_method,
-                                       initial_scores, make_plan, names, nm_methods, register, sections, unit_start)
+from vpns_jax.methods.registry import (add_sections, check_config, check_pattern, get_method, initial_scores,
+                                       make_plan, names, nm_methods, register, sections, unit_start)
 from vpns_jax.methods.slim import Slim
 from vpns_jax.methods.vpns import VPNs
 
@@ -40,6 +41,6 @@ for _method in (
 
 __all__ = ["STAGE2", "BiP", "Dense", "GraSP", "Hydra", "LTH", "LearnedScores", "MaskThenFinetune", "Method", "OMP",
            "Plan", "Random", "RunContext", "SNIP", "Section", "Slim", "SynFlow", "Unit", "VPNs", "add_sections",
-           "check_config", "check_inputs", "check_pattern", "finetune_phase", "finetune_plan", "get_method",
-           "initial_scores", "lth_densities", "make_plan", "names", "nm_methods", "optimizer", "register", "sections",
-           "unit_start", "weights_groups"]
+           "check_config", "check_pattern", "finetune_phase", "finetune_plan", "get_method", "initial_scores",
+           "lth_densities", "make_plan", "names", "nm_methods", "optimizer", "register", "sections", "unit_start",
+           "weights_groups"]

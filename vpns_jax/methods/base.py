@@ -132,6 +132,9 @@ class RunContext(Protocol):
     def training_batches(self, count: int) -> list[dict]:
         """The first ``count`` full batches of the label-mapping stream, placed on the mesh."""
 
+    def transfer_arrays(self, density: float) -> tuple[Params, Params]:
+        """(masks, prompt) that the run in ``config.transfer.masks_from`` saved for ``density`` (host arrays)."""
+
 
 class Method:
     """Base of every method; subclass it, set the class attributes and override ``plan`` (and the masks)."""
@@ -140,7 +143,7 @@ class Method:
     summary: str = ""  # one line for docs and listings
     granularities: tuple[str, ...] = ("weight",)  # mask granularities it supports
     # Granularities whose masks honour config.mask.min_layer_density: weight masks chosen by
-    # oneshot.keep_largest or from scores; channel masks only from scores (steps.masks_from_scores).
+    # selection.keep_largest or from scores; channel masks only from scores (steps.masks_from_scores).
     floor_granularities: tuple[str, ...] = ("weight",)
     # Whether it makes N:M masks (config.mask.pattern='N:M'): from scores through steps.masks_from_scores, or
     # one-shot by reading run.spec.nm in its unit_masks.

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from vpns_jax.methods import oneshot
+from vpns_jax.core import saliency, selection
 from vpns_jax.methods.base import Params, Plan, RunContext, Unit, finetune_plan
 from vpns_jax.methods.finetune import MaskThenFinetune
 
 
 def lth_densities(smallest: float, fraction: float) -> list[float]:
     """Nominal round densities (1 - fraction)^r, r = 1.., down to the first at or below ``smallest``."""
-    rounds = max(1, oneshot.lth_rounds_for(smallest, fraction))
+    rounds = max(1, selection.lth_rounds_for(smallest, fraction))
     return [(1.0 - fraction) ** r for r in range(1, rounds + 1)]
 
 
@@ -30,10 +30,11 @@ class OMP(MaskThenFinetune):
         if unit.dense:
             return run.ones_masks()
         trained, _ = run.finished_unit(0)
-        importance = oneshot.magnitude_importance(trained, run.kinds)
+        importance = saliency.magnitude_importance(trained, run.kinds)
         if run.spec.nm is not None:  # N:M: the N largest |W| of every group, not a global count
-            return oneshot.keep_nm(importance, *run.spec.nm)
-        return oneshot.keep_largest(importance, oneshot.keep_counts(importance, unit.density))
+            return selection.keep_nm(importance, *run.spec.nm)
+        return selection.keep_largest(importance, selection.keep_counts(importance, unit.density),
+                                      min_layer_density=run.config.mask.min_layer_density)
 
     def transfer_plan(self, config: Any) -> Plan:
         return finetune_plan(self, config, prompt=self.finetune_prompt, epochs=config.finetune.epochs)
@@ -53,4 +54,5 @@ class LTH(MaskThenFinetune):
         if unit.dense:
             return run.ones_masks()
         trained, masks = run.finished_unit(index - 1)
-        return oneshot.lth_round(trained, None if index == 1 else masks, run.kinds, run.config.finetune.lth_fraction)
+        return saliency.lth_round(trained, None if index == 1 else masks, run.kinds, run.config.finetune.lth_fraction,
+                                  min_layer_density=run.config.mask.min_layer_density)

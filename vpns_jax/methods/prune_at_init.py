@@ -1,6 +1,6 @@
 """Masks chosen at the source weights, then finetuned: Random (and "+ VP"), SNIP, GraSP and SynFlow.
 
-docs/method.md, section 7.3. Random keeps a uniform random share of every layer;
+docs/method.md, section 7.2. Random keeps a uniform random share of every layer;
 SNIP and GraSP score the loss on ``oneshot.batches`` training batches through
 the dense network's label mapping; SynFlow iterates its data-free score.
 """
@@ -13,8 +13,7 @@ import jax
 import ml_collections
 
 from vpns_jax.config_fields import ConfigError, check_int_at_least, get, is_real
-from vpns_jax.core import label_mapping, prompts
-from vpns_jax.methods import oneshot
+from vpns_jax.core import label_mapping, prompts, saliency, selection
 from vpns_jax.methods.base import STAGE2, Params, RunContext, Section, Unit
 from vpns_jax.methods.finetune import FINETUNE, MaskThenFinetune
 from vpns_jax.models import functional
@@ -42,8 +41,9 @@ ONESHOT = Section("oneshot", _defaults, check=_check)
 class Random(MaskThenFinetune):
     def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params:
         key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), index)
-        importance = oneshot.random_importance(run.source[0], key, kinds=run.kinds)
-        return oneshot.keep_largest(importance, oneshot.keep_counts(importance, unit.density, "layer"), "layer")
+        importance = saliency.random_importance(run.source[0], key, kinds=run.kinds)
+        return selection.keep_largest(importance, selection.keep_counts(importance, unit.density, "layer"), "layer",
+                                      min_layer_density=run.config.mask.min_layer_density)
 
 
 class SynFlow(MaskThenFinetune):
@@ -54,8 +54,9 @@ class SynFlow(MaskThenFinetune):
         apply_fn = lambda w, stats, x: functional.apply_model(graphdef, w, stats, x, train=False)[0]  # noqa: E731
         size = run.config.prompt.input_size
         weights, batch_stats = run.source
-        return oneshot.synflow_masks(apply_fn, weights, batch_stats, run.kinds, (size, size, 3), unit.density,
-                                     iterations=run.config.oneshot.synflow_iterations)
+        return saliency.synflow_masks(apply_fn, weights, batch_stats, run.kinds, (size, size, 3), unit.density,
+                                      iterations=run.config.oneshot.synflow_iterations,
+                                      min_layer_density=run.config.mask.min_layer_density)
 
 
 class _LossSaliency(MaskThenFinetune):
@@ -77,15 +78,16 @@ class _LossSaliency(MaskThenFinetune):
 
         batches = run.training_batches(run.config.oneshot.batches)
         importance = jax.device_get(self.importance(run, loss_fn, weights, batches))
-        return oneshot.keep_largest(importance, oneshot.keep_counts(importance, unit.density))
+        return selection.keep_largest(importance, selection.keep_counts(importance, unit.density),
+                                      min_layer_density=run.config.mask.min_layer_density)
 
 
 class SNIP(_LossSaliency):
     def importance(self, run: RunContext, loss_fn, weights: Params, batches: list) -> Params:
-        return oneshot.snip_importance(loss_fn, weights, run.kinds, batches)
+        return saliency.snip_importance(loss_fn, weights, run.kinds, batches)
 
 
 class GraSP(_LossSaliency):
     def importance(self, run: RunContext, loss_fn, weights: Params, batches: list) -> Params:
-        return oneshot.grasp_importance(loss_fn, weights, run.kinds, batches,
-                                        temperature=run.config.oneshot.grasp_temperature)
+        return saliency.grasp_importance(loss_fn, weights, run.kinds, batches,
+                                         temperature=run.config.oneshot.grasp_temperature)

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from vpns_jax.config_fields import ConfigError, mask_pattern
-from vpns_jax.methods import oneshot, transfer
+from vpns_jax.methods import transfer
 from vpns_jax.methods.base import Method, Params, Plan, RunContext, Section, Unit
 
 _METHODS: dict[str, Method] = {}
@@ -127,12 +127,4 @@ def unit_start(plan: Plan, run: RunContext, unit: Unit, index: int) -> tuple[Par
     None: a zero prompt)."""
     if run.config.transfer.masks_from:
         return transfer.transferred(run, unit.density)
-    # One-shot methods select with oneshot.keep_largest, which reads the run's layer floor from here.
-    with oneshot.layer_floor(run.config.mask.min_layer_density):
-        return plan.method.unit_masks(run, unit, index), None
-
-
-def check_inputs(config: Any) -> None:
-    """Checks what the method reads from disk before anything trains (a transfer's source subnetworks)."""
-    if config.transfer.masks_from:
-        transfer.check_sources(config)
+    return plan.method.unit_masks(run, unit, index), None

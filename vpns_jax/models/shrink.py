@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpns_jax.models import layers
-from vpns_jax.models.vgg import VGG16_CFG
-from vpns_jax.core.structured import ChannelGroup, vgg_conv_indices
+from vpns_jax.models.channels import ChannelGroup, at
+from vpns_jax.models.vgg import VGG16_CFG, vgg_conv_indices
 
 Params = dict[Any, Any]
 
@@ -109,24 +109,18 @@ def _fold(
     out_idx: np.ndarray,
 ) -> Params:
     """The conv at ``conv`` (module path) restricted to (in_idx, out_idx), with eval BN ``bn`` folded in."""
-    layer = _at(weights, conv)
+    layer = at(weights, conv)
     kernel = _select(_select(np.asarray(layer["kernel"], np.float64), in_idx, 2), out_idx, 3)
     bias = _select(np.asarray(layer["bias"], np.float64), out_idx, 0) if "bias" in layer else np.zeros(len(out_idx))
     if bn is not None:
         # Padding channels select zeros everywhere, so they fold to a zero kernel and a zero bias.
-        affine, stats = _at(weights, bn), _at(batch_stats, bn)
+        affine, stats = at(weights, bn), at(batch_stats, bn)
         g = np.asarray(affine["scale"], np.float64) / np.sqrt(np.asarray(stats["var"], np.float64) + BN_EPS)
         g = _select(g, out_idx, 0)
         kernel = kernel * g
         mean = _select(np.asarray(stats["mean"], np.float64), out_idx, 0)
         bias = (bias - mean) * g + _select(np.asarray(affine["bias"], np.float64), out_idx, 0)
     return {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
-
-
-def _at(tree: Params, path: tuple[Any, ...]) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def _to_device(params: Params) -> Params:

@@ -33,6 +33,11 @@ VGG16_CFG: tuple[int | str, ...] = (
 _DROPOUT_RATE = 0.5
 
 
+def vgg_conv_indices(weights: dict) -> list[int]:
+    """Indices in ``weights['features']`` of VGG's convs, in forward order."""
+    return sorted(i for i, layer in weights["features"].items() if "kernel" in layer)
+
+
 def _normal_001(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """torchvision VGG's Linear init: N(0, 0.01)."""
     return 0.01 * jax.random.normal(key, shape, dtype)

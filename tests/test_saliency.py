@@ -1,4 +1,5 @@
-"""One-shot baseline masks: exact counts and ties, LTH's torch arithmetic, SNIP/GraSP/SynFlow against closed forms."""
+"""One-shot importance (``core.saliency``): magnitude, random, LTH rounds against torch, SNIP/GraSP/SynFlow against
+closed forms."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,7 @@ import optax
 import pytest
 from flax import nnx, traverse_util
 
-from vpns_jax.core import label_mapping, masking
-from vpns_jax.methods import oneshot
+from vpns_jax.core import label_mapping, masking, saliency, selection
 from vpns_jax.models import create_model, functional
 
 DENSE = functional.DENSE_KERNEL
@@ -20,64 +20,6 @@ def _kept(masks) -> int:
 
 def _np(tree):
     return jax.tree.map(np.asarray, tree)
-
-
-# --- counts and selection -------------------------------------------------------------------
-
-
-def test_keep_counts_global_and_layer():
-    importance = {"a": np.zeros(10), "b": np.zeros((5, 6))}
-    # N = 40: prune int(0.5 * 40) = 20 globally, int(0.5 * 10) = 5 and int(0.5 * 30) = 15 per layer.
-    np.testing.assert_array_equal(oneshot.keep_counts(importance, 0.5), [20])
-    np.testing.assert_array_equal(oneshot.keep_counts(importance, 0.5, "layer"), [5, 15])
-    # prune int(0.7 * 40) = 28, int(0.7 * 10) = 7, int(0.7 * 30) = 21.
-    np.testing.assert_array_equal(oneshot.keep_counts(importance, 0.3), [12])
-    np.testing.assert_array_equal(oneshot.keep_counts(importance, 0.3, "layer"), [3, 9])
-    # torch's float arithmetic: (1 - 0.9) * 10 = 0.9999999999999998 and (1 - 0.9) * 30 = 2.9999999999999996,
-    # so int() prunes nothing from the 10-entry layer and 2 entries from the 30-entry one.
-    np.testing.assert_array_equal(oneshot.keep_counts(importance, 0.9, "layer"), [10, 28])
-    np.testing.assert_array_equal(oneshot.keep_counts(importance, 1.0), [40])
-    with pytest.raises(ValueError, match="keep ratio"):
-        oneshot.keep_counts(importance, 0.0)
-
-
-def test_keep_largest_exact_counts_and_deterministic_ties():
-    importance = {"a": np.array([3.0, 1.0, 1.0, 1.0]), "b": np.array([[1.0, 5.0], [1.0, 0.0]])}
-    # Global order a[0..3], b[0,0], b[0,1], b[1,0], b[1,1]: 5 and 3, then the first two of the five 1s.
-    masks = oneshot.keep_largest(importance, [4])
-    np.testing.assert_array_equal(masks["a"], [1, 1, 1, 0])
-    np.testing.assert_array_equal(masks["b"], [[0, 1], [0, 0]])
-    assert masks["a"].dtype == np.float32 and masks["b"].shape == (2, 2)
-    layer = oneshot.keep_largest(importance, [2, 2], "layer")
-    np.testing.assert_array_equal(layer["a"], [1, 1, 0, 0])
-    np.testing.assert_array_equal(layer["b"], [[1, 1], [0, 0]])
-    assert _kept(oneshot.keep_largest(importance, [0])) == 0
-    assert _kept(oneshot.keep_largest(importance, [8])) == 8
-    # All equal: exactly k kept, the first k in flattened order, every time.
-    flat = {"w": np.ones((3, 4), np.float32)}
-    for k in range(13):
-        mask = oneshot.keep_largest(flat, [k])["w"].ravel()
-        np.testing.assert_array_equal(mask, np.arange(12) < k)
-
-
-def test_keep_largest_handles_negative_importance():
-    masks = oneshot.keep_largest({"w": np.array([-3.0, -1.0, -2.0, -0.5, -1.0])}, [2])
-    np.testing.assert_array_equal(masks["w"], [0, 1, 0, 1, 0])
-    mixed = oneshot.keep_largest({"w": np.array([-1e-9, 2.0, -7.0, 0.0])}, [3])
-    np.testing.assert_array_equal(mixed["w"], [1, 1, 0, 1])
-
-
-def test_keep_largest_rejects_bad_input():
-    with pytest.raises(ValueError, match="non-finite"):
-        oneshot.keep_largest({"w": np.array([1.0, np.nan])}, [1])
-    with pytest.raises(ValueError, match="non-finite"):
-        oneshot.keep_largest({"w": np.array([1.0, np.inf])}, [1])
-    with pytest.raises(ValueError, match="groups"):
-        oneshot.keep_largest({"a": np.ones(2), "b": np.ones(2)}, [1], "layer")
-    with pytest.raises(ValueError, match="cannot keep"):
-        oneshot.keep_largest({"w": np.ones(2)}, [3])
-    with pytest.raises(ValueError, match="scope"):
-        oneshot.keep_largest({"w": np.ones(2)}, [1], "channel")
 
 
 # --- OMP and Random ------------------------------------------------------------------------
@@ -98,14 +40,14 @@ def _hand_weights():
 
 
 def test_magnitude_keeps_the_largest_abs_weights():
-    importance = oneshot.magnitude_importance(_hand_weights(), KINDS)
+    importance = saliency.magnitude_importance(_hand_weights(), KINDS)
     assert set(traverse_util.flatten_dict(importance)) == {("conv", "kernel"), ("fc", "kernel")}
     # |W| = conv 4, .5, .6, .1 and fc 1, 3, .2, 2.5: the top 4 of 8 are 4, 3, 2.5, 1.
-    masks = oneshot.keep_largest(importance, oneshot.keep_counts(importance, 0.5))
+    masks = selection.keep_largest(importance, selection.keep_counts(importance, 0.5))
     np.testing.assert_array_equal(masks["conv"]["kernel"].reshape(2, 2), [[1, 0], [0, 0]])
     np.testing.assert_array_equal(masks["fc"]["kernel"], [[1, 1], [0, 1]])
     # Per layer the conv keeps 4 and .6 instead.
-    layer = oneshot.keep_largest(importance, oneshot.keep_counts(importance, 0.5, "layer"), "layer")
+    layer = selection.keep_largest(importance, selection.keep_counts(importance, 0.5, "layer"), "layer")
     np.testing.assert_array_equal(layer["conv"]["kernel"].reshape(2, 2), [[1, 0], [1, 0]])
     np.testing.assert_array_equal(layer["fc"]["kernel"], [[0, 1], [0, 1]])
 
@@ -113,52 +55,33 @@ def test_magnitude_keeps_the_largest_abs_weights():
 def test_random_keeps_exactly_the_density_in_every_layer():
     weights = {"a": {"kernel": jnp.zeros((10, 10))}, "b": {"kernel": jnp.zeros((37,)), "bias": jnp.zeros(3)}}
     kinds = {"a": {"kernel": DENSE}, "b": {"kernel": DENSE, "bias": functional.BIAS}}
-    importance = oneshot.random_importance(weights, jax.random.key(0), kinds=kinds)
+    importance = saliency.random_importance(weights, jax.random.key(0), kinds=kinds)
     assert set(traverse_util.flatten_dict(importance)) == {("a", "kernel"), ("b", "kernel")}
     values = np.concatenate([np.ravel(v) for v in jax.tree.leaves(importance)])
     assert values.min() >= 0.0 and values.max() < 1.0
-    keep = oneshot.keep_counts(importance, 0.3, "layer")
+    keep = selection.keep_counts(importance, 0.3, "layer")
     np.testing.assert_array_equal(keep, [30, 12])  # 100 - int(0.7 * 100), 37 - int(0.7 * 37)
-    masks = oneshot.keep_largest(importance, keep, "layer")
+    masks = selection.keep_largest(importance, keep, "layer")
     assert int(masks["a"]["kernel"].sum()) == 30 and int(masks["b"]["kernel"].sum()) == 12
     # Same key, same draw, also from an importance-shaped tree; another key, another mask.
-    again = oneshot.random_importance(importance, jax.random.key(0))
+    again = saliency.random_importance(importance, jax.random.key(0))
     jax.tree.map(np.testing.assert_array_equal, _np(again), _np(importance))
-    other = oneshot.random_importance(importance, jax.random.key(1))
+    other = saliency.random_importance(importance, jax.random.key(1))
     assert not np.array_equal(np.asarray(other["a"]["kernel"]), np.asarray(importance["a"]["kernel"]))
     with pytest.raises(ValueError, match="shapes"):
-        oneshot.random_importance(kinds, jax.random.key(0))
+        saliency.random_importance(kinds, jax.random.key(0))
 
 
 # --- LTH -----------------------------------------------------------------------------------
-
-
-def test_lth_schedule_follows_torch_rounding():
-    # 1000 -> prune round(200.0), round(160.0), round(128.0), round(102.4) = 102, round(82.0), round(65.6) = 66.
-    assert oneshot.lth_schedule(1000, 6) == [800, 640, 512, 410, 328, 262]
-    # Python round is half to even: round(2.5) = 2, round(3.5) = 4.
-    assert oneshot.lth_schedule(5, 1, fraction=0.5) == [3]
-    assert oneshot.lth_schedule(7, 1, fraction=0.5) == [3]
-    assert oneshot.lth_schedule(10, 0) == []
-
-
-def test_lth_rounds_for():
-    assert oneshot.lth_rounds_for(1.0) == 0
-    assert oneshot.lth_rounds_for(0.8) == 1
-    assert oneshot.lth_rounds_for(0.64) == 2  # 0.8 * 0.8 = 0.6400000000000001 still counts
-    assert oneshot.lth_rounds_for(0.5) == 4  # 0.512 > 0.5 >= 0.4096
-    assert oneshot.lth_rounds_for(0.1) == 11
-    assert oneshot.lth_rounds_for(0.8**10) == 10
-    assert oneshot.lth_rounds_for(0.25, fraction=0.5) == 2
 
 
 def test_lth_rounds_count_and_never_revive():
     rng = np.random.default_rng(0)
     weights = {"a": {"kernel": rng.normal(size=(20, 30))}, "b": {"kernel": rng.normal(size=(400,)), "bias": np.ones(3)}}
     kinds = {"a": {"kernel": DENSE}, "b": {"kernel": DENSE, "bias": functional.BIAS}}
-    masks, expected = None, oneshot.lth_schedule(1000, 5)
+    masks, expected = None, selection.lth_schedule(1000, 5)
     for kept in expected:
-        new = oneshot.lth_round(weights, masks, kinds)
+        new = saliency.lth_round(weights, masks, kinds)
         assert _kept(new) == kept
         if masks is not None:
             for old, cur in zip(jax.tree.leaves(masks), jax.tree.leaves(new)):
@@ -183,7 +106,7 @@ def test_lth_round_matches_torch_global_unstructured():
     masks = None
     for _ in range(4):
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.2)
-        masks = oneshot.lth_round(weights, masks, kinds)
+        masks = saliency.lth_round(weights, masks, kinds)
         for i, layer in enumerate(layers):
             np.testing.assert_array_equal(masks[str(i)]["kernel"], layer.weight_mask.numpy().T)
 
@@ -217,7 +140,7 @@ def test_snip_is_abs_grad_times_weight_of_a_linear_model():
     weights = {"fc": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}}
     batches = _batches(rng, 2, 5, 3, 4)
     temperatures = []
-    importance = oneshot.snip_importance(_linear_loss(temperatures), weights, LINEAR_KINDS, iter(batches))
+    importance = saliency.snip_importance(_linear_loss(temperatures), weights, LINEAR_KINDS, iter(batches))
     assert set(temperatures) == {1.0}
     # Mean cross-entropy of x W + b: dL/dW = x^T (softmax - onehot) / B, summed over the batches.
     g = np.zeros_like(w)
@@ -250,7 +173,7 @@ def test_grasp_matches_an_explicit_hessian():
         return optax.softmax_cross_entropy_with_integer_labels(logits / temperature, y).mean()
 
     batches = _batches(rng, 2, 6, 3, 3)
-    importance = oneshot.grasp_importance(loss_fn, weights, kinds, batches, temperature=3.0)
+    importance = saliency.grasp_importance(loss_fn, weights, kinds, batches, temperature=3.0)
     assert set(temperatures) == {3.0}
 
     # The same summed loss as a function of the flat kernel vector, bias fixed.
@@ -267,11 +190,11 @@ def test_grasp_matches_an_explicit_hessian():
     got = np.concatenate([np.ravel(importance["l1"]["kernel"]), np.ravel(importance["l2"]["kernel"])])
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     assert got.min() < 0 < got.max()  # signed, so keep_largest sees negative values too
-    masks = oneshot.keep_largest(importance, oneshot.keep_counts(importance, 0.25))
+    masks = selection.keep_largest(importance, selection.keep_counts(importance, 0.25))
     assert _kept(masks) == 24 - int(0.75 * 24)
 
     temperatures.clear()
-    oneshot.grasp_importance(loss_fn, weights, kinds, batches[:1])
+    saliency.grasp_importance(loss_fn, weights, kinds, batches[:1])
     assert set(temperatures) == {200.0}
 
 
@@ -293,20 +216,21 @@ def _chain(weights, stats, x):
 
 def test_synflow_path_sums_of_a_two_layer_linear_net():
     stats = {"mean": jnp.zeros(3)}
-    scores = oneshot.synflow_importance(_chain, _chain_weights(), stats, CHAIN_KINDS, (2,))
+    scores = saliency.synflow_importance(_chain, _chain_weights(), stats, CHAIN_KINDS, (2,))
     # Column sums of |W1| are (1.5, 3, 4): score W1_ij = |W1_ij| |W2_j|, score W2_j = |W2_j| * colsum_j.
     np.testing.assert_allclose(scores["l1"]["kernel"], [[2.0, 2.0, 1.5], [1.0, 1.0, 0.5]], rtol=1e-6)
     np.testing.assert_allclose(scores["l2"]["kernel"], [[3.0], [3.0], [2.0]], rtol=1e-6)
     # A pruned W1[0, 2] scores 0 and no longer feeds W2[2]'s paths.
     masks = {"l1": {"kernel": np.array([[1, 1, 0], [1, 1, 1]])}, "l2": {"kernel": np.ones((3, 1))}}
-    masked = oneshot.synflow_importance(_chain, _chain_weights(), stats, CHAIN_KINDS, (2,), masks=masks)
+    masked = saliency.synflow_importance(_chain, _chain_weights(), stats, CHAIN_KINDS, (2,), masks=masks)
     np.testing.assert_allclose(masked["l1"]["kernel"], [[2.0, 2.0, 0.0], [1.0, 1.0, 0.5]], rtol=1e-6)
     np.testing.assert_allclose(masked["l2"]["kernel"], [[3.0], [3.0], [0.5]], rtol=1e-6)
     # Statistics are linearised too: |mean| = (1, 0, 0) lowers the first path sum to 0.5.
-    shifted = oneshot.synflow_importance(_chain, _chain_weights(), {"mean": jnp.array([-1.0, 0, 0])}, CHAIN_KINDS, (2,))
+    shifted = saliency.synflow_importance(_chain, _chain_weights(), {"mean": jnp.array([-1.0, 0, 0])}, CHAIN_KINDS,
+                                          (2,))
     np.testing.assert_allclose(shifted["l2"]["kernel"], [[1.0], [3.0], [2.0]], rtol=1e-6)
     # Without BatchNorm shifts, rescaling multiplies every score by one constant: c1 = 8.5 / 3, c2 = 3.5.
-    rescaled = oneshot.synflow_importance(_chain, _chain_weights(), stats, CHAIN_KINDS, (2,), rescale=True)
+    rescaled = saliency.synflow_importance(_chain, _chain_weights(), stats, CHAIN_KINDS, (2,), rescale=True)
     for got, want in zip(jax.tree.leaves(rescaled), jax.tree.leaves(scores)):
         np.testing.assert_allclose(np.asarray(got) * (8.5 / 3) * 3.5, want, rtol=1e-5)
 
@@ -327,8 +251,8 @@ def test_synflow_overflow_is_an_error_and_rescale_keeps_the_exact_ranking():
     depth = 14
     weights, kinds, apply_fn = _deep_chain(depth, np.random.default_rng(3), 100.0)
     with pytest.raises(ValueError, match="rescale=True"):
-        oneshot.synflow_importance(apply_fn, weights, {}, kinds, (16,))
-    scores = oneshot.synflow_importance(apply_fn, weights, {}, kinds, (16,), rescale=True)
+        saliency.synflow_importance(apply_fn, weights, {}, kinds, (16,))
+    scores = saliency.synflow_importance(apply_fn, weights, {}, kinds, (16,), rescale=True)
     # Exact scores in float64 with numpy: |W_l| weighted by the path sums into its rows and out of its columns.
     a = [np.abs(np.asarray(weights[f"l{i}"]["kernel"], np.float64)) for i in range(depth)]
     left, lefts = np.ones(16), []
@@ -349,15 +273,15 @@ def test_synflow_masks_end_at_the_exact_target_and_keep_pruned_entries_pruned():
     weights, kinds, apply_fn = _deep_chain(3, np.random.default_rng(4), 1.0)
     n = 3 * 256
     for density, iterations in [(0.05, 10), (0.4, 1), (0.123, 7)]:
-        masks = oneshot.synflow_masks(apply_fn, weights, {}, kinds, (16,), density, iterations=iterations)
+        masks = saliency.synflow_masks(apply_fn, weights, {}, kinds, (16,), density, iterations=iterations)
         assert _kept(masks) == n - int((1 - density) * n)
-    start = oneshot.keep_largest(oneshot.random_importance(weights, jax.random.key(0), kinds=kinds), [500])
-    masks = oneshot.synflow_masks(apply_fn, weights, {}, kinds, (16,), 0.3, iterations=4, masks=start)
+    start = selection.keep_largest(saliency.random_importance(weights, jax.random.key(0), kinds=kinds), [500])
+    masks = saliency.synflow_masks(apply_fn, weights, {}, kinds, (16,), 0.3, iterations=4, masks=start)
     assert _kept(masks) == n - int(0.7 * n)
     for old, new in zip(jax.tree.leaves(start), jax.tree.leaves(masks)):
         assert np.all(new <= old)
     with pytest.raises(ValueError, match="fewer than the target"):
-        oneshot.synflow_masks(apply_fn, weights, {}, kinds, (16,), 0.9, iterations=2, masks=start)
+        saliency.synflow_masks(apply_fn, weights, {}, kinds, (16,), 0.9, iterations=2, masks=start)
 
 
 # --- a tiny real ResNet-18 -----------------------------------------------------------------
@@ -411,14 +335,14 @@ def test_snip_and_grasp_on_a_tiny_resnet(tiny_resnet):
         (jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32), jnp.asarray(rng.integers(0, 3, 4)))
         for _ in range(2)
     ]
-    snip = oneshot.snip_importance(loss_fn, weights, kinds, batches)
+    snip = saliency.snip_importance(loss_fn, weights, kinds, batches)
     _check_importance(snip, weights, kinds)
-    masks = oneshot.keep_largest(snip, oneshot.keep_counts(snip, 0.2))
-    assert _kept(masks) == int(oneshot.keep_counts(snip, 0.2)[0])
-    grasp = oneshot.grasp_importance(loss_fn, weights, kinds, batches)
+    masks = selection.keep_largest(snip, selection.keep_counts(snip, 0.2))
+    assert _kept(masks) == int(selection.keep_counts(snip, 0.2)[0])
+    grasp = saliency.grasp_importance(loss_fn, weights, kinds, batches)
     _check_importance(grasp, weights, kinds)
-    keep = oneshot.keep_counts(grasp, 0.3, "layer")
-    layer_masks = oneshot.keep_largest(grasp, keep, "layer")
+    keep = selection.keep_counts(grasp, 0.3, "layer")
+    layer_masks = selection.keep_largest(grasp, keep, "layer")
     np.testing.assert_array_equal([int(m.sum()) for m in jax.tree.leaves(layer_masks)], keep)
 
 
@@ -428,7 +352,7 @@ def test_synflow_on_a_tiny_resnet(tiny_resnet):
     def apply_fn(w, stats, x):
         return functional.apply_model(graphdef, w, stats, x, train=False)[0]
 
-    scores = oneshot.synflow_importance(apply_fn, weights, batch_stats, kinds, (16, 16, 3))
+    scores = saliency.synflow_importance(apply_fn, weights, batch_stats, kinds, (16, 16, 3))
     _check_importance(scores, weights, kinds)
-    masks = oneshot.synflow_masks(apply_fn, weights, batch_stats, kinds, (16, 16, 3), 0.1, iterations=4)
-    assert _kept(masks) == int(oneshot.keep_counts(scores, 0.1)[0])
+    masks = saliency.synflow_masks(apply_fn, weights, batch_stats, kinds, (16, 16, 3), 0.1, iterations=4)
+    assert _kept(masks) == int(selection.keep_counts(scores, 0.1)[0])
