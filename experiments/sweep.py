@@ -55,7 +55,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # vpns_jax.source_model.SOURCE_FILE, not imported here as that module pulls in jax.
 SOURCE_FILE = "source_model.npz"
 RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.json"  # the run's config fingerprint (vpns_jax.io.checkpoint.guard_workdir)
+CONFIG_FILE = "config.json"  # the run's config fingerprint (vpns_jax.io.workdir_guard.guard_workdir)
 MANIFEST_FILE = "manifest.json"
 COMMAND_FILE = "command.txt"
 STDOUT_LOG = "sweep_stdout.log"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import plots, sweep, table
-from vpns_jax.io import checkpoint
+from vpns_jax.io import array_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")
@@ -36,7 +36,7 @@ def _cell(root, method, seed, rows, masks_at=(), ran=None):
         kept = (np.arange(36) % 10 < 10 * density).reshape(3, 3, 2, 2).astype(np.float32)
         masks = {"conv1": {"kernel": np.ones((3, 3, 3, 4))}, "layer1": {0: {"conv1": {"kernel": kept}}},
                  "fc": {"kernel": np.zeros((4, 5))}}
-        checkpoint.save_arrays(workdir / "subnetworks" / f"density_{density}" / "masks.npz", masks)
+        array_files.save_arrays(workdir / "subnetworks" / f"density_{density}" / "masks.npz", masks)
     return workdir
 
 
@@ -156,7 +156,7 @@ def test_plots_write_png_files(small_sweep, tmp_path):
     styles = [plots._style(i) for i in range(20)]
     assert len({(s["color"], s["marker"]) for s in styles}) == 20  # apart even where no line is drawn
 
-    masks = checkpoint.load_arrays(small_sweep / "vpns" / "seed_7" / "subnetworks" / "density_0.1" / "masks.npz")
+    masks = array_files.load_arrays(small_sweep / "vpns" / "seed_7" / "subnetworks" / "density_0.1" / "masks.npz")
     densities = plots.layer_densities(masks)
     assert densities == {"conv1": 1.0, "layer1/0/conv1": pytest.approx(4 / 36), "fc": 0.0}
     assert list(densities) == ["conv1", "layer1/0/conv1", "fc"]  # the dense head after the convs

@@ -7,7 +7,7 @@
 
 The input is a torchvision state dict: ``.pth``/``.pt`` (needs torch; loaded
 with ``weights_only=True``), ``.safetensors`` or ``.npz`` (torchvision names as
-keys). The output holds {'weights', 'batch_stats'} as ``checkpoint.save_arrays``
+keys). The output holds {'weights', 'batch_stats'} as ``array_files.save_arrays``
 writes them, ready for ``--config.model.init_from``. (``init_from`` also takes
 the torchvision file directly; converting once saves reading it every run and
 checks it against the model up front.) Every tensor must be float16, bfloat16,
@@ -65,7 +65,7 @@ def convert(
     """
     from flax import nnx, traverse_util
 
-    from vpns_jax.io import checkpoint
+    from vpns_jax.io import array_files
     from vpns_jax.models import create_model, functional
 
     output_path = pathlib.Path(output_path).expanduser()
@@ -85,7 +85,7 @@ def convert(
     except ValueError as error:
         settings = f"width {width:g}, stem {stem}, {num_classes} classes" + _vit_settings(image_size, vit)
         raise ValueError(f"{input_path} as {model} ({settings}): {error}") from None
-    checkpoint.save_arrays(output_path, {"weights": weights, "batch_stats": batch_stats})
+    array_files.save_arrays(output_path, {"weights": weights, "batch_stats": batch_stats})
     flat_weights = traverse_util.flatten_dict(weights)
     flat_stats = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
     params = sum(math.prod(a.shape) for a in flat_weights.values())

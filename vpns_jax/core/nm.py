@@ -28,7 +28,7 @@ w.r.t. |s|, so dL/ds = sign(s) * W * dL/dw (sign(0) = +1, JAX's derivative of
 |s| at 0). Float32 and float64 scores both work.
 
 ``group_indices`` / ``from_group_indices`` give each group's kept positions
-and back (host-side), the form ``vpns_jax.io.export`` stores N:M masks in;
+and back (host-side), the form ``vpns_jax.io.subnetwork_format`` stores N:M masks in;
 ``group_kept``, ``is_nm`` and ``kept_counts`` check and count masks.
 """
 
