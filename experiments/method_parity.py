@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from experiments import measurement
+
 SHRINK = ("--config.data.train_limit=512", "--config.data.test_limit=500", "--config.densities=(0.5,0.1)",
           "--config.stage1.epochs=1", "--config.stage2.epochs=1", "--config.hydra.prune_epochs=1",
           "--config.hydra.finetune_epochs=1", "--config.bip.epochs=1", "--config.finetune.epochs=1",
@@ -115,8 +117,8 @@ def main() -> None:
     root.mkdir(parents=True)
     names = args.cases.split(",") if args.cases else list(CASES)
     source = root / "source_model.npz"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "cases": {}}
+    found = measurement.provenance()
+    result = {"date": found["date"], "commit": found["git_commit"], "cases": {}}
     for name in names:
         result["cases"][name] = run_case(name, CASES[name], root, source)
         print(f"{name}: {result['cases'][name]['seconds']} s", flush=True)
