@@ -28,7 +28,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from step_time import vpns_state

@@ -4,7 +4,6 @@ import functools
 import json
 import math
 import os
-import zipfile
 
 import jax
 import jax.numpy as jnp
