@@ -30,7 +30,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,11 @@ import jax
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+if str(ROOT) not in sys.path:  # run as `python benchmarks/device_check.py`: the repository's experiments
+    sys.path.append(str(ROOT))
 from step_time import dense_step, jax_rows, time_call  # noqa: E402 - benchmarks/ is not a package
+
+from experiments import measurement  # noqa: E402
 
 SETTINGS = {"full": [("imagenet", 224, 128), ("cifar", 32, 256)], "smoke": [("imagenet", 32, 2)]}
 # Kernel choices per setting: the conv kernels in float32, bfloat16 with the backend's default kernels.
@@ -73,26 +76,15 @@ class Budget:
         self.last[kind] = time.perf_counter() - started
 
 
-def _commit() -> str:
-    """The checkout's commit, or why it is unknown (a copy without git)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=ROOT)
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git here)"
-
-
 def _last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1][:200] if lines else "no output"
 
 
 def device_lines() -> list[str]:
-    """The device, as JAX sees it."""
+    """The device, as JAX sees it (the machine and versions are in ``measurement.header_lines``)."""
     devices = jax.devices()
-    lines = [f"- backend: {jax.default_backend()}, {len(devices)} x {devices[0].device_kind}",
-             f"- jax {jax.__version__}, python {platform.python_version()}, {platform.platform()}, "
-             f"{os.cpu_count()} CPU cores"]
+    lines = [f"- backend: {jax.default_backend()}, {len(devices)} x {devices[0].device_kind}"]
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     if stats and "bytes_limit" in stats:
         lines.append(f"- device memory: {stats['bytes_limit'] / 2**30:.1f} GiB")
@@ -274,8 +266,9 @@ def main(argv: list[str] | None = None) -> str:
                         help="the PyTorch reference's device (auto: CUDA when torch sees it, else skipped)")
     args = parser.parse_args(argv)
     budget = Budget(args.budget_s)
-    lines = ["# Device check", "", f"- command: `python benchmarks/device_check.py {' '.join(argv or sys.argv[1:])}`",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", f"- commit: {_commit()}", *device_lines(), ""]
+    command = f"python benchmarks/device_check.py {' '.join(argv or sys.argv[1:])}"
+    lines = ["# Device check", "", *measurement.header_lines(measurement.provenance(jax_in_process=True), command),
+             *device_lines(), ""]
     reference = TorchReference(args.torch_device, args.smoke)
     lines += step_table(args.smoke, budget, reference) + [""]
     lines.append(reference.line())

@@ -23,20 +23,22 @@ import argparse
 import itertools
 import math
 import multiprocessing
-import os
-import platform
-import subprocess
+import pathlib
 import sys
 import time
 
 import jax
-import numpy as np
 from flax import nnx
 
 from step_time import vpns_state
 from vpns_jax.core import parallel, steps
 from vpns_jax.data import pipeline, prepare, registry, run_data
 from vpns_jax.models import create_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/input_pipeline.py`: the repository's experiments
+    sys.path.append(str(ROOT))
+from experiments import measurement  # noqa: E402
 
 
 def _streams(source, setting: int, size: int, batch: int, threads: int, views=("augmented",)):
@@ -107,13 +109,6 @@ def machine_scaling() -> float:
     return 2 * one / max(two)
 
 
-def _machine() -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    return (f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, commit {commit.stdout.strip() or 'unknown'}\n"
-            f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax "
-            f"{jax.__version__} on {jax.devices()[0].device_kind}")
-
-
 def view_table(source, args) -> list[str]:
     """Markdown rows of the augmented view's images/s per size and loader setting, and the workers a target needs."""
     names = {w: (f"{args.threads} threads" if w == 0 else f"{w} worker{'s' * (w > 1)}") for w in args.workers}
@@ -161,8 +156,9 @@ def main() -> None:
     except registry.DataNotFoundError:
         prepare.prepare(args.dataset, data_dir=args.data_dir)
     source = pipeline.open_split(args.dataset, registry.get_dataset_spec(args.dataset).train_split, args.data_dir)
-    lines = ["# Input pipeline", "", f"- command: `python benchmarks/input_pipeline.py {' '.join(sys.argv[1:])}`",
-             _machine(), f"- {args.dataset}: {len(source):,} training images, batch {args.batch}", "",
+    command = f"python benchmarks/input_pipeline.py {' '.join(sys.argv[1:])}"
+    lines = ["# Input pipeline", "", *measurement.header_lines(measurement.provenance(jax_in_process=True), command),
+             f"- {args.dataset}: {len(source):,} training images, batch {args.batch}", "",
              f"- this machine's own 2-process scaling (a pure-Python loop, 1 process against 2 at once, measured "
              f"just before the table): {machine_scaling():.2f}x", "",
              "Augmented training view, images/s:", "", *view_table(source, args)]

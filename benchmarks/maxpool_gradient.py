@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import os
-import platform
-import subprocess
+import pathlib
 import sys
 
 import jax
@@ -33,6 +30,11 @@ from flax import nnx
 
 from step_time import dense_step, time_call
 from vpns_jax.models import create_model, functional, layers, resnet
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/maxpool_gradient.py`: the repository's experiments
+    sys.path.append(str(ROOT))
+from experiments import measurement  # noqa: E402
 
 STEM_LEAVES = (("conv1", "kernel"), ("bn1", "scale"), ("bn1", "bias"))
 
@@ -61,14 +63,9 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def header() -> str:
-    """Command, date, git commit and machine of this run, as a markdown preamble."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    return (f"command: `python {' '.join(sys.argv)}`  \ndate: {datetime.datetime.now().isoformat(timespec='seconds')}  "
-            f"\ncommit: {commit}{' (with uncommitted changes)' if dirty else ''}  \nmachine: {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, backend {jax.default_backend()}, jax {jax.__version__}\n")
+    """Command, date, git commit, machine and package versions of this run, as a markdown preamble."""
+    lines = measurement.header_lines(measurement.provenance(jax_in_process=True), f"python {' '.join(sys.argv)}")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ writes under ROOT:
 * ``accuracy_vs_sparsity.png`` and ``differences_vs_sparsity.png`` (each variant
   minus ``vpns`` with its 95 % interval); ``command.txt``, ``manifest.json``
   (every cell's command and wall time, and the git commit, package versions and
-  machine of the last invocation: ``sweep.provenance``) and ``wall_time.txt``
+  machine of the last invocation: ``measurement.provenance``) and ``wall_time.txt``
   (their sum over every invocation).
 
 A rerun skips finished cells and resumes unfinished ones.

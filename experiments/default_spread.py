@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-from experiments import sweep
+from experiments import measurement
 
 
 def run_seed(seed: int, root: pathlib.Path) -> tuple[list[dict], str, float]:
@@ -65,14 +64,9 @@ def main() -> None:
     for seed in seeds:
         rows[seed], tables[seed], walls[seed] = run_seed(seed, root)
         print(f"seed {seed}: {walls[seed]:.0f} s", flush=True)
-    provenance = sweep.provenance()
-    header = [f"# `make run` at seeds {args.seeds}", "",
-              f"- command: `python -m experiments.default_spread --seeds={args.seeds} --root={args.root} "
-              f"--out={args.out}`",
-              f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-              f"- commit: {provenance['git_commit']}{' (with uncommitted changes)' if provenance['git_dirty'] else ''}",
-              f"- machine: {platform.platform()}, {provenance['machine']['cpu_count']} CPU cores, jax "
-              f"{provenance['packages']['jax']} on {provenance['machine']['jax_backend']}", ""]
+    command = f"python -m experiments.default_spread --seeds={args.seeds} --root={args.root} --out={args.out}"
+    header = [f"# `make run` at seeds {args.seeds}", "", *measurement.header_lines(measurement.provenance(), command),
+              ""]
     body = [f"## Seed {seed} ({walls[seed]:.0f} s, source pretraining included)\n\n```\n{tables[seed]}\n```\n"
             for seed in seeds]
     text = "\n".join(header + body + ["## Test accuracy (%) over the seeds\n", spread_table(rows), ""])

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from experiments import sweep
+from experiments import measurement
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -135,10 +135,9 @@ def main() -> None:
         raise SystemExit(f"--workdir {root} exists: give a new folder (each case needs a fresh workdir)")
     root.mkdir(parents=True)
     names = args.cases.split(",") if args.cases else list(CASES)
-    provenance = sweep.provenance()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": provenance["git_commit"],
-              "dirty": provenance["git_dirty"], "machine": provenance["machine"], "packages": provenance["packages"],
-              "xla_flags": FAST_COMPILE, "cases": {}}
+    found = measurement.provenance()
+    result = {"date": found["date"], "commit": found["git_commit"], "dirty": found["git_dirty"],
+              "machine": found["machine"], "packages": found["packages"], "xla_flags": FAST_COMPILE, "cases": {}}
     for name in names:
         result["cases"][name] = run_case(name, root, args.data_dir)
         print(f"{name}: {result['cases'][name]['seconds']} s", flush=True)

@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_accuracy_vs_sparsity(table.summarize(rows, densities), out / ACCURACY_FILE)
     print(f"wrote {out / ACCURACY_FILE}")
 
-    from vpns_jax.io import checkpoint  # pulls in jax: only once there are masks to read
+    from vpns_jax.io import array_files  # pulls in jax: only once there are masks to read
 
     for method in filter(None, args.layer_methods.split(",")):
         workdir = first_seed_workdir(args.root, method)
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{method}: no subnetworks/density_*/masks.npz under {args.root}/{method}; no layer plot")
             continue
         density, masks_path = found
-        masks = checkpoint.load_arrays(masks_path)
+        masks = array_files.load_arrays(masks_path)
         title = f"{method}, {workdir.name.replace('_', ' ')}, density {density:.4g} (kept {kept_fraction(masks):.4f})"
         path = out / f"layer_density_{method}.png"
         plot_layer_densities(masks, path, title)

@@ -24,8 +24,8 @@ it. A failed cell is reported with the tail of its stderr and the sweep goes on;
 the exit status is then 1. Writes ``ROOT/manifest.json`` (rewritten atomically
 after every cell; a cell's ``wall_s`` adds up its runs over every invocation
 that finished it or failed, so a resumed sweep keeps its earlier cost; and
-what this invocation ran on, :func:`provenance`: the git commit, the package
-versions and the machine) and
+what this invocation ran on, ``measurement.provenance``: the git commit, the
+package versions, the machine and the date) and
 ``ROOT/command.txt`` (this sweep's command line); each cell's output goes to
 ``sweep_stdout.log`` / ``sweep_stderr.log`` in its workdir.
 """
@@ -33,14 +33,11 @@ versions and the machine) and
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import pathlib
-import platform
 import shlex
 import subprocess
 import sys
@@ -49,13 +46,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from experiments import measurement
 from vpns_jax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # vpns_jax.source_model.SOURCE_FILE, not imported here as that module pulls in jax.
 SOURCE_FILE = "source_model.npz"
 RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.json"  # the run's config fingerprint (vpns_jax.io.checkpoint.guard_workdir)
+CONFIG_FILE = "config.json"  # the run's config fingerprint (vpns_jax.io.workdir_guard.guard_workdir)
 MANIFEST_FILE = "manifest.json"
 COMMAND_FILE = "command.txt"
 STDOUT_LOG = "sweep_stdout.log"
@@ -63,13 +61,6 @@ STDERR_LOG = "sweep_stderr.log"
 # Set by the sweep for each cell (key -> the sweep's flag): a --set of these would contradict the cell layout.
 RESERVED_KEYS = {"method": "--methods", "seed": "--seeds", "densities": "--densities"}
 STDERR_TAIL_LINES = 20
-# The distributions whose versions a manifest records (``python`` is the interpreter's own).
-RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-collections",
-                     "tensorflow-datasets")
-# Prints jax's backend, its first device's kind and the device count as JSON; run in a subprocess (_jax_devices).
-_JAX_DEVICE_PROBE = ("import json, jax; d = jax.devices(); print(json.dumps({'jax_backend': jax.default_backend(), "
-                     "'device_kind': d[0].device_kind, 'device_count': len(d)}))")
-PROBE_TIMEOUT_S = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,71 +226,6 @@ def write_json_atomically(path: pathlib.Path, data: Any) -> None:
         raise
 
 
-def _git(*args: str) -> str | None:
-    """``git -C REPO args``'s stripped output; None without git, outside a repository, or on an error."""
-    try:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=60,
-                              check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def git_state() -> dict[str, Any]:
-    """``git_commit``: HEAD of the repository holding this code; ``git_dirty``: whether a tracked file differs
-    from it (untracked files do not count). Both None when it is not a git checkout of its own (no git, an
-    exported tree, or a tree inside another repository)."""
-    top = _git("rev-parse", "--show-toplevel")
-    commit = _git("rev-parse", "HEAD") if top and pathlib.Path(top).resolve() == REPO else None
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None}
-
-
-def package_versions() -> dict[str, str | None]:
-    """The interpreter's version and each of :data:`RECORDED_PACKAGES`' installed versions (None if missing)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in RECORDED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-@functools.lru_cache(maxsize=1)
-def _jax_devices() -> dict[str, Any]:
-    """``jax_backend``, ``device_kind`` (of the first device) and ``device_count`` that jax finds in this
-    environment, which the cells inherit.
-
-    Asked in a short subprocess: the sweep itself never imports jax, so it holds no accelerator (nor its
-    preallocated memory) while the cells run. Each is None when the probe fails. Cached: one probe a process.
-    """
-    found: Any = {}
-    try:
-        done = subprocess.run([sys.executable, "-c", _JAX_DEVICE_PROBE], capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S, check=False)
-        if done.returncode == 0 and done.stdout.strip():
-            found = json.loads(done.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    found = found if isinstance(found, dict) else {}
-    return {key: found.get(key) for key in ("jax_backend", "device_kind", "device_count")}
-
-
-def machine() -> dict[str, Any]:
-    """The platform, the CPU count, and jax's backend, device kind and device count (:func:`_jax_devices`)."""
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), **_jax_devices()}
-
-
-def provenance() -> dict[str, Any]:
-    """What a run ran on, for its manifest: ``git_commit``, ``git_dirty``, ``packages`` and ``machine``.
-
-    Every writer of a results manifest records these through this one function. Manifests written before
-    it lack these keys; a value that cannot be found is None.
-    """
-    return {**git_state(), "packages": package_versions(), "machine": machine()}
-
-
 def _read_manifest(root: pathlib.Path) -> dict[str, Any]:
     try:
         manifest = json.loads((root / MANIFEST_FILE).read_text())
@@ -370,7 +296,7 @@ def run_sweep(config_path: str, methods: Sequence[str], seeds: Sequence[int], de
         "source_cell": {"method": source_cell[0], "seed": source_cell[1]} if source_cell else None,
         # This invocation's commit, packages and machine (a dry run writes nothing, so asks for none); the
         # skipped cells of a resumed sweep may have run on earlier ones.
-        **({} if dry_run else provenance()),
+        **({} if dry_run else measurement.provenance()),
         "cells": records,
     }
     if not dry_run:

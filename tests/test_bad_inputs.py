@@ -24,7 +24,7 @@ from tests import test_export
 from tests.data.test_builders import TRUNCATED, make_fashion, make_tiny_imagenet, truncate, zip_tree
 from vpns_jax import config_checks, main, predict
 from vpns_jax.core import masking
-from vpns_jax.io import checkpoint, export
+from vpns_jax.io import array_files, checkpoint, export, workdir_guard
 from vpns_jax.data import prepare
 from vpns_jax.models import create_model, functional
 
@@ -54,7 +54,7 @@ class Env:
     def run_of_this_config(self, *extra: str) -> None:
         """A workdir tied to this command line's config, as a finished earlier run leaves it."""
         config = main.parse_flags(self.argv(*extra)).config
-        checkpoint.guard_workdir(self.workdir, config_checks.fingerprint(config))
+        workdir_guard.guard_workdir(self.workdir, config_checks.fingerprint(config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +190,7 @@ def _changed_weights(path: str, value: Callable | None) -> Callable[[Env], list[
     """A case's ``make``: the source model's arrays with the leaf at ``path`` replaced by ``value(old leaf)``
     (removed when ``value`` is None), as ``model.init_from``."""
     def make(env: Env) -> list[str]:
-        tree = checkpoint.load_arrays(env.source)
+        tree = array_files.load_arrays(env.source)
         *parents, leaf = path.split("/")
         node = tree
         for part in parents:
@@ -199,7 +199,7 @@ def _changed_weights(path: str, value: Callable | None) -> Callable[[Env], list[
             del node[leaf]
         else:
             node[leaf] = value(node.get(leaf))
-        checkpoint.save_arrays(env.tmp / "weights.npz", tree)
+        array_files.save_arrays(env.tmp / "weights.npz", tree)
         return env.argv(f"--config.model.init_from={env.tmp / 'weights.npz'}")
     return make
 
@@ -321,7 +321,7 @@ CASES = [
 def _snapshot(root: pathlib.Path) -> dict[str, str]:
     """Hash of every file under ``root`` but lock files (a run rewrites the pid in one it takes)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != checkpoint.LOCK_FILE}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != workdir_guard.LOCK_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +329,7 @@ def source(tmp_path_factory) -> pathlib.Path:
     model = create_model("resnet18", num_classes=5, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0))
     _, weights, batch_stats = functional.split_model(model)
     path = tmp_path_factory.mktemp("source") / "source.npz"
-    checkpoint.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
+    array_files.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
     return path
 
 
@@ -358,7 +358,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir
     before = _snapshot(tmp_path)
     capsys.readouterr()
     if case.name == "workdir in use":
-        with checkpoint.workdir_lock(env.workdir):
+        with workdir_guard.workdir_lock(env.workdir):
             status = main.command(argv)
     elif case.cli == "prepare":
         status = prepare.main(argv)

@@ -17,7 +17,7 @@ from vpns_jax.config import offline
 from vpns_jax import methods, train
 from vpns_jax.context import RunContext
 from vpns_jax.core import health, saliency, selection, structured
-from vpns_jax.io import checkpoint
+from vpns_jax.io import array_files, checkpoint, workdir_guard
 from vpns_jax.io import workdir as workdir_files
 from vpns_jax.models import create_model, functional
 
@@ -28,7 +28,7 @@ def write_source(tmp_path_factory, model) -> tuple[str, dict]:
     """(path, weights) of a source model file holding ``model``'s initial weights and statistics."""
     _, weights, batch_stats = functional.split_model(model)
     path = tmp_path_factory.mktemp("source") / "source.npz"
-    checkpoint.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
+    array_files.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
     return str(path), weights
 
 
@@ -70,7 +70,7 @@ def _kept(masks) -> tuple[int, int]:
 
 
 def _masks(workdir, density):
-    return checkpoint.load_arrays(workdir_files.unit_folder(pathlib.Path(workdir), density) / "masks.npz")
+    return array_files.load_arrays(workdir_files.unit_folder(pathlib.Path(workdir), density) / "masks.npz")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_omp_rewinds_to_the_source_weights(runs, source):
     """The masked finetune starts from the source weights, masked by the dense finetune's magnitudes."""
     workdir, _ = runs("omp")
     starts = runs.starts["omp"]
-    finetuned = checkpoint.load_arrays(workdir_files.unit_folder(workdir, 1.0) / "weights.npz")
+    finetuned = array_files.load_arrays(workdir_files.unit_folder(workdir, 1.0) / "weights.npz")
     _, source_weights = source
     assert not np.array_equal(finetuned["conv1"]["kernel"], source_weights["conv1"]["kernel"])
     for index, density in enumerate(DENSITIES, start=1):
@@ -188,10 +188,10 @@ def test_transfer_finetunes_the_found_masks_on_another_task(runs, fashion_data_d
 
 
 def test_a_run_on_a_locked_workdir_is_refused_before_touching_it(fashion_data_dir, source, tmp_path):
-    with checkpoint.workdir_lock(tmp_path):
-        with pytest.raises(checkpoint.WorkdirLockedError, match="wait for it to finish or use another --workdir"):
+    with workdir_guard.workdir_lock(tmp_path):
+        with pytest.raises(workdir_guard.WorkdirLockedError, match="wait for it to finish or use another --workdir"):
             train.run(tiny_config(fashion_data_dir, source[0], "vpns"), tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LOCK_FILE]
+    assert [p.name for p in tmp_path.iterdir()] == [workdir_guard.LOCK_FILE]
 
 
 def test_a_nan_step_stops_the_run_and_skip_resumes_past_it(fashion_data_dir, source, tmp_path, monkeypatch):

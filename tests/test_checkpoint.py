@@ -10,7 +10,7 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from vpns_jax.core import optim, steps
-from vpns_jax.io import checkpoint
+from vpns_jax.io import array_files, checkpoint, workdir_guard
 
 KINDS = {"conv": {"kernel": "conv_kernel"}, "bn": {"scale": "bn", "bias": "bn"},
          "layer1": {0: {"kernel": "conv_kernel"}, 1: {"kernel": "conv_kernel"}}}
@@ -158,26 +158,26 @@ def test_a_save_killed_before_finalising_is_not_latest(tmp_path, monkeypatch, ke
 def test_guard_workdir_writes_then_accepts_the_same_config(tmp_path):
     fingerprint = {"model": {"name": "resnet18", "width": 0.25}, "densities": (0.5, 0.1), "seed": 0}
     workdir = tmp_path / "run"
-    checkpoint.guard_workdir(workdir, fingerprint)
+    workdir_guard.guard_workdir(workdir, fingerprint)
     path = workdir / "config.json"
     text = path.read_text()
     assert json.loads(text) == {"densities": [0.5, 0.1], "model": {"name": "resnet18", "width": 0.25}, "seed": 0}
     assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
     assert [p.name for p in workdir.iterdir()] == ["config.json"]  # no temporary file left
-    checkpoint.guard_workdir(workdir, dict(fingerprint))  # same config: no error
+    workdir_guard.guard_workdir(workdir, dict(fingerprint))  # same config: no error
     assert path.read_text() == text
 
 
 def test_guard_workdir_refuses_another_config_and_changes_nothing(tmp_path):
     fingerprint = {"model": {"name": "resnet18", "width": 0.25}, "densities": [0.5, 0.1], "seed": 0,
                    "stage1": {"lr": 1e-3, "epochs": 3}}
-    checkpoint.guard_workdir(tmp_path, fingerprint)
+    workdir_guard.guard_workdir(tmp_path, fingerprint)
     path = tmp_path / "config.json"
     before, mtime = path.read_bytes(), path.stat().st_mtime_ns
     other = {"model": {"name": "resnet18", "width": 0.5}, "densities": [0.5, 0.1], "seed": 0,
              "stage1": {"lr": 1e-3, "epochs": 4}, "extra": True}
-    with pytest.raises(checkpoint.WorkdirConfigError) as info:
-        checkpoint.guard_workdir(tmp_path, other)
+    with pytest.raises(workdir_guard.WorkdirConfigError) as info:
+        workdir_guard.guard_workdir(tmp_path, other)
     message = str(info.value)
     assert "\n" not in message
     assert message == (f"workdir {tmp_path} holds a run of a different config "
@@ -189,15 +189,15 @@ def test_guard_workdir_refuses_another_config_and_changes_nothing(tmp_path):
 
 
 def test_replace_moves_the_other_run_aside_whole_and_starts_afresh(tmp_path):
-    checkpoint.guard_workdir(tmp_path, {"seed": 0})
+    workdir_guard.guard_workdir(tmp_path, {"seed": 0})
     (tmp_path / "checkpoints" / "7").mkdir(parents=True)
     (tmp_path / "checkpoints" / "7" / "state").write_bytes(b"old state")
     (tmp_path / "results.json").write_text("[1]")
-    (tmp_path / checkpoint.LOCK_FILE).write_text("123\n")
-    checkpoint.guard_workdir(tmp_path, {"seed": 0}, replace=True)  # the same config: nothing moves
+    (tmp_path / workdir_guard.LOCK_FILE).write_text("123\n")
+    workdir_guard.guard_workdir(tmp_path, {"seed": 0}, replace=True)  # the same config: nothing moves
     assert (tmp_path / "results.json").exists()
-    checkpoint.guard_workdir(tmp_path, {"seed": 1}, replace=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LOCK_FILE, "config.json", "replaced"]
+    workdir_guard.guard_workdir(tmp_path, {"seed": 1}, replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_guard.LOCK_FILE, "config.json", "replaced"]
     assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 1}
     (moved,) = (tmp_path / "replaced").iterdir()
     assert json.loads((moved / "config.json").read_text()) == {"seed": 0}
@@ -205,15 +205,15 @@ def test_replace_moves_the_other_run_aside_whole_and_starts_afresh(tmp_path):
     assert (moved / "results.json").read_text() == "[1]"
     # A second replacement keeps the first one: each gets its own folder.
     (tmp_path / "config.json").write_text("{not json")
-    checkpoint.guard_workdir(tmp_path, {"seed": 2}, replace=True)
+    workdir_guard.guard_workdir(tmp_path, {"seed": 2}, replace=True)
     assert len(list((tmp_path / "replaced").iterdir())) == 2
     assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 2}
 
 
 def test_guard_workdir_lists_at_most_five_keys(tmp_path):
-    checkpoint.guard_workdir(tmp_path, {f"k{i}": i for i in range(8)})
-    with pytest.raises(checkpoint.WorkdirConfigError, match=r"\(differs in: k0, k1, k2, k3, k4 and 3 more\)"):
-        checkpoint.guard_workdir(tmp_path, {f"k{i}": i + 1 for i in range(8)})
+    workdir_guard.guard_workdir(tmp_path, {f"k{i}": i for i in range(8)})
+    with pytest.raises(workdir_guard.WorkdirConfigError, match=r"\(differs in: k0, k1, k2, k3, k4 and 3 more\)"):
+        workdir_guard.guard_workdir(tmp_path, {f"k{i}": i + 1 for i in range(8)})
 
 
 def test_arrays_round_trip_with_int_keys(tmp_path):
@@ -227,9 +227,9 @@ def test_arrays_round_trip_with_int_keys(tmp_path):
         "empty": {},
     }
     path = tmp_path / "final" / "density_0.1.npz"
-    checkpoint.save_arrays(path, tree)
+    array_files.save_arrays(path, tree)
     assert [p.name for p in path.parent.iterdir()] == ["density_0.1.npz"]
-    loaded = checkpoint.load_arrays(path)
+    loaded = array_files.load_arrays(path)
     assert list(loaded) == ["conv1", "layer1", "masks", "flags", "empty"]
     assert list(loaded["layer1"]) == [0, 1] and all(type(k) is int for k in loaded["layer1"])
     assert loaded["empty"] == {}
@@ -244,30 +244,30 @@ def test_arrays_round_trip_with_int_keys(tmp_path):
 def test_arrays_refuse_ambiguous_keys(tmp_path):
     for bad in ({"a/b": np.zeros(1)}, {"#1": np.zeros(1)}, {"": np.zeros(1)}):
         with pytest.raises(ValueError, match="cannot be stored"):
-            checkpoint.save_arrays(tmp_path / "x.npz", bad)
+            array_files.save_arrays(tmp_path / "x.npz", bad)
     with pytest.raises(TypeError):
-        checkpoint.save_arrays(tmp_path / "x.npz", {"o": np.array([object()])})
+        array_files.save_arrays(tmp_path / "x.npz", {"o": np.array([object()])})
     assert not list(tmp_path.iterdir())
 
 
 def test_workdir_lock_refuses_a_second_holder_until_released(tmp_path):
     workdir = tmp_path / "run"
-    with checkpoint.workdir_lock(workdir):
-        assert (workdir / checkpoint.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    with workdir_guard.workdir_lock(workdir):
+        assert (workdir / workdir_guard.LOCK_FILE).read_text() == f"{os.getpid()}\n"
         # A second open file description conflicts even in this process, as another process's would.
-        with pytest.raises(checkpoint.WorkdirLockedError, match=rf"in use by another run \(process {os.getpid()}"):
-            with checkpoint.workdir_lock(workdir):
+        with pytest.raises(workdir_guard.WorkdirLockedError, match=rf"in use by another run \(process {os.getpid()}"):
+            with workdir_guard.workdir_lock(workdir):
                 pass
-    with checkpoint.workdir_lock(workdir):  # released on exit: free again
+    with workdir_guard.workdir_lock(workdir):  # released on exit: free again
         pass
-    assert [p.name for p in workdir.iterdir()] == [checkpoint.LOCK_FILE]
+    assert [p.name for p in workdir.iterdir()] == [workdir_guard.LOCK_FILE]
 
 
 def test_a_stale_lock_file_of_a_dead_process_does_not_block(tmp_path):
     # flock is released by the kernel when its holder dies (SIGKILL included): only the file stays.
-    (tmp_path / checkpoint.LOCK_FILE).write_text("999999\n")
-    with checkpoint.workdir_lock(tmp_path):
-        assert (tmp_path / checkpoint.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    (tmp_path / workdir_guard.LOCK_FILE).write_text("999999\n")
+    with workdir_guard.workdir_lock(tmp_path):
+        assert (tmp_path / workdir_guard.LOCK_FILE).read_text() == f"{os.getpid()}\n"
 
 
 def _corrupt(folder):

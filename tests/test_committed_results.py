@@ -114,7 +114,7 @@ def test_the_maxpool_fix_tables_are_rebuilt_from_the_cells_before_and_after(root
 
 @pytest.mark.parametrize("root", ["sweep", "ablations", "structured", "vit", "nm"])
 def test_a_manifest_records_what_it_ran_on_or_predates_that(root) -> None:
-    """Manifests written before ``sweep.provenance`` lack its keys; a newer one has all of them, well formed."""
+    """Manifests written before ``measurement.provenance`` lack its keys; a newer one has all of them, well formed."""
     manifest = _manifest(RESULTS / root)
     present = [key for key in PROVENANCE_KEYS if key in manifest]
     if not present:

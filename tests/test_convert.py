@@ -15,7 +15,7 @@ from tests.test_pretrained import (BAD_TENSORS, FIXTURES, NOT_FINITE, NOT_FLOAT,
                                    VIT_FIXTURES, VIT_TOLERANCE, load_fixture, load_vit_fixture, run, templates,
                                    vit_templates, write_weights)
 from vpns_jax import convert, source_model
-from vpns_jax.io import checkpoint
+from vpns_jax.io import array_files
 
 
 def _fixture(prefix: str) -> dict:
@@ -48,7 +48,7 @@ def test_converted_file_loads_and_reproduces_the_logits(prefix: str, tmp_path: p
     assert captured.out.count("\n") == 1
 
     # The file is ours ({'weights', 'batch_stats'}), and init_from takes it.
-    assert set(checkpoint.load_arrays(output)) == {"weights", "batch_stats"}
+    assert set(array_files.load_arrays(output)) == {"weights", "batch_stats"}
     graphdef, weights_t, stats_t = templates(fixture)
     weights, batch_stats = source_model.load_weights(output, weights_t, stats_t)
     assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= TOLERANCE
@@ -119,7 +119,7 @@ def test_refuses_to_overwrite(tmp_path: pathlib.Path, capsys) -> None:
     assert output.read_bytes() == b"keep me"
 
     assert convert.main(_args(fixture, source, output, "--overwrite")) == 0
-    assert set(checkpoint.load_arrays(output)) == {"weights", "batch_stats"}
+    assert set(array_files.load_arrays(output)) == {"weights", "batch_stats"}
 
 
 def test_wrong_model_is_one_line_and_writes_nothing(tmp_path: pathlib.Path) -> None:
@@ -223,14 +223,14 @@ def test_init_from_refuses_a_bad_tensor_of_our_npz(tmp_path: pathlib.Path) -> No
     fixture = _fixture("resnet18_w0.0625_cifar")
     source = write_weights(tmp_path / "r18.npz", fixture["state_dict"])
     assert convert.main(_args(fixture, source, tmp_path / "ours.npz")) == 0
-    tree = checkpoint.load_arrays(tmp_path / "ours.npz")
+    tree = array_files.load_arrays(tmp_path / "ours.npz")
     for name, value, expected in (
         ("int.npz", tree["weights"]["fc"]["bias"].astype(np.int32), NOT_FLOAT.format("weights.fc.bias: int32")),
         ("bool.npz", tree["weights"]["fc"]["bias"] > 0, NOT_FLOAT.format("weights.fc.bias: bool")),
         ("inf.npz", np.full_like(tree["weights"]["fc"]["bias"], -np.inf), NOT_FINITE.format("weights.fc.bias")),
     ):
         bad = {**tree, "weights": {**tree["weights"], "fc": {**tree["weights"]["fc"], "bias": value}}}
-        checkpoint.save_arrays(tmp_path / name, bad)
+        array_files.save_arrays(tmp_path / name, bad)
         assert _init_from_error(tmp_path / name) == f"{tmp_path / name} {expected}"
 
 

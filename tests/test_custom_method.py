@@ -11,7 +11,7 @@ from experiments import custom_method
 from tests.test_baselines import source  # noqa: F401 - the module's random-init source model fixture
 from vpns_jax import config_checks, main, methods
 from vpns_jax.core import saliency, selection
-from vpns_jax.io import checkpoint, workdir
+from vpns_jax.io import array_files, workdir
 from vpns_jax.models import create_model, functional
 
 CONFIG = "experiments/custom_method.py"
@@ -50,7 +50,7 @@ def test_custom_method_runs_end_to_end_through_the_command_line(fashion_data_dir
     importance = saliency.magnitude_importance(source_weights, kinds)
     for density in (0.5, 0.2):
         folder = workdir.unit_folder(tmp_path, density)
-        masks = checkpoint.load_arrays(folder / "masks.npz")
+        masks = array_files.load_arrays(folder / "masks.npz")
         # Exactly the largest |W| of the source weights: the masks equal a fresh one-shot selection.
         expected = selection.keep_largest(importance, selection.keep_counts(importance, density))
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)))
@@ -58,4 +58,4 @@ def test_custom_method_runs_end_to_end_through_the_command_line(fashion_data_dir
         total = sum(m.size for m in jax.tree.leaves(masks))
         assert kept == total - int((1 - density) * total)
         # VPNs' stage 2 trained a prompt (it starts at zero).
-        assert np.abs(checkpoint.load_arrays(folder / "prompt.npz")["program"]).max() > 0
+        assert np.abs(array_files.load_arrays(folder / "prompt.npz")["program"]).max() > 0

@@ -24,7 +24,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from vpns_jax import cli
 from vpns_jax.core import masking, prompts, steps
-from vpns_jax.io import checkpoint, export, workdir
+from vpns_jax.io import array_files, checkpoint, disk, export, subnetwork_format, workdir
 from vpns_jax.models import create_model, functional
 
 RESUME = "then rerun the same command to resume"
@@ -40,7 +40,7 @@ def _refused(code: int) -> OSError:
 
 def _assert_one_line(error: BaseException, path: pathlib.Path, code: int, *fragments: str) -> None:
     """``error`` is a DiskError of ``code`` whose one-line message names ``path``, the errno and the fix."""
-    assert isinstance(error, checkpoint.DiskError) and isinstance(error, OSError)
+    assert isinstance(error, disk.DiskError) and isinstance(error, OSError)
     message = str(error)
     assert "\n" not in message and message == " ".join(message.split()), message
     assert str(path) in message and f"[{errno.errorcode[code]}]" in message and FIXES[code] in message, message
@@ -77,16 +77,16 @@ def _fail_at(monkeypatch, where: str, code: int, name: str | None = None) -> Non
 @pytest.mark.parametrize("where, code", [("write", errno.ENOSPC), ("fsync", errno.EDQUOT), ("rename", errno.EROFS)])
 def test_a_refused_array_file_keeps_the_previous_one(tmp_path, monkeypatch, capsys, where, code):
     path = tmp_path / "weights.npz"
-    checkpoint.save_arrays(path, {"conv": {"kernel": np.arange(6, dtype=np.float32)}, 3: {"b": np.int32(7)}})
+    array_files.save_arrays(path, {"conv": {"kernel": np.arange(6, dtype=np.float32)}, 3: {"b": np.int32(7)}})
     before = path.read_bytes()
     _fail_at(monkeypatch, where, code)
-    with pytest.raises(checkpoint.DiskError) as raised:
-        checkpoint.save_arrays(path, {"conv": {"kernel": np.full(6, -1.0, np.float32)}, 3: {"b": np.int32(8)}})
+    with pytest.raises(disk.DiskError) as raised:
+        array_files.save_arrays(path, {"conv": {"kernel": np.full(6, -1.0, np.float32)}, 3: {"b": np.int32(8)}})
     monkeypatch.undo()
     _assert_one_line(raised.value, path, code, f"cannot write {path}: ", RESUME)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.npz"]  # no temporary file left
-    loaded = checkpoint.load_arrays(path)
+    loaded = array_files.load_arrays(path)
     np.testing.assert_array_equal(loaded["conv"]["kernel"], np.arange(6, dtype=np.float32))
     assert loaded[3]["b"] == 7
     # What the command line prints: the one line, exit status 2.
@@ -97,8 +97,8 @@ def test_a_refused_array_file_keeps_the_previous_one(tmp_path, monkeypatch, caps
 
 def test_a_refused_new_file_leaves_nothing(tmp_path, monkeypatch):
     _fail_at(monkeypatch, "write", errno.ENOSPC)
-    with pytest.raises(checkpoint.DiskError) as raised:
-        checkpoint.save_arrays(tmp_path / "new" / "masks.npz", {"m": np.ones(3, np.float32)})
+    with pytest.raises(disk.DiskError) as raised:
+        array_files.save_arrays(tmp_path / "new" / "masks.npz", {"m": np.ones(3, np.float32)})
     _assert_one_line(raised.value, tmp_path / "new" / "masks.npz", errno.ENOSPC)
     assert list((tmp_path / "new").iterdir()) == []
 
@@ -110,7 +110,7 @@ def test_other_errors_of_the_writer_pass_unchanged_and_leave_nothing(tmp_path, m
 
     monkeypatch.setattr(np, "savez", savez)
     with pytest.raises(TypeError, match="^not a disk problem$"):
-        checkpoint.save_arrays(tmp_path / "a.npz", {"m": np.ones(3, np.float32)})
+        array_files.save_arrays(tmp_path / "a.npz", {"m": np.ones(3, np.float32)})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -131,7 +131,7 @@ def _subnetwork(seed: int) -> dict:
                 label_map=np.array([7, 2, 9, 0], np.int32), rng=np.array([0, seed], np.uint32))
 
 
-def _export(path: pathlib.Path, trees: dict) -> export.ExportSize:
+def _export(path: pathlib.Path, trees: dict) -> subnetwork_format.ExportSize:
     return export.export_subnetwork(path, model_name="resnet18", num_classes=10, width=WIDTH, stem="cifar",
                                     prompt_spec=SPEC, overwrite=True, **trees)
 
@@ -142,7 +142,7 @@ def test_a_refused_export_keeps_the_previous_export(tmp_path, monkeypatch):
     _export(path, good)
     before = path.read_bytes()
     _fail_at(monkeypatch, "write", errno.ENOSPC)
-    with pytest.raises(checkpoint.DiskError) as raised:
+    with pytest.raises(disk.DiskError) as raised:
         _export(path, _subnetwork(1))
     monkeypatch.undo()
     _assert_one_line(raised.value, path, errno.ENOSPC, f"cannot write {path}: No space left on device [ENOSPC]")
@@ -174,7 +174,7 @@ def test_a_refused_unit_save_keeps_that_units_previous_export(tmp_path, monkeypa
     save(0)
     before = (folder / "subnetwork.npz").read_bytes()
     _fail_at(monkeypatch, "rename", errno.ENOSPC, name="subnetwork.npz")
-    with pytest.raises(checkpoint.DiskError) as raised:
+    with pytest.raises(disk.DiskError) as raised:
         save(1)
     monkeypatch.undo()
     _assert_one_line(raised.value, folder / "subnetwork.npz", errno.ENOSPC, RESUME)
@@ -191,7 +191,7 @@ def test_a_refused_results_file_keeps_the_previous_one(tmp_path, monkeypatch):
     workdir.write_results(tmp_path, rows)
     before = (tmp_path / workdir.RESULTS_CSV).read_bytes()
     _fail_at(monkeypatch, "rename", errno.ENOSPC, name=workdir.RESULTS_CSV)
-    with pytest.raises(checkpoint.DiskError) as raised:
+    with pytest.raises(disk.DiskError) as raised:
         workdir.write_results(tmp_path, [{**rows[0], "test_accuracy": 0.25}])
     monkeypatch.undo()
     _assert_one_line(raised.value, tmp_path / workdir.RESULTS_CSV, errno.ENOSPC)
@@ -239,7 +239,7 @@ def test_a_checkpoint_save_refused_in_orbaxs_writer_thread(tmp_path, monkeypatch
 
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", half_written)
     caplog.set_level(logging.INFO)
-    with pytest.raises(checkpoint.DiskError) as raised:
+    with pytest.raises(disk.DiskError) as raised:
         with checkpoint.Checkpointer(directory, max_to_keep=keep) as ckpt:  # closing must not replace the error
             ckpt.save(2, SECOND, {"position": 2})
     monkeypatch.undo()
@@ -261,7 +261,7 @@ def test_a_checkpoint_too_large_for_the_file_size_limit_is_real_disk_trouble(tmp
         ckpt.save(1, FIRST, {"position": 1})
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
         try:
-            with pytest.raises(checkpoint.DiskError) as raised:
+            with pytest.raises(disk.DiskError) as raised:
                 noise = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)  # incompressible
                 ckpt.save(2, {"x": noise, "n": SECOND["n"]}, {"position": 2})
         finally:
@@ -278,7 +278,7 @@ def test_the_first_checkpoint_refused_resumes_from_the_start(tmp_path, monkeypat
 
     monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full)
     with checkpoint.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
-        with pytest.raises(checkpoint.DiskError, match="resume from the start") as raised:
+        with pytest.raises(disk.DiskError, match="resume from the start") as raised:
             ckpt.save(1, FIRST, {"position": 1})
         assert ckpt.latest_step() is None
     _assert_one_line(raised.value, tmp_path, errno.ENOSPC)
@@ -307,7 +307,7 @@ def test_a_write_refused_when_closing_is_one_line(tmp_path, monkeypatch):
                          "No space left on device [os_error_code='28']")
 
     monkeypatch.setattr(ckpt._manager, "wait_until_finished", wait)
-    with pytest.raises(checkpoint.DiskError) as raised:
+    with pytest.raises(disk.DiskError) as raised:
         ckpt.close()
     _assert_one_line(raised.value, tmp_path / "checkpoints", errno.ENOSPC, "cannot finish writing the checkpoints in")
 
@@ -315,7 +315,7 @@ def test_a_write_refused_when_closing_is_one_line(tmp_path, monkeypatch):
 def test_a_checkpoint_folder_that_is_a_file_is_refused_before_anything_runs(tmp_path):
     path = tmp_path / "checkpoints"
     path.write_text("not a folder\n")
-    with pytest.raises(checkpoint.DiskError, match="is a file, not a folder; move it aside") as raised:
+    with pytest.raises(disk.DiskError, match="is a file, not a folder; move it aside") as raised:
         checkpoint.Checkpointer(path)
     assert str(path) in str(raised.value) and "\n" not in str(raised.value)
     assert path.read_text() == "not a folder\n"

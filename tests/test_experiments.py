@@ -1,5 +1,5 @@
 """The experiment tools on hand-written cell workdirs: no training; the only subprocesses are git and the
-manifest's jax device probe (sweep.provenance)."""
+manifest's jax device probe (measurement.provenance)."""
 
 import importlib.metadata
 import json
@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import plots, sweep, table
-from vpns_jax.io import checkpoint
+from experiments import measurement, plots, sweep, table
+from vpns_jax.io import array_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "default.py")
@@ -36,7 +36,7 @@ def _cell(root, method, seed, rows, masks_at=(), ran=None):
         kept = (np.arange(36) % 10 < 10 * density).reshape(3, 3, 2, 2).astype(np.float32)
         masks = {"conv1": {"kernel": np.ones((3, 3, 3, 4))}, "layer1": {0: {"conv1": {"kernel": kept}}},
                  "fc": {"kernel": np.zeros((4, 5))}}
-        checkpoint.save_arrays(workdir / "subnetworks" / f"density_{density}" / "masks.npz", masks)
+        array_files.save_arrays(workdir / "subnetworks" / f"density_{density}" / "masks.npz", masks)
     return workdir
 
 
@@ -156,7 +156,7 @@ def test_plots_write_png_files(small_sweep, tmp_path):
     styles = [plots._style(i) for i in range(20)]
     assert len({(s["color"], s["marker"]) for s in styles}) == 20  # apart even where no line is drawn
 
-    masks = checkpoint.load_arrays(small_sweep / "vpns" / "seed_7" / "subnetworks" / "density_0.1" / "masks.npz")
+    masks = array_files.load_arrays(small_sweep / "vpns" / "seed_7" / "subnetworks" / "density_0.1" / "masks.npz")
     densities = plots.layer_densities(masks)
     assert densities == {"conv1": 1.0, "layer1/0/conv1": pytest.approx(4 / 36), "fc": 0.0}
     assert list(densities) == ["conv1", "layer1/0/conv1", "fc"]  # the dense head after the convs
@@ -253,14 +253,15 @@ def test_cells_without_the_shared_source_model_are_blocked(tmp_path, capsys, mon
 
 
 def assert_provenance(manifest):
-    """``manifest`` records what it ran on: the commit, the package versions and the machine (sweep.provenance)."""
-    if sweep.git_state()["git_commit"] is None:  # run from a tree that is not a git checkout of its own
+    """``manifest`` records what it ran on: the commit, the package versions and the machine
+    (measurement.provenance)."""
+    if measurement.git_state()["git_commit"] is None:  # run from a tree that is not a git checkout of its own
         assert manifest["git_commit"] is None and manifest["git_dirty"] is None
     else:
         commit = manifest["git_commit"]
         assert len(commit) == 40 and int(commit, 16) >= 0 and isinstance(manifest["git_dirty"], bool)
     packages = manifest["packages"]
-    assert list(packages) == ["python", *sweep.RECORDED_PACKAGES]
+    assert list(packages) == ["python", *measurement.RECORDED_PACKAGES]
     assert packages["python"] == platform.python_version()
     assert packages["jax"] == importlib.metadata.version("jax")
     assert packages["numpy"] == importlib.metadata.version("numpy")
@@ -273,7 +274,7 @@ def assert_provenance(manifest):
 
 
 def test_a_dry_run_asks_for_no_provenance(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "provenance", lambda: pytest.fail("a dry run writes no manifest"))
+    monkeypatch.setattr(measurement, "provenance", lambda: pytest.fail("a dry run writes no manifest"))
     assert sweep.main([f"--config={DEFAULT_CONFIG}", "--methods=vpns", "--densities=0.5", "--seeds=7",
                        f"--root={tmp_path}", "--dry_run"]) == 0
 
@@ -287,42 +288,45 @@ def _git(repo, *args):
 def test_git_state_is_the_commit_and_whether_tracked_files_changed(tmp_path, monkeypatch):
     repo = (tmp_path / "repo").resolve()
     repo.mkdir()
-    monkeypatch.setattr(sweep, "REPO", repo)
-    assert sweep.git_state() == {"git_commit": None, "git_dirty": None}  # not a git checkout
+    monkeypatch.setattr(measurement, "REPO", repo)
+    assert measurement.git_state() == {"git_commit": None, "git_dirty": None}  # not a git checkout
     _git(repo, "init", "-q")
-    assert sweep.git_state() == {"git_commit": None, "git_dirty": None}  # no commit yet
+    assert measurement.git_state() == {"git_commit": None, "git_dirty": None}  # no commit yet
     (repo / "tracked.txt").write_text("a\n")
     _git(repo, "add", "tracked.txt")
     _git(repo, "commit", "-q", "-m", "first")
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    assert sweep.git_state() == {"git_commit": head, "git_dirty": False}
+    assert measurement.git_state() == {"git_commit": head, "git_dirty": False}
     (repo / "untracked.txt").write_text("new\n")  # untracked files do not count
-    assert sweep.git_state() == {"git_commit": head, "git_dirty": False}
+    assert measurement.git_state() == {"git_commit": head, "git_dirty": False}
     (repo / "tracked.txt").write_text("b\n")
-    assert sweep.git_state() == {"git_commit": head, "git_dirty": True}
+    assert measurement.git_state() == {"git_commit": head, "git_dirty": True}
     # A tree inside another repository is no checkout of its own: its commit would be the other one's.
     inner = repo / "exported"
     inner.mkdir()
-    monkeypatch.setattr(sweep, "REPO", inner)
-    assert sweep.git_state() == {"git_commit": None, "git_dirty": None}
+    monkeypatch.setattr(measurement, "REPO", inner)
+    assert measurement.git_state() == {"git_commit": None, "git_dirty": None}
 
 
 def test_provenance_is_null_where_it_cannot_be_found(monkeypatch):
-    monkeypatch.setattr(sweep, "_git", lambda *args: None)  # no git
-    monkeypatch.setattr(sweep, "RECORDED_PACKAGES", ("numpy", "no-such-distribution-vpns"))
-    monkeypatch.setattr(sweep, "_JAX_DEVICE_PROBE", "raise SystemExit(3)")
-    sweep._jax_devices.cache_clear()
+    monkeypatch.setattr(measurement, "_git", lambda *args: None)  # no git
+    monkeypatch.setattr(measurement, "RECORDED_PACKAGES", ("numpy", "no-such-distribution-vpns"))
+    monkeypatch.setattr(measurement, "_JAX_DEVICE_PROBE", "raise SystemExit(3)")
+    measurement._jax_devices.cache_clear()
     try:
-        found = sweep.provenance()
+        found = measurement.provenance()
     finally:
-        sweep._jax_devices.cache_clear()  # the failed probe is not kept for the other tests
+        measurement._jax_devices.cache_clear()  # the failed probe is not kept for the other tests
     assert found["git_commit"] is None and found["git_dirty"] is None
     assert found["packages"] == {"python": platform.python_version(), "numpy": importlib.metadata.version("numpy"),
                                  "no-such-distribution-vpns": None}
     assert found["machine"] == {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax_backend": None,
                                 "device_kind": None, "device_count": None}
     json.dumps(found)  # a manifest is JSON
+    lines = measurement.header_lines(found, "python x.py")  # a header renders what is missing, too
+    assert lines[:1] + lines[2:3] == ["- command: `python x.py`", "- commit: unknown (not a git checkout)"]
+    assert "(devices unknown)" in lines[3] and lines[4].endswith("no-such-distribution-vpns missing")
 
 
 def test_completeness_rules(tmp_path):

@@ -4,7 +4,6 @@ import functools
 import json
 import math
 import os
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import pytest
 from flax import nnx, traverse_util
 
 from vpns_jax.core import label_mapping, masking, nm, prompts, steps
-from vpns_jax.io import checkpoint, export
+from vpns_jax.io import disk, export, export_size, subnetwork, subnetwork_format
 from vpns_jax.models import create_model, functional
 
 SPEC = prompts.PromptSpec("pad", input_size=32, output_size=32, pad_size=4)
@@ -101,7 +100,7 @@ IMAGES = np.random.default_rng(1).uniform(0, 1, (6, 32, 32, 3)).astype(np.float3
 ])
 def test_logits_match_the_in_memory_evaluation(tmp_path, stem, density, with_prompt):
     _export(tmp_path / "sub.npz", stem=stem, density=density, eval_with_prompt=with_prompt)
-    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    sub = subnetwork.load_subnetwork(tmp_path / "sub.npz")
     got = np.asarray(sub.logits(IMAGES))
     want = _reference_logits(stem, density, IMAGES, with_prompt)
     assert got.shape == (6, 4)
@@ -124,7 +123,7 @@ def test_random_prompt_uses_the_runs_key(tmp_path):
         batch_stats=batch_stats, masks=_masks("cifar", 0.5), prompt_spec=spec, prompt=prompt, label_map=LABEL_MAP,
         eval_with_prompt=True, rng=rng,
     )
-    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    sub = subnetwork.load_subnetwork(tmp_path / "sub.npz")
     graphdef = _model("cifar")[0]
     want = _evaluate(graphdef, spec, True, weights, _masks("cifar", 0.5), batch_stats, prompt, IMAGES, rng)
     np.testing.assert_allclose(np.asarray(sub.logits(IMAGES)), np.asarray(want), rtol=1e-6, atol=1e-6)
@@ -133,7 +132,7 @@ def test_random_prompt_uses_the_runs_key(tmp_path):
 
 def test_round_trip_is_exact(tmp_path):
     _export(tmp_path / "sub.npz", density=0.1, eval_with_prompt=True, class_names=CLASS_NAMES)
-    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    sub = subnetwork.load_subnetwork(tmp_path / "sub.npz")
     _, weights, batch_stats, _, prompt = _model("cifar")
     masks = traverse_util.flatten_dict(_masks("cifar", 0.1))
     flat_weights = traverse_util.flatten_dict(weights)
@@ -169,7 +168,7 @@ def test_size_by_hand():
     keep[[0, 7, 8, 15, 33, 50, 64, 71, 98, 99]] = 1
     weights = {"conv": {"kernel": np.ones((10, 10), np.float32)},
                "bn": {"scale": np.ones(10, np.float32), "bias": np.zeros(10, np.float32)}}
-    size = export.compute_size(weights, {"bn": {"mean": np.zeros(10), "var": np.ones(10)}},
+    size = subnetwork_format.compute_size(weights, {"bn": {"mean": np.zeros(10), "var": np.ones(10)}},
                                {"conv": {"kernel": keep.reshape(10, 10)}}, {"program": np.zeros((2, 2, 3))})
     rest = 4 * (10 + 10 + 10 + 10 + 12)
     assert (size.prunable_entries, size.kept_entries) == (100, 10)
@@ -188,13 +187,13 @@ def test_export_size_matches_the_files_arrays(tmp_path):
         bits = sum(a.nbytes for n, a in arrays.items() if n.endswith("/bits"))
         values = sum(a.nbytes for n, a in arrays.items() if n.endswith("/values"))
         entries = sum(int(np.prod(a)) for n, a in arrays.items() if n.endswith("/shape"))
-        rest = sum(a.nbytes for n, a in arrays.items() if n.split("/")[0] in export.DENSE_GROUPS)
+        rest = sum(a.nbytes for n, a in arrays.items() if n.split("/")[0] in subnetwork_format.DENSE_GROUPS)
         assert all(a.dtype == np.float32 for n, a in arrays.items() if n.endswith("/values"))
         assert (size.bitmask_bytes, size.values_bytes, size.rest_bytes) == (bits, values, rest)
         assert size.prunable_entries == entries and size.values_bytes == 4 * (entries - int((1 - density) * entries))
         assert size.dense_bytes == 4 * entries + rest
         assert size.file_bytes == os.path.getsize(path)
-        assert export.load_subnetwork(path).size == size
+        assert subnetwork.load_subnetwork(path).size == size
     assert sizes[0.1].compressed_bytes < sizes[0.5].compressed_bytes < sizes[0.5].dense_bytes
     assert sizes[0.1].compressed_bytes < 0.25 * sizes[0.1].dense_bytes
     assert sizes[0.1].file_bytes < sizes[0.1].dense_bytes
@@ -217,7 +216,7 @@ def _meta_edit(**changes):
 
 def _one_line_value_error(path, *fragments):
     with pytest.raises(ValueError) as caught:
-        export.load_subnetwork(path)
+        subnetwork.load_subnetwork(path)
     message = str(caught.value)
     assert "\n" not in message and str(path) in message, message
     for fragment in fragments:
@@ -253,7 +252,7 @@ def test_foreign_or_corrupt_content_is_a_one_line_error(tmp_path, edit, fragment
 
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export.load_subnetwork(tmp_path / "absent.npz")
+        subnetwork.load_subnetwork(tmp_path / "absent.npz")
 
 
 def test_overwrite_is_refused_unless_asked(tmp_path):
@@ -265,7 +264,7 @@ def test_overwrite_is_refused_unless_asked(tmp_path):
     assert path.read_bytes() == before
     _export(path, density=0.1, overwrite=True)
     assert path.read_bytes() != before
-    assert export.load_subnetwork(path).meta["kept_fraction"] == pytest.approx(0.1, abs=1e-4)
+    assert subnetwork.load_subnetwork(path).meta["kept_fraction"] == pytest.approx(0.1, abs=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.npz"]  # no temporary files left
 
 
@@ -275,7 +274,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(np, "savez", broken)
-    with pytest.raises(checkpoint.DiskError, match="disk full") as raised:
+    with pytest.raises(disk.DiskError, match="disk full") as raised:
         _export(tmp_path / "sub.npz")
     # One line naming the file (not its temporary twin) and the fix (tests/test_disk_errors.py has the rest).
     assert str(raised.value).startswith(f"cannot write {tmp_path / 'sub.npz'}: disk full; ")
@@ -302,7 +301,7 @@ def test_export_checks_its_inputs(tmp_path):
 
 
 def test_size_report_command(capsys):
-    assert export.main(["--size_report", "--model=resnet18", "--width=0.0625", "--num_classes=10",
+    assert export_size.main(["--size_report", "--model=resnet18", "--width=0.0625", "--num_classes=10",
                         "--densities", "0.5", "0.1", "--prompt_size=32", "--pad_size=4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet18 width 0.0625, 10 classes") and len(lines) == 3
@@ -337,7 +336,7 @@ def _export_nm(path, n=2, m=4, stem="cifar", eval_with_prompt=False):
                                                      (4, 8, "cifar", True)])
 def test_n_m_export_rebuilds_the_exact_masks_and_the_same_logits(tmp_path, n, m, stem, with_prompt):
     masks, size = _export_nm(tmp_path / "sub.npz", n, m, stem, with_prompt)
-    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    sub = subnetwork.load_subnetwork(tmp_path / "sub.npz")
     assert sub.nm_pattern == (n, m) and sub.meta["mask_pattern"] == f"{n}:{m}"
     _, weights, batch_stats, _, prompt = _model(stem)
     flat_masks = traverse_util.flatten_dict(masks)
@@ -369,14 +368,14 @@ def test_n_m_file_stores_packed_indices_and_their_size_by_hand(tmp_path):
     # (5, 1) at 2:4: group [1, 0, 1, 0] -> positions 0 and 2, the cut group [1] -> 0 and an unused 0:
     # 2-bit fields 00 10 00 00, most significant first = 0b00100000.
     indices = nm.group_indices(np.array([[1], [0], [1], [0], [1]]), 2, 4)
-    np.testing.assert_array_equal(export._pack_indices(indices, 4), [0b00100000])
-    small = export.compute_size({"k": np.ones((5, 1))}, {}, {"k": np.ones((5, 1))}, {}, nm_pattern=(2, 4))
+    np.testing.assert_array_equal(subnetwork_format.pack_indices(indices, 4), [0b00100000])
+    small = subnetwork_format.compute_size({"k": np.ones((5, 1))}, {}, {"k": np.ones((5, 1))}, {}, nm_pattern=(2, 4))
     assert (small.bitmask_bytes, small.index_bytes) == (0, 1)
 
 
 def test_a_file_without_the_pattern_field_loads_as_per_weight_bits(tmp_path):
     _export(tmp_path / "sub.npz")
-    sub = export.load_subnetwork(tmp_path / "sub.npz")
+    sub = subnetwork.load_subnetwork(tmp_path / "sub.npz")
     assert sub.nm_pattern is None and "mask_pattern" not in sub.meta and sub.size.index_bytes == 0
 
 
@@ -405,7 +404,7 @@ def test_corrupt_n_m_content_is_a_one_line_error(tmp_path, edit, fragment):
 
 
 def test_size_report_of_a_pattern(capsys):
-    assert export.main(["--size_report", "--model=resnet18", "--width=0.0625", "--num_classes=10", "--pattern=2:4",
+    assert export_size.main(["--size_report", "--model=resnet18", "--width=0.0625", "--num_classes=10", "--pattern=2:4",
                         "--prompt_size=32", "--pad_size=4", "--no_write"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1].startswith("2:4 density 0.5: dense ") and "N:M indices" in lines[1]

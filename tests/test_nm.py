@@ -18,7 +18,7 @@ from tests.test_configs import _set, load
 from vpns_jax import config_checks, train
 from vpns_jax.config_checks import ConfigError
 from vpns_jax.core import nm, saliency, selection, steps
-from vpns_jax.io import checkpoint, export
+from vpns_jax.io import array_files, subnetwork
 from vpns_jax.io import workdir as workdir_files
 from vpns_jax.models import create_model, functional
 
@@ -277,19 +277,20 @@ def test_tiny_n_m_run_keeps_two_of_every_four_and_exports_them(fashion_data_dir,
     assert json.loads((tmp_path / workdir_files.RESULTS_JSON).read_text()) == results
     row = [r for r in results if r["density"] == 0.5][0]
     folder = workdir_files.unit_folder(tmp_path, 0.5)
-    masks = checkpoint.load_arrays(folder / "masks.npz")
+    masks = array_files.load_arrays(folder / "masks.npz")
     _check_every_group_keeps_two(masks)
     kept, total = (sum(jax.tree.leaves(t)) for t in (nm.kept_counts(masks, 2, 4),
                                                       jax.tree.map(np.size, masks)))
     assert sum(int(m.sum()) for m in jax.tree.leaves(masks)) == kept
     assert row["sparsity"] == round(1 - kept / total, 6) and 0.49 < row["sparsity"] <= 0.5
-    exported = export.load_subnetwork(folder / "subnetwork.npz")
+    exported = subnetwork.load_subnetwork(folder / "subnetwork.npz")
     assert exported.nm_pattern == (2, 4) and exported.meta["mask_pattern"] == "2:4"
     for a, b in zip(jax.tree.leaves(exported.masks), jax.tree.leaves(masks)):
         np.testing.assert_array_equal(np.asarray(a), b)
     if method == "omp":  # the N largest |W| per group of the dense finetune's weights
-        dense = checkpoint.load_arrays(workdir_files.unit_folder(tmp_path, 1.0) / "weights.npz")
+        dense = array_files.load_arrays(workdir_files.unit_folder(tmp_path, 1.0) / "weights.npz")
         expected = selection.keep_nm(saliency.magnitude_importance(dense, source[1]), 2, 4)
         for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)):
             np.testing.assert_array_equal(a, b)
-        assert export.load_subnetwork(workdir_files.unit_folder(tmp_path, 1.0) / "subnetwork.npz").nm_pattern is None
+        dense_export = workdir_files.unit_folder(tmp_path, 1.0) / "subnetwork.npz"
+        assert subnetwork.load_subnetwork(dense_export).nm_pattern is None

@@ -13,7 +13,7 @@ from PIL import Image
 from tests import test_export
 from vpns_jax import predict
 from vpns_jax.core import masking
-from vpns_jax.io import export
+from vpns_jax.io import export, subnetwork
 from vpns_jax.data import transforms
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_cli_prints_the_subnetworks_predictions(exported, tmp_path):
     files = [*files, str(tmp_path / "wide.png")]
     result = _run(f"--subnetwork={path}", *files)
     assert result.returncode == 0, result.stderr
-    sub = export.load_subnetwork(path)
+    sub = subnetwork.load_subnetwork(path)
     views = [transforms.clean_view(np.asarray(Image.open(f).convert("RGB")), 32) for f in files[:3]]
     views = np.stack([*views, transforms.clean_view((wide // 256).astype(np.uint8), 32)])
     classes = sub.predict(views)
@@ -102,7 +102,7 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path, capsys):
 
 def test_without_class_names_prints_a_dash(exported, tmp_path, capsys):
     path, files = exported
-    sub = export.load_subnetwork(path)
+    sub = subnetwork.load_subnetwork(path)
     export.export_subnetwork(
         tmp_path / "plain.npz", model_name="resnet18", num_classes=10, width=test_export.WIDTH, stem="cifar",
         weights=sub.weights, batch_stats=sub.batch_stats, masks=sub.masks, prompt_spec=sub.prompt_spec,

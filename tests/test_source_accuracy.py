@@ -5,7 +5,7 @@ from flax import nnx
 
 from vpns_jax.config import offline
 from experiments import source_accuracy
-from vpns_jax.io import checkpoint
+from vpns_jax.io import array_files
 from vpns_jax.models import create_model, functional
 
 
@@ -18,6 +18,6 @@ def test_a_constant_head_scores_the_share_of_its_class(fashion_data_dir, tmp_pat
     weights["fc"]["kernel"] = np.zeros_like(weights["fc"]["kernel"])
     weights["fc"]["bias"] = np.array([1.0, 0.0, 0.0, 0.0, 0.0], np.float32)
     path = tmp_path / "source.npz"
-    checkpoint.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
+    array_files.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
     # Fashion-MNIST's test split has 1,000 images of each class: class 0 is a fifth of classes 0-4.
     assert source_accuracy.source_accuracy(config, str(path)) == (0.2, 5000)

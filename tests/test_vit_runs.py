@@ -15,7 +15,7 @@ from vpns_jax.config import offline
 from tests.test_baselines import DENSITIES, _kept, _masks, write_source
 from vpns_jax import train
 from vpns_jax.core import structured
-from vpns_jax.io import checkpoint, export
+from vpns_jax.io import array_files, subnetwork
 from vpns_jax.io import workdir as workdir_files
 from vpns_jax.models import create_model, functional
 
@@ -73,9 +73,9 @@ def test_vit_vpns_keeps_exactly_k_of_every_prunable_kernel(runs):
 def test_vit_export_rebuilds_the_model_and_its_masks(runs):
     workdir, _ = runs("weight")
     folder = workdir_files.unit_folder(pathlib.Path(workdir), DENSITIES[1])
-    loaded = export.load_subnetwork(folder / "subnetwork.npz")
+    loaded = subnetwork.load_subnetwork(folder / "subnetwork.npz")
     assert loaded.model_options == {"image_size": 16, "vit": VIT}
-    masks = checkpoint.load_arrays(folder / "masks.npz")
+    masks = array_files.load_arrays(folder / "masks.npz")
     for got, want in zip(jax.tree.leaves(loaded.masks), jax.tree.leaves(masks)):
         np.testing.assert_array_equal(got, want)
 
@@ -90,7 +90,7 @@ def test_vit_channel_vpns_prunes_whole_heads_and_units(runs):
         pruned = sum(int(np.size(m) - np.count_nonzero(m)) for m in jax.tree.leaves(masks))
         assert pruned == int((1 - density) * total)
         folder = workdir_files.unit_folder(pathlib.Path(workdir), density)
-        exported = export.load_subnetwork(folder / "subnetwork.npz").weights
+        exported = subnetwork.load_subnetwork(folder / "subnetwork.npz").weights
         for block in range(2):
             name = f"encoder_layer_{block}"
             heads = np.asarray(masks[f"encoder.layers.{name}.self_attention"])

@@ -22,7 +22,7 @@ from flax import nnx, traverse_util
 from vpns_jax import config_checks, evaluation, methods, source_model
 from vpns_jax.core import masking, parallel, prompts, steps, structured
 from vpns_jax.data import run_data
-from vpns_jax.io import checkpoint, metrics, workdir
+from vpns_jax.io import array_files, metrics, workdir
 from vpns_jax.models import create_model, functional
 
 Params = dict[Any, Any]
@@ -159,7 +159,7 @@ class RunContext:
         """(masks, prompt) that the run in ``config.transfer.masks_from`` saved for ``density`` (host arrays;
         ``check_transfer_sources`` ran in the constructor)."""
         folder = workdir.unit_folder(pathlib.Path(self.config.transfer.masks_from), density)
-        masks, prompt = (checkpoint.load_arrays(folder / name) for name in TRANSFERRED_FILES)
+        masks, prompt = (array_files.load_arrays(folder / name) for name in TRANSFERRED_FILES)
         return masks, prompt
 
     # -- what the trainer reads --------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def convert(
     and ``vit`` (ViTs only) are ``create_model``'s."""
     from flax import nnx, traverse_util
 
-    from vpns_jax.io import checkpoint
+    from vpns_jax.io import array_files
     from vpns_jax.models import create_model, functional
 
     output_path = pathlib.Path(output_path).expanduser()
@@ -74,7 +74,7 @@ def convert(
     except ValueError as error:
         settings = f"width {width:g}, stem {stem}, {num_classes} classes" + _vit_settings(image_size, vit)
         raise ValueError(f"{input_path} as {model} ({settings}): {error}") from None
-    checkpoint.save_arrays(output_path, {"weights": weights, "batch_stats": batch_stats})
+    array_files.save_arrays(output_path, {"weights": weights, "batch_stats": batch_stats})
     flat_weights = traverse_util.flatten_dict(weights)
     flat_stats = traverse_util.flatten_dict(batch_stats) if batch_stats else {}
     params = sum(math.prod(a.shape) for a in flat_weights.values())

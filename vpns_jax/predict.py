@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vpns_jax import cli
-from vpns_jax.io import export
+from vpns_jax.io import subnetwork
 from vpns_jax.data import transforms
 
 
@@ -111,12 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size <= 0:
         parser.error(f"--batch_size must be positive, got {args.batch_size}")
     try:
-        subnetwork = export.load_subnetwork(args.subnetwork)
+        loaded = subnetwork.load_subnetwork(args.subnetwork)
         # Every image is read (and checked) before anything is printed.
-        results = predict_files(subnetwork, args.images, args.batch_size)
+        results = predict_files(loaded, args.images, args.batch_size)
     except Exception as error:  # noqa: BLE001 - every failure is one line unless --verbose
         return cli.report_error(error, verbose=args.verbose)
-    names = subnetwork.class_names
+    names = loaded.class_names
     for path, (index, probability) in zip(args.images, results):
         print(f"{path}\t{index}\t{names[index] if names else '-'}\t{probability:.6f}")
     return 0

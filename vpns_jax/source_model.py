@@ -21,7 +21,7 @@ from flax import nnx, traverse_util
 
 from vpns_jax import cli, config_checks
 from vpns_jax.core import dense, health, label_mapping, optim, parallel
-from vpns_jax.io import checkpoint, metrics, pretrained
+from vpns_jax.io import array_files, checkpoint, metrics, pretrained
 from vpns_jax.data import pipeline, registry, run_data, workers
 from vpns_jax.models import functional
 
@@ -32,7 +32,7 @@ SOURCE_FILE = "source_model.npz"
 def load_weights(path: str | pathlib.Path, weights: Params, batch_stats: Params) -> tuple[Params, Params]:
     """Weights and BatchNorm statistics from a file, shaped like ``weights`` / ``batch_stats``.
 
-    The file is a .npz of {'weights': ..., 'batch_stats': ...} trees (``checkpoint.save_arrays``,
+    The file is a .npz of {'weights': ..., 'batch_stats': ...} trees (``array_files.save_arrays``,
     e.g. from ``python -m vpns_jax.convert``), or a torchvision state dict: ``.pth``/``.pt``
     (needs torch), ``.safetensors``, or an ``.npz`` keyed by torchvision names
     (``pretrained.from_torchvision`` maps it). Every tensor must be float and finite
@@ -73,7 +73,7 @@ def _read_checked(path: pathlib.Path) -> tuple[bool, dict]:
         return True, pretrained.read_state_dict(path)
     pretrained.require_zip(path)
     try:
-        loaded = checkpoint.load_arrays(path)
+        loaded = array_files.load_arrays(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise pretrained.unreadable(path, pretrained.NPZ, error) from None
     # Dotted names, as the NaN/Inf message has always named them (weights.fc.bias).
@@ -161,5 +161,5 @@ def pretrain(
         pool.close()
     weights, batch_stats = jax.device_get((state.weights, state.batch_stats))
     if jax.process_index() == 0:
-        checkpoint.save_arrays(cached, {"weights": weights, "batch_stats": batch_stats})
+        array_files.save_arrays(cached, {"weights": weights, "batch_stats": batch_stats})
     return jax.tree.map(np.asarray, weights), jax.tree.map(np.asarray, batch_stats)

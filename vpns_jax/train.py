@@ -26,7 +26,7 @@ import ml_collections
 from vpns_jax import cli, config_checks, evaluation, methods
 from vpns_jax.context import RunContext
 from vpns_jax.core import health, optim, parallel, steps
-from vpns_jax.io import checkpoint, metrics, workdir
+from vpns_jax.io import checkpoint, disk, metrics, workdir, workdir_guard
 
 
 @dataclasses.dataclass
@@ -72,10 +72,10 @@ class Run:
         Only here, after every check in ``__init__``, does the workdir get created, locked and tied to this
         config: a run that fails its checks leaves no config.json behind to refuse the corrected command.
         """
-        with checkpoint.disk_errors(f"cannot create the workdir {self.workdir}"):
+        with disk.disk_errors(f"cannot create the workdir {self.workdir}"):
             self.workdir.mkdir(parents=True, exist_ok=True)
-        with checkpoint.workdir_lock(self.workdir):
-            checkpoint.guard_workdir(self.workdir, config_checks.fingerprint(self.config),
+        with workdir_guard.workdir_lock(self.workdir):
+            workdir_guard.guard_workdir(self.workdir, config_checks.fingerprint(self.config),
                                      replace=self.replace_workdir)
             try:
                 return self._run_units()
@@ -297,8 +297,8 @@ def run(config: ml_collections.ConfigDict, workdir_path: str | pathlib.Path, *,
         replace_workdir: bool = False) -> list[dict[str, Any]]:
     """Runs (or resumes) every density of ``config`` in ``workdir_path``; returns the results rows.
 
-    A second run on the same workdir while this one is alive is refused (``checkpoint.workdir_lock``). A
+    A second run on the same workdir while this one is alive is refused (``workdir_guard.workdir_lock``). A
     workdir holding a run of another config is refused too, unless ``replace_workdir``: then that run is moved
-    into ``workdir/replaced/`` and this one starts afresh (``checkpoint.guard_workdir``).
+    into ``workdir/replaced/`` and this one starts afresh (``workdir_guard.guard_workdir``).
     """
     return Run(config, pathlib.Path(workdir_path), replace_workdir=replace_workdir).run()

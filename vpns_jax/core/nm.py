@@ -3,7 +3,7 @@
 Groups run along a kernel's input dimension (axis -2), the matmul's reduction dimension that sparse hardware reads.
 Selection is exact and sort-free (rank by M comparisons, ties to the lower index); a cut group of r = I mod M
 entries keeps min(N, r). ``ste_nm_masks`` have ``masking.ste_masks``'s straight-through gradient; ``group_indices``
-is the form ``vpns_jax.io.export`` stores. Rules and counts: docs/method.md, section 4.6.
+is the form ``vpns_jax.io.subnetwork_format`` stores. Rules and counts: docs/method.md, section 4.6.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A run's workdir: where each unit's subnetwork goes, the results files, and reading a finished unit back.
 
     workdir/
-      config.json, checkpoints/, metrics.jsonl     (io.checkpoint, io.metrics)
+      config.json, checkpoints/, metrics.jsonl     (io.workdir_guard, io.checkpoint, io.metrics)
       results.json, results.csv                    (write_results)
       subnetworks/density_<d>/                     (save_unit: masks, weights, batch_stats, prompt, label_map
                                                     .npz and the exported subnetwork.npz)
@@ -19,7 +19,7 @@ import jax
 
 from vpns_jax import models
 from vpns_jax.core import prompts, steps
-from vpns_jax.io import checkpoint, export
+from vpns_jax.io import array_files, disk, export
 
 Params = dict[Any, Any]
 RESULTS_JSON = "results.json"
@@ -38,7 +38,7 @@ def unit_folder(workdir: pathlib.Path, density: float) -> pathlib.Path:
 def finished_unit(workdir: pathlib.Path, density: float) -> tuple[Params, Params]:
     """(final weights, masks) of the unit of ``density``, as ``save_unit`` wrote them."""
     folder = unit_folder(workdir, density)
-    return checkpoint.load_arrays(folder / "weights.npz"), checkpoint.load_arrays(folder / "masks.npz")
+    return array_files.load_arrays(folder / "weights.npz"), array_files.load_arrays(folder / "masks.npz")
 
 
 def save_unit(folder: pathlib.Path, state: steps.TrainState, found: dict[str, Any], *, model: Any,
@@ -49,15 +49,15 @@ def save_unit(folder: pathlib.Path, state: steps.TrainState, found: dict[str, An
     ``found``: ``evaluation.found_subnetwork``'s masks, effective weights and kernel masks; ``model``: the
     config's model section; ``nm_pattern`` (N, M): the masks are N:M and exported as such. Overwrites: a run
     killed after this save but before its checkpoint redoes it.
-    Each file is written whole and then renamed into place (``checkpoint.write_atomically``, which also makes
-    the folder): a write the disk refuses is a one-line ``checkpoint.DiskError`` naming the file, and leaves the
+    Each file is written whole and then renamed into place (``disk.write_atomically``, which also makes
+    the folder): a write the disk refuses is a one-line ``disk.DiskError`` naming the file, and leaves the
     file it would have replaced as it was.
     """
     host = {"masks": found["masks"], **jax.device_get({
         "weights": state.weights, "batch_stats": state.batch_stats, "prompt": state.prompt,
         "label_map": {"label_map": state.label_map}})}
     for name, tree in host.items():
-        checkpoint.save_arrays(folder / f"{name}.npz", tree)
+        array_files.save_arrays(folder / f"{name}.npz", tree)
     # Channel masks also zero BatchNorm outputs: the export holds the gated weights, so it needs no channel logic.
     export.export_subnetwork(
         folder / "subnetwork.npz", model_name=model.name, num_classes=model.num_classes, width=model.width,
@@ -82,10 +82,10 @@ def format_results(results: list[dict[str, Any]]) -> str:
 
 def write_results(workdir: pathlib.Path, results: list[dict[str, Any]]) -> None:
     """results.json and results.csv in the workdir (each written whole, then renamed into place: a write the disk
-    refuses is a one-line ``checkpoint.DiskError`` naming the file, and leaves the previous file as it was)."""
+    refuses is a one-line ``disk.DiskError`` naming the file, and leaves the previous file as it was)."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS, extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(results)
     for name, content in ((RESULTS_JSON, json.dumps(results, indent=2)), (RESULTS_CSV, text.getvalue())):
-        checkpoint.write_atomically(workdir / name, lambda file, content=content: file.write(content.encode()))
+        disk.write_atomically(workdir / name, lambda file, content=content: file.write(content.encode()))
