@@ -26,6 +26,7 @@ import ml_collections
 from vpns_jax import cli, config_checks, evaluation, methods
 from vpns_jax.context import RunContext
 from vpns_jax.core import health, optim, parallel, steps
+from vpns_jax.data import pipeline
 from vpns_jax.io import checkpoint, metrics, workdir
 
 
@@ -226,7 +227,8 @@ class Run:
                                               stage=stage))
         # The next iterations' batches are on the devices while this one runs.
         iterations = parallel.prefetch_to_device((tuple(next(streams[name]) for name in reads)
-                                                  for _ in itertools.count()), self.mesh)
+                                                  for _ in itertools.count()), self.mesh,
+                                                 scale_pixels=pipeline.unit_pixels)
         while position.epoch < epochs:
             cli.raise_if_stopped()  # a stop lands here, between iterations, with every save before it complete
             batches = next(iterations)

@@ -11,7 +11,8 @@ number of processes, loader threads or worker processes (``workers.py``).
 Training streams drop the last partial batch (fixed shapes under jit);
 evaluation streams pad it with label -1, which the eval step and the
 label-mapping counts ignore. Batches hold uint8 pixels: ``ToTensor``'s scaling
-to [0, 1] happens on the device (``parallel.global_batch``), bit for bit.
+to [0, 1] happens on the device (``unit_pixels``, which the trainer hands to
+``parallel.global_batch``), bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -228,7 +230,7 @@ class BatchStream:
     def load(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
         """This process's batch at a position: {'image': (b, S, S, 3) uint8, 'label': (b,) int32}.
 
-        The pixels are ``ToTensor``'s input: ``parallel.global_batch`` scales them to [0, 1] on the device."""
+        The pixels are ``ToTensor``'s input: ``unit_pixels`` scales them to [0, 1] on the device."""
         return self._start(epoch, batch).result()
 
     def _position_after(self, epoch: int, batch: int) -> tuple[int, int]:
@@ -292,3 +294,17 @@ def eval_stream(source: Sequence[dict[str, Any]], *, global_batch_size: int, ima
     """The test split in order, clean view, last batch padded with label -1."""
     return BatchStream(source, global_batch_size=global_batch_size, image_size=image_size, view="clean",
                        seed=0, training=False, **kwargs)
+
+
+# ToTensor's x / 255 for every uint8 value, computed once by numpy's correctly rounded division. XLA turns a
+# division by a constant into a multiplication by its reciprocal, which differs in the last bit for some values.
+_UNIT_PIXELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
+@jax.jit
+def unit_pixels(pixels: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 in [0, 1], bit for bit ``ToTensor``'s scaling (the input pipeline's last step,
+    done on the device: a quarter of the bytes cross to it). Keeps the input's sharding."""
+    if pixels.dtype != jnp.uint8:
+        raise TypeError(f"unit_pixels scales uint8 pixels, got {pixels.dtype}")
+    return jnp.asarray(_UNIT_PIXELS)[pixels.astype(jnp.int32)]

@@ -14,7 +14,7 @@ import jax
 
 from vpns_jax.config_fields import ConfigError
 from vpns_jax.io import checkpoint, workdir
-from vpns_jax.methods.base import Params, RunContext
+from vpns_jax.methods.base import MethodContext, Params
 
 TRANSFERRED_FILES = ("masks.npz", "prompt.npz")  # what config.transfer.masks_from takes from each density
 
@@ -31,7 +31,7 @@ def check_sources(config: Any) -> None:
             "them there first, or list only the densities it has")
 
 
-def transferred(run: RunContext, density: float) -> tuple[Params, Params | None]:
+def transferred(run: MethodContext, density: float) -> tuple[Params, Params | None]:
     """Masks and prompt of ``density`` from the source run (prompt None when its geometry differs: only the
     mask transfers then)."""
     folder = workdir.unit_folder(pathlib.Path(run.config.transfer.masks_from), density)
