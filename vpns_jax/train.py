@@ -1,15 +1,11 @@
 """The training loop of any method: for each unit of its plan, its stages, a test evaluation and its saved subnetwork.
 
-A unit is one trained network (``methods.Unit``): a density of VPNs, HYDRA,
-BiP or a prune-at-init baseline, each from the same state (source weights, the
-same initial scores, a zero prompt, the same seed); or OMP's and LTH's dense
-finetune and LTH's rounds, which read the previous unit's saved weights and
-masks. What a unit starts from comes from ``context.RunContext`` (and the
-method's plug-in); this module owns the loop: units, stages, the position,
-the checkpoint cadence and logging. Progress is checkpointed with its position
-(unit, stage, epoch, batch, global step, results so far); the data streams'
-positions are a function of (stage, epoch, batch), so rerunning the same
-command continues exactly where a killed run stopped.
+A unit (``methods.Unit``) starts from what ``context.RunContext`` and the
+method's plug-in give it; this module owns the loop: units, stages, the
+position, the checkpoint cadence and logging. Progress is checkpointed with its
+position (unit, stage, epoch, batch, global step, results so far), and the data
+streams' positions follow from it, so rerunning the same command continues
+exactly where a killed run stopped.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each stage trains a different set of top-level subtrees of the state (VPNs:
 stage 1 the mask scores and the prompt with the weights frozen, stage 2 the
-weights, BatchNorm affine included, and the prompt; ``steps.Phase`` says which
+weights, BatchNorm affine included, and the prompt; ``phases.Phase`` says which
 for every method). Every trainable
 leaf carries one of the labels {weights, bn, scores, prompt}, and one
 ``optax.partition`` per stage gives each label its own torch-style optimiser:

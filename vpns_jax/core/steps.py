@@ -27,9 +27,7 @@ Params = dict[Any, Any]
 # Fixed fold-in for the evaluation-time key, apart from the training keys (stage, step).
 EVAL_SEED = 0x7FFFFFFF
 Batch = dict[str, jax.Array]  # {'image': (B, H, W, 3) float in [0, 1], 'label': (B,) int}
-
-
-GRANULARITIES = ("weight", "channel")
+GRANULARITIES = ("weight", "channel")  # 'weight': one score per kernel entry; 'channel': one per conv output channel
 
 
 @dataclasses.dataclass(frozen=True)
