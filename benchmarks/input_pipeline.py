@@ -72,7 +72,8 @@ def loop_rates(source, setting: int, iterations: int, threads: int) -> tuple[flo
     model = create_model("resnet18", num_classes=10, width=0.25, stem="cifar", rngs=nnx.Rngs(0))
     spec, state, _ = vpns_state(model, 32, 0.1, mesh)
     streams, pool = _streams(source, setting, 32, 64, threads, views=("clean", "augmented"))
-    real = parallel.prefetch_to_device(((next(streams[0]), next(streams[1])) for _ in itertools.count()), mesh)
+    real = parallel.prefetch_to_device(((next(streams[0]), next(streams[1])) for _ in itertools.count()), mesh,
+                                       scale_pixels=pipeline.unit_pixels)
     fixed = next(real)
     synthetic = itertools.repeat(fixed)
     rates = []

@@ -22,6 +22,8 @@ from flax import nnx
 
 from step_time import peak_bytes, time_call
 from vpns_jax.core import label_mapping, masking, optim, prompts, steps
+from vpns_jax.core.phases import Phase
+from vpns_jax.methods.iterations import TwoStreams
 from vpns_jax.models import create_model, functional
 
 
@@ -47,7 +49,7 @@ def design_rows(spec_prompt: prompts.PromptSpec | None, *, size: int, width: flo
     spec_prompt = spec_prompt or prompts.PromptSpec("pad", size, size, pad_size=1)
     prompt = prompts.init_prompt(spec_prompt)
     extra = ("prompt",) if with_prompt else ()
-    phases = {1: steps.Phase(("scores",) + extra), 2: steps.Phase(("weights",) + extra)}
+    phases = {1: Phase(("scores",) + extra, TwoStreams()), 2: Phase(("weights",) + extra, TwoStreams())}
     groups = {stage: {k: v for k, v in optim.reference_groups(stage).items() if with_prompt or k != "prompt"}
               for stage in (1, 2)}
     spec = steps.make_step_spec(model, spec_prompt, prompt_params=prompt, scores=scores, stage_groups=groups,

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from vpns_jax.core import dense, label_mapping, masking, optim, parallel, prompts, steps
+from vpns_jax.methods.vpns import VPNS_PHASES
 from vpns_jax.models import create_model, functional
 
 
@@ -91,7 +92,7 @@ def vpns_state(model, size: int, density: float, mesh=None) -> tuple[steps.StepS
     # The authors' 16 px frame at 224 px, scaled (as benchmarks/torch_reference.prompt_pad).
     prompt_spec = prompts.PromptSpec("pad", input_size=size, output_size=size, pad_size=max(1, size * 16 // 224))
     prompt = prompts.init_prompt(prompt_spec)
-    spec = steps.make_step_spec(model, prompt_spec, prompt_params=prompt, scores=scores,
+    spec = steps.make_step_spec(model, prompt_spec, prompt_params=prompt, scores=scores, phases=VPNS_PHASES,
                                 stage_groups={1: optim.reference_groups(1), 2: optim.reference_groups(2)},
                                 epochs={1: 30, 2: 30}, iterations_per_epoch=100)
     # Copies: the steps donate their state; the model keeps its own arrays.

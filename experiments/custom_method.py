@@ -44,7 +44,7 @@ class SourceMagnitude(methods.Method):
     def plan(self, config: Any) -> methods.Plan:
         return methods.finetune_plan(self, config, prompt=True, epochs=config.source_magnitude.epochs)
 
-    def unit_masks(self, run: methods.RunContext, unit: methods.Unit, index: int) -> dict:
+    def unit_masks(self, run: methods.MethodContext, unit: methods.Unit, index: int) -> dict:
         importance = saliency.magnitude_importance(run.source[0], run.kinds)
         scope = run.config.source_magnitude.scope
         keep = selection.keep_counts(importance, unit.density, scope)

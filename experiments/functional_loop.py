@@ -8,12 +8,14 @@ source head by frequency label mapping. Then stage 1 (scores + prompt, weights
 frozen) and stage 2 (weights + prompt, masks fixed), and a test evaluation.
 Needs Debian's dataset-fashion-mnist (``make data``), which it prepares as a TFDS
 dataset on first use; nothing is downloaded.
-Every piece of state is an explicit pytree: swap any step for your own.
+Every piece of state is an explicit pytree, and VPNs' two-stream iteration is
+written here from ``steps.sub_step``: swap any step for your own.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vpns_jax.core import dense, label_mapping, masking, optim, prompts, steps
+from vpns_jax.core import dense, label_mapping, masking, optim, phases, prompts, steps
 from vpns_jax.data import pipeline, prepare
 from vpns_jax.models import create_model, functional
 
@@ -31,7 +33,26 @@ SIZE = 32
 def as_jax(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A pipeline batch on the default device, its uint8 pixels scaled to [0, 1] as the trainer does."""
     arrays = {key: jnp.asarray(value) for key, value in batch.items()}
-    return {**arrays, "image": prompts.unit_pixels(arrays["image"])}
+    return {**arrays, "image": pipeline.unit_pixels(arrays["image"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoStreams(phases.OneStepPerBatch):
+    """VPNs' iteration (a ``phases.Iteration``): the clean batch through the prompt, then the plain augmented
+    batch; the prompt steps on the first only. Write your own to feed a phase differently."""
+
+    streams = ("clean", "augmented")
+
+    def updates_per_iteration(self) -> dict[str, int]:
+        return dict(optim.TWO_STREAM_UPDATES)
+
+    def __call__(self, spec, state, batches, *, stage, key):
+        key_a, key_b = jax.random.split(key)
+        prompted = "prompt" in spec.phases[stage].trains
+        state, loss_a, acc_a = steps.sub_step(spec, state, batches[0], stage=stage, prompted=prompted, key=key_a)
+        state, loss_b, acc_b = steps.sub_step(spec, state, batches[1], stage=stage, prompted=False, key=key_b)
+        return state, {"loss_prompted": loss_a, "accuracy_prompted": acc_a, "loss_plain": loss_b,
+                       "accuracy_plain": acc_b}
 
 
 def main() -> None:
@@ -43,15 +64,16 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--test_images", type=int, default=1000)
-    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    parser.add_argument("--data_dir", default=None,
+                        help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     args = parser.parse_args()
     prepare.prepare("fashion_mnist", data_dir=args.data_dir)  # once, from Debian's files; a no-op afterwards
 
     # 1. A dense source model, pretrained on classes 0-4.
     model = create_model("resnet18", num_classes=5, width=args.width, stem="imagenet", rngs=nnx.Rngs(0))
     graphdef, weights, batch_stats = functional.split_model(model)
-    source = pipeline.BatchStream(pipeline.open_subset("fashion_mnist", "train", args.data_dir, classes=range(0, 5)), view="augmented",
-                                  global_batch_size=args.batch_size, image_size=SIZE, seed=0)
+    source = pipeline.BatchStream(pipeline.open_subset("fashion_mnist", "train", args.data_dir, classes=range(0, 5)),
+                                  view="augmented", global_batch_size=args.batch_size, image_size=SIZE, seed=0)
     tx = optax.sgd(0.05, momentum=0.9)
     state = dense.init_dense_state(weights, batch_stats, tx, label_map=label_mapping.identity_mapping(5),
                                    rng=jax.random.PRNGKey(0))
@@ -73,8 +95,11 @@ def main() -> None:
               2: optim.reference_groups(2)}
     per_epoch = args.train_images // args.batch_size
     epochs = max(1, args.iterations // per_epoch)
-    spec = steps.make_step_spec(model, prompt_spec, prompt_params=prompt, scores=scores, stage_groups=groups,
-                                epochs={1: epochs, 2: epochs}, iterations_per_epoch=per_epoch)
+    # VPNs' two stages: scores and prompt with the weights frozen, then weights and prompt through fixed masks.
+    vpns_phases = {1: phases.Phase(("scores", "prompt"), TwoStreams()),
+                   2: phases.Phase(("weights", "prompt"), TwoStreams())}
+    spec = steps.make_step_spec(model, prompt_spec, prompt_params=prompt, scores=scores, phases=vpns_phases,
+                                stage_groups=groups, epochs={1: epochs, 2: epochs}, iterations_per_epoch=per_epoch)
     vpns = steps.init_state(spec, weights=state.weights, batch_stats=state.batch_stats, scores=scores,
                             prompt=prompt, density=args.density, label_map=label_mapping.identity_mapping(5),
                             rng=jax.random.PRNGKey(1))

@@ -42,7 +42,7 @@ def source_accuracy(config, source: str, data_dir: str = "") -> tuple[float, int
 
     @jax.jit
     def predict(pixels):
-        x = prompts.model_inputs(spec, {}, prompts.unit_pixels(pixels), prompted=False)
+        x = prompts.model_inputs(spec, {}, pipeline.unit_pixels(pixels), prompted=False)
         return jnp.argmax(functional.apply_model(graphdef, weights, batch_stats, x, train=False)[0], axis=-1)
 
     correct = total = 0

@@ -11,6 +11,7 @@ from orbax.checkpoint._src.path import atomicity
 
 from vpns_jax.core import optim, steps
 from vpns_jax.io import array_files, checkpoint, workdir_guard
+from vpns_jax.methods.vpns import VPNS_PHASES
 
 KINDS = {"conv": {"kernel": "conv_kernel"}, "bn": {"scale": "bn", "bias": "bn"},
          "layer1": {0: {"kernel": "conv_kernel"}, 1: {"kernel": "conv_kernel"}}}
@@ -38,7 +39,7 @@ def _state(stage, seed=0):
                              opt_state=None, masks=None)
     if stage == 2:
         state = state.replace(masks=jax.tree.map(lambda s: (s > 0).astype(jnp.float32), scores))
-    trainable = steps.trainable(state, steps.VPNS_PHASES[stage])
+    trainable = steps.trainable(state, VPNS_PHASES[stage])
     labels = optim.param_labels(trainable, KINDS)
     tx = optim.stage_optimizer(optim.reference_groups(stage), labels, epochs=2, iterations_per_epoch=3)
     opt_state = tx.init(trainable)

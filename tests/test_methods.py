@@ -5,8 +5,9 @@ import pytest
 
 from vpns_jax.config import offline
 from vpns_jax import config_checks, methods
-from vpns_jax.core import steps
-from vpns_jax.methods import bip
+from vpns_jax.core.phases import Phase
+from vpns_jax.methods import bip, vpns
+from vpns_jax.methods.iterations import CleanStream, OneStream, TwoStreams
 
 
 def _plan(method, **fields):
@@ -20,7 +21,7 @@ def _plan(method, **fields):
 
 def test_vpns_is_two_stream_scores_then_weights_per_density():
     plan = _plan("vpns")
-    assert plan.phases == steps.VPNS_PHASES
+    assert plan.phases == vpns.VPNS_PHASES
     assert [u.stages for u in plan.units] == [(1, 2)] * 4
     assert [u.density for u in plan.units] == [0.5, 0.1, 0.05, 0.02]
     assert plan.epochs == {1: 3, 2: 3} and set(plan.groups[1]) == {"scores", "prompt"}
@@ -28,12 +29,12 @@ def test_vpns_is_two_stream_scores_then_weights_per_density():
 
 @pytest.mark.parametrize("prompt_stages, streams, phases", [
     # No prompt: the same two streams, optimisers and schedules; the clean batch goes in unprompted.
-    ((), "two", {1: steps.Phase(("scores",), "two"), 2: steps.Phase(("weights",), "two")}),
-    ((1,), "two", {1: steps.Phase(("scores", "prompt"), "two"), 2: steps.Phase(("weights",), "two")}),
-    ((2,), "two", {1: steps.Phase(("scores",), "two"), 2: steps.Phase(("weights", "prompt"), "two")}),
-    ((1, 2), "prompted", {1: steps.Phase(("scores", "prompt"), "clean"),
-                          2: steps.Phase(("weights", "prompt"), "clean")}),
-    ((), "plain", {1: steps.Phase(("scores",), "one"), 2: steps.Phase(("weights",), "one")}),
+    ((), "two", {1: Phase(("scores",), TwoStreams()), 2: Phase(("weights",), TwoStreams())}),
+    ((1,), "two", {1: Phase(("scores", "prompt"), TwoStreams()), 2: Phase(("weights",), TwoStreams())}),
+    ((2,), "two", {1: Phase(("scores",), TwoStreams()), 2: Phase(("weights", "prompt"), TwoStreams())}),
+    ((1, 2), "prompted", {1: Phase(("scores", "prompt"), CleanStream()),
+                          2: Phase(("weights", "prompt"), CleanStream())}),
+    ((), "plain", {1: Phase(("scores",), OneStream()), 2: Phase(("weights",), OneStream())}),
 ])
 def test_vpns_ablations_change_only_the_prompt_stages_and_streams(prompt_stages, streams, phases):
     plan = _plan("vpns", **{"vpns.prompt_stages": prompt_stages, "vpns.streams": streams})
@@ -62,13 +63,13 @@ def test_vpns_ablations_are_refused_for_other_methods():
 
 def test_hydra_trains_scores_then_weights_on_one_stream_without_prompt():
     plan = _plan("hydra")
-    assert plan.phases == {1: steps.Phase(("scores",), "one"), 2: steps.Phase(("weights",), "one")}
+    assert plan.phases == {1: Phase(("scores",), OneStream()), 2: Phase(("weights",), OneStream())}
     assert plan.epochs == {1: 6, 2: 6} and set(plan.groups[2]) == {"weights", "bn"}
 
 
 def test_bip_is_one_bilevel_stage():
     plan = _plan("bip")
-    assert plan.phases == {1: steps.Phase(("weights", "scores"), bip.Bilevel(1e-4))}
+    assert plan.phases == {1: Phase(("weights", "scores"), bip.Bilevel(1e-4))}
     assert [u.stages for u in plan.units] == [(1,)] * 4 and set(plan.groups[1]) == {"weights", "bn", "scores"}
 
 
@@ -76,7 +77,7 @@ def test_bip_is_one_bilevel_stage():
 def test_omp_and_lth_start_with_one_dense_unit(method, round_):
     plan = _plan(method)
     assert plan.units[0] == methods.Unit(1.0, (0,), round=round_, dense=True)
-    assert plan.epochs == {0: 12, 2: 12} and plan.phases[0] == plan.phases[2] == steps.Phase(("weights",), "one")
+    assert plan.epochs == {0: 12, 2: 12} and plan.phases[0] == plan.phases[2] == Phase(("weights",), OneStream())
 
 
 def test_lth_units_are_rounds_down_past_the_smallest_density():
@@ -89,7 +90,7 @@ def test_lth_units_are_rounds_down_past_the_smallest_density():
 def test_x_plus_vp_finetunes_with_the_prompt_on_two_streams():
     for method in ("omp_vp", "lth_vp", "random_vp"):
         plan = _plan(method)
-        assert plan.phases[2] == steps.Phase(("weights", "prompt"), "two")
+        assert plan.phases[2] == Phase(("weights", "prompt"), TwoStreams())
         assert "prompt" in plan.groups[2]
 
 
@@ -110,9 +111,9 @@ def test_structured_plans():
 
 def test_transfer_plans_only_the_finetune():
     plan = _plan("vpns", **{"transfer.masks_from": "workdir/a"})
-    assert plan.phases == {2: steps.Phase(("weights", "prompt"), "two")}
+    assert plan.phases == {2: Phase(("weights", "prompt"), TwoStreams())}
     assert [u.stages for u in plan.units] == [(2,)] * 4
-    assert _plan("hydra", **{"transfer.masks_from": "workdir/a"}).phases == {2: steps.Phase(("weights",), "one")}
+    assert _plan("hydra", **{"transfer.masks_from": "workdir/a"}).phases == {2: Phase(("weights",), OneStream())}
 
 
 @pytest.mark.parametrize("method, fields, message", [

@@ -10,6 +10,7 @@ from tests.conftest import FAST_COMPILE
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from vpns_jax.core import parallel
+    from vpns_jax.data import pipeline
     mesh = parallel.make_mesh()
     assert mesh.devices.size == 4 and mesh.axis_names == ("data",)
     try:
@@ -31,7 +32,7 @@ SCRIPT = textwrap.dedent("""
     assert float(total) == float(local["image"].sum())
     # uint8 pixels arrive as ToTensor's floats, still split over the devices.
     pixels = {"image": np.arange(8 * 2 * 2 * 3, dtype=np.uint8).reshape(8, 2, 2, 3) * 2, "label": np.arange(8)}
-    scaled = parallel.global_batch(pixels, mesh)
+    scaled = parallel.global_batch(pixels, mesh, scale_pixels=pipeline.unit_pixels)
     assert scaled["image"].dtype == jnp.float32 and scaled["image"].sharding.spec == batch["label"].sharding.spec
     assert np.asarray(scaled["image"]).tobytes() == (pixels["image"].astype(np.float32) / 255.0).tobytes()
     # prefetch_to_device: every item, in order, in global form (tuples of batches too).

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from vpns_jax import methods
 from vpns_jax.core import label_mapping, masking, optim, prompts, steps
+from vpns_jax.core.phases import Phase
 from vpns_jax.methods import bip
+from vpns_jax.methods.iterations import CleanStream, OneStream, TwoStreams
 from vpns_jax.models import create_model, functional
 from tests.test_steps import _adam_counts, _copy  # shared helpers of the step tests
 
@@ -42,9 +45,22 @@ def _spec_and_state(parts, phases, groups, *, masks=None):
     return spec, state
 
 
+def test_a_phase_takes_an_iteration_and_a_plan_only_the_streams_a_run_offers():
+    with pytest.raises(TypeError, match="must be an Iteration"):
+        Phase(("weights",), "one")
+    with pytest.raises(ValueError, match="trains some of weights, scores, prompt"):
+        Phase(("bn",), OneStream())
+
+    class Elsewhere(OneStream):
+        streams = ("elsewhere",)
+
+    with pytest.raises(ValueError, match="offers the streams"):
+        methods.Plan(methods.get_method("hydra"), {1: Phase(("weights",), Elsewhere())}, {}, {}, ())
+
+
 def test_one_stream_score_phase_steps_once_per_iteration_and_freezes_the_rest(parts):
     batches = parts[-1]
-    phases = {1: steps.Phase(("scores",), "one"), 2: steps.Phase(("weights",), "one")}
+    phases = {1: Phase(("scores",), OneStream()), 2: Phase(("weights",), OneStream())}
     groups = {1: {"scores": optim.GroupOptimizer("adam", 0.01)},
               2: {"weights": optim.GroupOptimizer("sgd", 0.01), "bn": optim.GroupOptimizer("sgd", 0.01)}}
     spec, state = _spec_and_state(parts, phases, groups)
@@ -65,7 +81,7 @@ def test_bilevel_iteration_steps_weights_then_scores_with_the_implicit_correctio
                   "scores": optim.GroupOptimizer("sgd", 0.1, weight_decay=0.0, momentum=0.0)}}
     results = {}
     for lr_b in (0.0, 0.5):
-        phases = {1: steps.Phase(("weights", "scores"), bip.Bilevel(lr_b))}
+        phases = {1: Phase(("weights", "scores"), bip.Bilevel(lr_b))}
         spec, state = _spec_and_state(parts, phases, groups)
         initial = _copy(state)
         state, metrics = steps.train_iteration(state, batches, spec=spec, stage=1)
@@ -98,7 +114,7 @@ def test_bn_l1_adds_lambda_sign_gamma_to_the_scale_gradient(parts):
                   "bn": optim.GroupOptimizer("sgd", 0.1, weight_decay=0.0, momentum=0.0)}}
     out = {}
     for l1 in (0.0, 0.01):
-        spec, state = _spec_and_state(parts, {0: steps.Phase(("weights",), "one", bn_l1=l1)}, groups,
+        spec, state = _spec_and_state(parts, {0: Phase(("weights",), OneStream(), bn_l1=l1)}, groups,
                                       masks=jax.tree.map(jnp.ones_like, parts[3]))  # fresh: the step donates them
         gamma = np.asarray(state.weights["bn1"]["scale"]).copy()
         state, _ = steps.train_iteration(state, batches[:1], spec=spec, stage=0)
@@ -108,7 +124,7 @@ def test_bn_l1_adds_lambda_sign_gamma_to_the_scale_gradient(parts):
 
 def test_the_clean_stream_alone_steps_scores_and_prompt_once_per_iteration(parts):
     batches = parts[-1]
-    phases = {1: steps.Phase(("scores", "prompt"), "clean")}
+    phases = {1: Phase(("scores", "prompt"), CleanStream())}
     groups = {1: {"scores": optim.GroupOptimizer("adam", 0.01), "prompt": optim.GroupOptimizer("adam", 0.01)}}
     spec, state = _spec_and_state(parts, phases, groups)
     before = _copy(state)
@@ -122,8 +138,8 @@ def test_the_clean_stream_alone_steps_scores_and_prompt_once_per_iteration(parts
 def test_vpns_without_prompt_matches_vpns_with_a_zero_frozen_prompt_step_for_step(parts):
     batches = parts[-1]
     adam = {"scores": optim.GroupOptimizer("adam", 0.01), "prompt": optim.GroupOptimizer("adam", 0.01)}
-    vpns_spec, vpns = _spec_and_state(parts, {1: steps.Phase(("scores", "prompt"), "two")}, {1: adam})
-    bare_spec, bare = _spec_and_state(parts, {1: steps.Phase(("scores",), "two")}, {1: {"scores": adam["scores"]}})
+    vpns_spec, vpns = _spec_and_state(parts, {1: Phase(("scores", "prompt"), TwoStreams())}, {1: adam})
+    bare_spec, bare = _spec_and_state(parts, {1: Phase(("scores",), TwoStreams())}, {1: {"scores": adam["scores"]}})
     zero = _copy(vpns.prompt)
     assert set(bare.opt_state.inner_states) == {"scores"}  # no prompt optimiser state at all
     for _ in range(3):

@@ -7,6 +7,7 @@ import pytest
 
 from vpns_jax.core import prompts
 from vpns_jax.core.prompts import PromptSpec
+from vpns_jax.data import pipeline
 
 MEAN = np.array(prompts.IMAGENET_MEAN, np.float32)
 STD = np.array(prompts.IMAGENET_STD, np.float32)
@@ -337,10 +338,10 @@ def test_model_inputs_choose_between_prompt_and_plain_normalisation():
 def test_unit_pixels_is_totensor_scaling_bit_for_bit_and_normalize_refuses_integers():
     pixels = np.arange(256, dtype=np.uint8).reshape(4, 4, 4, 4)[..., :3]
     expected = pixels.astype(np.float32) / 255.0  # torchvision's ToTensor: a correctly rounded division
-    got = np.asarray(prompts.unit_pixels(jnp.asarray(pixels)))
+    got = np.asarray(pipeline.unit_pixels(jnp.asarray(pixels)))
     assert got.dtype == np.float32 and got.tobytes() == expected.tobytes()
     assert got[0, 0, 0, 0] == 0.0 and got.max() == np.float32(254 / 255)
     with pytest.raises(TypeError, match="uint8"):
-        prompts.unit_pixels(jnp.zeros((1, 2, 2, 3), jnp.float32))
+        pipeline.unit_pixels(jnp.zeros((1, 2, 2, 3), jnp.float32))
     with pytest.raises(TypeError, match="floats in \\[0, 1\\].*unit_pixels"):
         prompts.normalize(jnp.asarray(pixels))

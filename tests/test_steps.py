@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from vpns_jax.core import label_mapping, masking, optim, prompts, steps
+from vpns_jax.methods.vpns import VPNS_PHASES
 from vpns_jax.models import create_model, functional
 
 NUM_TARGET = 4
@@ -47,8 +48,8 @@ def setup():
     groups = {1: {"scores": optim.GroupOptimizer("adam", 0.05), "prompt": optim.GroupOptimizer("adam", 0.05)},
               2: {"weights": optim.GroupOptimizer("sgd", 0.05), "bn": optim.GroupOptimizer("sgd", 0.05),
                   "prompt": optim.GroupOptimizer("sgd", 0.05)}}
-    spec = steps.make_step_spec(model, spec_prompt, prompt_params=prompt, scores=scores, stage_groups=groups,
-                                epochs={1: 3, 2: 3}, iterations_per_epoch=10)
+    spec = steps.make_step_spec(model, spec_prompt, prompt_params=prompt, scores=scores, phases=VPNS_PHASES,
+                                stage_groups=groups, epochs={1: 3, 2: 3}, iterations_per_epoch=10)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(size=(BATCH, SIZE, SIZE, 3)), jnp.float32)
     labels = jnp.asarray(np.arange(BATCH) % NUM_TARGET, jnp.int32)

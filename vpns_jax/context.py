@@ -1,7 +1,7 @@
 """A run's fixed ingredients, built once: plan, data, model, source weights, scores, step spec; and unit states.
 
 ``RunContext`` is what the trainer (``vpns_jax.train``) loops with and what a
-method reads (the ``methods.RunContext`` protocol): states for a unit, the
+method reads (it implements ``methods.MethodContext``): states for a unit, the
 label mapping through given masks, a finished unit's saved arrays, training
 batches for a saliency, a transfer source's masks and prompt. Everything that
 can be checked without the workdir is checked in the constructor, so a bad
@@ -21,7 +21,7 @@ from flax import nnx, traverse_util
 
 from vpns_jax import config_checks, evaluation, methods, source_model
 from vpns_jax.core import masking, parallel, prompts, steps, structured
-from vpns_jax.data import run_data
+from vpns_jax.data import pipeline, run_data
 from vpns_jax.io import array_files, metrics, workdir
 from vpns_jax.models import create_model, functional
 
@@ -113,7 +113,7 @@ class RunContext:
             min_layer_density=config.mask.min_layer_density, nm_pattern=self.nm,
         )
 
-    # -- what methods read (methods.RunContext) ----------------------------------------------------------------
+    # -- what methods read (methods.MethodContext) -------------------------------------------------------------
 
     def ones_masks(self) -> Params:
         """All-ones masks shaped like the method's (host arrays)."""
@@ -153,7 +153,8 @@ class RunContext:
     def training_batches(self, count: int) -> list[dict]:
         """The first ``count`` full batches (no padding rows) of the label-mapping stream, on the mesh."""
         full = (b for b in self.data.mapping.epoch_batches() if (b["label"] >= 0).all())
-        return [parallel.global_batch(b, self.mesh) for b, _ in zip(full, range(count))]
+        return [parallel.global_batch(b, self.mesh, scale_pixels=pipeline.unit_pixels)
+                for b, _ in zip(full, range(count))]
 
     def transfer_arrays(self, density: float) -> tuple[Params, Params]:
         """(masks, prompt) that the run in ``config.transfer.masks_from`` saved for ``density`` (host arrays;

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from vpns_jax import cli
 from vpns_jax.core import label_mapping, masking, parallel, steps, structured
+from vpns_jax.data import pipeline
 from vpns_jax.models import macs
 
 Params = dict[Any, Any]
@@ -40,7 +41,8 @@ def label_mapped(spec: steps.StepSpec, state: steps.TrainState, stream, mesh: Me
     counts = sum(
         np.asarray(steps.source_prediction_counts(state, batch, spec=spec, num_target=num_target,
                                                   with_prompt=with_prompt))
-        for batch in parallel.prefetch_to_device(_stoppable(stream.epoch_batches()), mesh)
+        for batch in parallel.prefetch_to_device(_stoppable(stream.epoch_batches()), mesh,
+                                                scale_pixels=pipeline.unit_pixels)
     )
     mapping = label_mapping.frequency_label_mapping(counts)
     return state.replace(label_map=parallel.replicate(jnp.asarray(mapping), mesh))
@@ -50,7 +52,8 @@ def test_metrics(spec: steps.StepSpec, state: steps.TrainState, stream, mesh: Me
                  with_prompt: bool) -> dict[str, float]:
     """Test accuracy and mean loss of ``state`` over ``stream`` (through the masks in force)."""
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    for batch in parallel.prefetch_to_device(_stoppable(stream.epoch_batches()), mesh):
+    for batch in parallel.prefetch_to_device(_stoppable(stream.epoch_batches()), mesh,
+                                            scale_pixels=pipeline.unit_pixels):
         out = jax.device_get(steps.eval_step(state, batch, spec=spec, with_prompt=with_prompt))
         for key in totals:
             totals[key] += out[key].item()

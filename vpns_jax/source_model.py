@@ -141,7 +141,7 @@ def pretrain(
         check = health.FiniteCheck(config.on_nonfinite, hint="lower config.source.optimizer.lr",
                                    on_skip=lambda step: writer.write(step, {"skipped_batches": check.skipped},
                                                                      phase="source"))
-        batches = parallel.prefetch_to_device(stream, mesh)
+        batches = parallel.prefetch_to_device(stream, mesh, scale_pixels=pipeline.unit_pixels)
         for step in range(start, total):
             cli.raise_if_stopped()
             batch = next(batches)

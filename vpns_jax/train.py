@@ -1,15 +1,11 @@
 """The training loop of any method: for each unit of its plan, its stages, a test evaluation and its saved subnetwork.
 
-A unit is one trained network (``methods.Unit``): a density of VPNs, HYDRA,
-BiP or a prune-at-init baseline, each from the same state (source weights, the
-same initial scores, a zero prompt, the same seed); or OMP's and LTH's dense
-finetune and LTH's rounds, which read the previous unit's saved weights and
-masks. What a unit starts from comes from ``context.RunContext`` (and the
-method's plug-in); this module owns the loop: units, stages, the position,
-the checkpoint cadence and logging. Progress is checkpointed with its position
-(unit, stage, epoch, batch, global step, results so far); the data streams'
-positions are a function of (stage, epoch, batch), so rerunning the same
-command continues exactly where a killed run stopped.
+A unit (``methods.Unit``) starts from what ``context.RunContext`` and the
+method's plug-in give it; this module owns the loop: units, stages, the
+position, the checkpoint cadence and logging. Progress is checkpointed with its
+position (unit, stage, epoch, batch, global step, results so far), and the data
+streams' positions follow from it, so rerunning the same command continues
+exactly where a killed run stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +22,7 @@ import ml_collections
 from vpns_jax import cli, config_checks, evaluation, methods
 from vpns_jax.context import RunContext
 from vpns_jax.core import health, optim, parallel, steps
+from vpns_jax.data import pipeline
 from vpns_jax.io import checkpoint, disk, metrics, workdir, workdir_guard
 
 
@@ -226,7 +223,8 @@ class Run:
                                               stage=stage))
         # The next iterations' batches are on the devices while this one runs.
         iterations = parallel.prefetch_to_device((tuple(next(streams[name]) for name in reads)
-                                                  for _ in itertools.count()), self.mesh)
+                                                  for _ in itertools.count()), self.mesh,
+                                                 scale_pixels=pipeline.unit_pixels)
         while position.epoch < epochs:
             cli.raise_if_stopped()  # a stop lands here, between iterations, with every save before it complete
             batches = next(iterations)

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from vpns_jax.core import masking, optim, prompts, steps
+from vpns_jax.methods.vpns import VPNS_PHASES
 from vpns_jax.models import create_model, functional, layers
 
 SIZE = 16
@@ -96,8 +97,8 @@ def _spec_and_state(dtype):
     groups = {1: {"scores": optim.GroupOptimizer("adam", 0.01), "prompt": optim.GroupOptimizer("adam", 0.01)},
               2: {"weights": optim.GroupOptimizer("sgd", 0.01), "bn": optim.GroupOptimizer("sgd", 0.01),
                   "prompt": optim.GroupOptimizer("sgd", 0.01)}}
-    spec = steps.make_step_spec(model, prompt_spec, prompt_params=prompt, scores=scores, stage_groups=groups,
-                                epochs={1: 1, 2: 1}, iterations_per_epoch=4)
+    spec = steps.make_step_spec(model, prompt_spec, prompt_params=prompt, scores=scores, phases=VPNS_PHASES,
+                                stage_groups=groups, epochs={1: 1, 2: 1}, iterations_per_epoch=4)
     state = steps.init_state(spec, weights=weights, batch_stats=batch_stats, scores=scores, prompt=prompt,
                              density=DENSITY, label_map=jnp.arange(4), rng=jax.random.PRNGKey(0))
     return spec, state

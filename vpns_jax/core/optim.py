@@ -1,6 +1,6 @@
 """Stage-partitioned optimisers with the reference's torch semantics.
 
-Each stage trains some top-level state subtrees (``steps.Phase``); every trainable leaf is labelled weights, bn,
+Each stage trains some top-level state subtrees (``phases.Phase``); every trainable leaf is labelled weights, bn,
 scores or prompt, and one ``optax.partition`` per stage gives each label a torch-style optimiser: coupled weight
 decay before SGD/Adam (not AdamW) and a cosine schedule constant within an epoch.
 """

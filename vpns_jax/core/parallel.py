@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from vpns_jax.core import prompts
 
 DATA_AXIS = "data"
 
@@ -49,15 +47,23 @@ def check_global_batch_size(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a global batch -> global jax Arrays sharded over ``data``; uint8 pixels (the input
-    pipeline's) become float32 in [0, 1] on the device (``prompts.unit_pixels``)."""
+PixelScale = Callable[[jax.Array], jax.Array]  # uint8 pixels on the device -> the floats the steps read
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *,
+                 scale_pixels: PixelScale | None = None) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global jax Arrays sharded over ``data``; uint8 arrays (the input
+    pipeline's pixels) go through ``scale_pixels`` on the device (``data.pipeline.unit_pixels``: [0, 1])."""
+    pixels = [key for key, value in local.items() if value.dtype == np.uint8]
+    if pixels and scale_pixels is None:
+        raise TypeError(f"batch arrays {pixels} are uint8 pixels: pass scale_pixels (data.pipeline.unit_pixels)")
     sharding = batch_sharding(mesh)
     placed = {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local.items()}
-    return {key: prompts.unit_pixels(value) if value.dtype == np.uint8 else value for key, value in placed.items()}
+    return {key: scale_pixels(value) if key in pixels else value for key, value in placed.items()}
 
 
-def prefetch_to_device(local_batches: Iterator[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]:
+def prefetch_to_device(local_batches: Iterator[Any], mesh: Mesh, size: int = 2, *,
+                       scale_pixels: PixelScale | None = None) -> Iterator[Any]:
     """The global form (``global_batch`` of every batch in each item) of ``local_batches``, ``size`` items ahead:
     their host-to-device copies and pixel scaling are queued while the steps before them run."""
     ahead: collections.deque = collections.deque()
@@ -65,7 +71,8 @@ def prefetch_to_device(local_batches: Iterator[Any], mesh: Mesh, size: int = 2) 
 
     def enqueue(count: int) -> None:
         for item in itertools.islice(local_batches, count):
-            ahead.append(jax.tree.map(lambda b: global_batch(b, mesh), item, is_leaf=_is_batch))
+            ahead.append(jax.tree.map(lambda b: global_batch(b, mesh, scale_pixels=scale_pixels), item,
+                                      is_leaf=_is_batch))
 
     enqueue(size)
     while ahead:

@@ -152,25 +152,11 @@ def _clamp_unit_jvp(primals, tangents):
     return clamp_unit(x), jnp.where(inside, t, jnp.zeros_like(t))
 
 
-# ToTensor's x / 255 for every uint8 value, computed once by numpy's correctly rounded division. XLA turns a
-# division by a constant into a multiplication by its reciprocal, which differs in the last bit for some values.
-_UNIT_PIXELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
-
-
-@jax.jit
-def unit_pixels(pixels: jax.Array) -> jax.Array:
-    """uint8 pixels -> float32 in [0, 1], bit for bit ``ToTensor``'s scaling (the input pipeline's last step,
-    done on the device: a quarter of the bytes cross to it). Keeps the input's sharding."""
-    if pixels.dtype != jnp.uint8:
-        raise TypeError(f"unit_pixels scales uint8 pixels, got {pixels.dtype}")
-    return jnp.asarray(_UNIT_PIXELS)[pixels.astype(jnp.int32)]
-
-
 def normalize(images: jax.Array) -> jax.Array:
     """ImageNet per-channel normalisation (x - mean) / std over the last axis."""
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(f"images must be floats in [0, 1], got {images.dtype}: scale uint8 batches with "
-                        "prompts.unit_pixels (parallel.global_batch does)")
+                        "data.pipeline.unit_pixels (parallel.global_batch does, given it)")
     mean = jnp.asarray(IMAGENET_MEAN, dtype=images.dtype)
     std = jnp.asarray(IMAGENET_STD, dtype=images.dtype)
     return (images - mean) / std

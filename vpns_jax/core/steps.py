@@ -1,30 +1,17 @@
-"""Jitted training and evaluation steps of VPNs and the baselines, as pure functions of an explicit state.
+"""The jitted training and evaluation steps, as pure functions of an explicit ``TrainState``.
 
-A method is a few stages, each a ``Phase``: which state subtrees it trains and
-how one iteration feeds them. VPNs' iteration follows the authors' ``train()``
-(docs/method.md, sections 1 and 11), ``streams='two'``:
-  (a) the prompted clean batch: loss through the prompt, then one step of the
-      stage's model-side group (scores in stage 1, weights in stage 2) and of
-      the prompt;
-  (b) the un-prompted augmented batch: loss on normalised images, then one step
-      of the model-side group only; the prompt and its optimiser state are left
-      exactly as they were.
-The baselines' iterations (section 7) take one augmented batch (``'one'``).
-An iteration shape is an ``Iteration``: the data streams it reads and what it
-does with their batches; a method may bring its own (BiP's bilevel iteration
-lives in ``vpns_jax/methods/bip.py``). While a stage trains scores the mask is
-recomputed from them in every forward pass (the threshold after every score step); otherwise it
-is the fixed mask in the state, taken from the final scores by ``start_stage``
-or given by a one-shot method. The stage is a static argument: each stage
-compiles once, and densities, label maps and step counts are data, so they
-never retrace.
+A ``StepSpec`` holds everything static about a run (model, prompt, masks, one
+``phases.Phase`` and optimiser per stage). While a stage trains scores the masks
+are recomputed from them in every forward pass; otherwise they are the fixed
+masks in the state. The stage is a static argument: each stage compiles once,
+and densities, label maps and step counts are data, so they never retrace.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,143 +20,14 @@ import optax
 from flax import nnx, struct, traverse_util
 
 from vpns_jax.core import health, label_mapping, masking, nm, optim, prompts, structured
+from vpns_jax.core.phases import Phase
 from vpns_jax.models import functional
 
 Params = dict[Any, Any]
 # Fixed fold-in for the evaluation-time key, apart from the training keys (stage, step).
 EVAL_SEED = 0x7FFFFFFF
 Batch = dict[str, jax.Array]  # {'image': (B, H, W, 3) float in [0, 1], 'label': (B,) int}
-
-
-GRANULARITIES = ("weight", "channel")
-# The data streams an iteration can read: the clean view (VPNs' prompted batch), the augmented view, and a
-# second, independently shuffled augmented view (BiP's score batch).
-DATA_STREAMS = ("clean", "augmented", "second")
-
-
-class Iteration(Protocol):
-    """How one training iteration of a phase feeds its batches to the optimiser steps.
-
-    ``streams`` names the data streams it reads, one batch each, in order
-    (``DATA_STREAMS``). Called inside the jitted ``train_iteration`` with the
-    phase's state and batches; returns the new state and named metrics (every
-    ``loss*`` metric is checked for finiteness).
-    """
-
-    streams: tuple[str, ...]
-
-    def updates_per_iteration(self) -> dict[str, int]: ...
-
-    def check(self, phase: Phase) -> None: ...
-
-    def __call__(self, spec: StepSpec, state: TrainState, batches: tuple[Batch, ...], *, stage: int,
-                 key: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]: ...
-
-
-class OneStepPerBatch:
-    """A base for iterations: any phase, one optimiser step per label and batch (what the schedules count)."""
-
-    def updates_per_iteration(self) -> dict[str, int]:
-        return {label: 1 for label in optim.LABELS}
-
-    def check(self, phase: Phase) -> None:
-        del phase
-
-
-@dataclasses.dataclass(frozen=True)
-class TwoStreams(OneStepPerBatch):
-    """VPNs': the clean batch through the prompt (if the phase trains one), then the plain augmented batch."""
-
-    streams = ("clean", "augmented")
-
-    def updates_per_iteration(self) -> dict[str, int]:
-        return dict(optim.TWO_STREAM_UPDATES)  # the prompt steps on the first batch only
-
-    def __call__(self, spec, state, batches, *, stage, key):
-        key_a, key_b = jax.random.split(key)
-        prompted = "prompt" in spec.phases[stage].trains
-        state, loss_a, acc_a = sub_step(spec, state, batches[0], stage=stage, prompted=prompted, key=key_a)
-        state, loss_b, acc_b = sub_step(spec, state, batches[1], stage=stage, prompted=False, key=key_b)
-        return state, {"loss_prompted": loss_a, "accuracy_prompted": acc_a, "loss_plain": loss_b,
-                       "accuracy_plain": acc_b}
-
-
-@dataclasses.dataclass(frozen=True)
-class OneStream(OneStepPerBatch):
-    """The baselines': one plain augmented batch."""
-
-    streams = ("augmented",)
-
-    def __call__(self, spec, state, batches, *, stage, key):
-        key_a, _ = jax.random.split(key)
-        state, loss, accuracy = sub_step(spec, state, batches[0], stage=stage, prompted=False, key=key_a)
-        return state, {"loss_plain": loss, "accuracy_plain": accuracy}
-
-
-@dataclasses.dataclass(frozen=True)
-class CleanStream(OneStepPerBatch):
-    """VPNs' one-stream ablation: the clean batch alone, through the prompt if the phase trains one."""
-
-    streams = ("clean",)
-
-    def __call__(self, spec, state, batches, *, stage, key):
-        key_a, _ = jax.random.split(key)
-        prompted = "prompt" in spec.phases[stage].trains
-        state, loss, accuracy = sub_step(spec, state, batches[0], stage=stage, prompted=prompted, key=key_a)
-        name = "prompted" if prompted else "clean"
-        return state, {f"loss_{name}": loss, f"accuracy_{name}": accuracy}
-
-
-# The built-in iterations by name: Phase(trains, 'two') is Phase(trains, TwoStreams()).
-ITERATIONS: dict[str, Iteration] = {"two": TwoStreams(), "one": OneStream(), "clean": CleanStream()}
-STREAMS = tuple(ITERATIONS)
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One training stage: the state subtrees it updates and how an iteration feeds them.
-
-    ``streams``: an ``Iteration``, or the name of a built-in one: 'two' =
-    VPNs' prompted clean batch then plain augmented batch (the prompt, if
-    trained, steps only on the first); 'one' = one plain augmented batch;
-    'clean' = the clean batch alone, through the prompt if the phase trains one
-    (VPNs' one-stream ablation). ``bn_l1`` adds an L1 penalty on BatchNorm
-    scales (Network Slimming's sparsity training).
-    """
-
-    trains: tuple[str, ...]
-    streams: str | Iteration = "two"
-    bn_l1: float = 0.0
-
-    def __post_init__(self):
-        if isinstance(self.streams, str) and self.streams not in ITERATIONS:
-            raise ValueError(f"streams {self.streams!r} is unknown: use one of {STREAMS} or an Iteration")
-        unknown = set(self.trains) - {"weights", "scores", "prompt"}
-        if unknown or not self.trains:
-            raise ValueError(f"a phase trains some of weights, scores, prompt; got {self.trains!r}")
-        unknown = set(self.iteration.streams) - set(DATA_STREAMS)
-        if unknown:
-            raise ValueError(f"an iteration reads some of the streams {DATA_STREAMS}; got {self.iteration.streams!r}")
-        self.iteration.check(self)
-
-    @property
-    def iteration(self) -> Iteration:
-        """The iteration ``streams`` names."""
-        return ITERATIONS[self.streams] if isinstance(self.streams, str) else self.streams
-
-    @property
-    def num_batches(self) -> int:
-        """Batches one iteration takes."""
-        return len(self.iteration.streams)
-
-    @property
-    def updates_per_iteration(self) -> dict[str, int]:
-        """Optimiser steps each label takes per iteration (for the per-epoch schedules)."""
-        return self.iteration.updates_per_iteration()
-
-
-# VPNs (docs/method.md, section 1): masks and prompt with frozen weights, then weights and prompt.
-VPNS_PHASES = {1: Phase(("scores", "prompt")), 2: Phase(("weights", "prompt"))}
+GRANULARITIES = ("weight", "channel")  # 'weight': one score per kernel entry; 'channel': one per conv output channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +60,7 @@ class StepSpec:
     threshold_scope: str = "global"
     optimizers: dict[int, optax.GradientTransformation] = dataclasses.field(default_factory=dict)
     labels: dict[int, Params] = dataclasses.field(default_factory=dict)  # optimiser labels per stage
-    phases: dict[int, Phase] = dataclasses.field(default_factory=lambda: dict(VPNS_PHASES))
+    phases: dict[int, Phase] = dataclasses.field(default_factory=dict)
     granularity: str = "weight"  # 'weight': one score per kernel entry; 'channel': one per conv output channel
     channel_groups: tuple = ()  # structured.ChannelGroup per scored conv ('channel' only)
     channel_max: float = 1.0  # the cap on a capped channel group's pruned fraction ('channel' only)
@@ -243,18 +101,18 @@ def make_step_spec(
     *,
     prompt_params: Params,
     scores: Params,
+    phases: dict[int, Phase],
     stage_groups: dict[int, dict[str, optim.GroupOptimizer]],
     epochs: dict[int, int],
     iterations_per_epoch: int,
     threshold_scope: str = "global",
-    phases: dict[int, Phase] | None = None,
     granularity: str = "weight",
     channel_groups: tuple = (),
     channel_max: float = 1.0,
     min_layer_density: float = 0.0,
     nm_pattern: tuple[int, int] | None = None,
 ) -> StepSpec:
-    """Builds the spec: labels and one partitioned optimiser per stage of ``phases`` (default VPNs').
+    """Builds the spec: labels and one partitioned optimiser per stage of ``phases``.
 
     ``min_layer_density``: every layer (channel group) of a mask from scores keeps at least this share.
     ``nm_pattern`` (N, M): masks from scores keep the N largest |s| of every M along each kernel's input
@@ -270,7 +128,7 @@ def make_step_spec(
         raise ValueError(f"threshold scope {threshold_scope!r} is unknown: use one of {masking.THRESHOLD_SCOPES}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"mask granularity {granularity!r} is unknown: use one of {GRANULARITIES}")
-    phases = dict(VPNS_PHASES if phases is None else phases)
+    phases = dict(phases)
     graphdef, weights, _ = functional.split_model(model)
     kinds = functional.leaf_kinds(model)
     subtrees = {"weights": weights, "scores": scores, "prompt": prompt_params}
@@ -477,8 +335,6 @@ def train_iteration(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One iteration of ``stage``: its phase's ``Iteration`` on one batch of each of the streams it reads.
 
-    'two': (prompted clean batch, plain augmented batch); 'one': (augmented
-    batch,); 'clean': (clean batch,).
     ``state`` is donated: its buffers are reused for the result, so keep no
     other reference to them.
     An iteration whose losses or updated parameters are not all finite leaves

@@ -2,7 +2,8 @@
 
 Batch ``b`` of epoch ``e`` of a ``BatchStream`` is a pure function of (seed, stream, e, b), so a position is two
 integers and a restart sees exactly the batches an uninterrupted run would, whatever the number of processes, loader
-threads or worker processes. Batches hold uint8 pixels, scaled on the device (docs/data.md, "Transforms and streams").
+threads or worker processes. Batches hold uint8 pixels, scaled to [0, 1] on the device by ``unit_pixels`` (which the
+trainer hands to ``parallel.global_batch``), bit for bit (docs/data.md, "Transforms and streams").
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -213,7 +215,7 @@ class BatchStream:
 
     def load(self, epoch: int, batch: int) -> dict[str, np.ndarray]:
         """This process's batch at a position: {'image': (b, S, S, 3) uint8, 'label': (b,) int32}; the pixels are
-        ``ToTensor``'s input, scaled to [0, 1] on the device by ``parallel.global_batch``."""
+        ``ToTensor``'s input, scaled to [0, 1] on the device by ``unit_pixels``."""
         return self._start(epoch, batch).result()
 
     def _position_after(self, epoch: int, batch: int) -> tuple[int, int]:
@@ -277,3 +279,17 @@ def eval_stream(source: Sequence[dict[str, Any]], *, global_batch_size: int, ima
     """The test split in order, clean view, last batch padded with label -1."""
     return BatchStream(source, global_batch_size=global_batch_size, image_size=image_size, view="clean",
                        seed=0, training=False, **kwargs)
+
+
+# ToTensor's x / 255 for every uint8 value, computed once by numpy's correctly rounded division. XLA turns a
+# division by a constant into a multiplication by its reciprocal, which differs in the last bit for some values.
+_UNIT_PIXELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
+@jax.jit
+def unit_pixels(pixels: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 in [0, 1], bit for bit ``ToTensor``'s scaling (the input pipeline's last step,
+    done on the device: a quarter of the bytes cross to it). Keeps the input's sharding."""
+    if pixels.dtype != jnp.uint8:
+        raise TypeError(f"unit_pixels scales uint8 pixels, got {pixels.dtype}")
+    return jnp.asarray(_UNIT_PIXELS)[pixels.astype(jnp.int32)]

@@ -19,7 +19,7 @@ OFFLINE_PREPARABLE = ("fashion_mnist", "digits")
 class RunData:
     """A run's data streams and what it needs to know about its target classes."""
 
-    streams: dict[str, pipeline.BatchStream]  # training streams by name (steps.DATA_STREAMS)
+    streams: dict[str, pipeline.BatchStream]  # training streams by name (methods.iterations.DATA_STREAMS)
     mapping: pipeline.BatchStream  # augmented training batches, every example once: label mapping, saliencies
     test: pipeline.BatchStream
     num_target: int

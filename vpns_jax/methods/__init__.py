@@ -9,8 +9,8 @@ A method is a ``base.Method``; ``register`` adds a new one (see
 ``experiments/custom_method.py`` and docs/methods.md).
 """
 
-from vpns_jax.methods.base import (STAGE2, LearnedScores, Method, Plan, RunContext, Section, Unit, finetune_phase,
-                                   finetune_plan, optimizer, weights_groups)
+from vpns_jax.methods.base import (STAGE2, LearnedScores, Method, MethodContext, Plan, Section, Unit,
+                                   finetune_phase, finetune_plan, optimizer, weights_groups)
 from vpns_jax.methods.bip import BiP
 from vpns_jax.methods.finetune import Dense, MaskThenFinetune
 from vpns_jax.methods.hydra import Hydra
@@ -39,8 +39,8 @@ for _method in (
 ):
     register(_method, builtin=True)
 
-__all__ = ["STAGE2", "BiP", "Dense", "GraSP", "Hydra", "LTH", "LearnedScores", "MaskThenFinetune", "Method", "OMP",
-           "Plan", "Random", "RunContext", "SNIP", "Section", "Slim", "SynFlow", "Unit", "VPNs", "add_sections",
-           "check_config", "check_pattern", "finetune_phase", "finetune_plan", "get_method", "initial_scores",
-           "lth_densities", "make_plan", "names", "nm_methods", "optimizer", "register", "sections", "unit_start",
-           "weights_groups"]
+__all__ = ["STAGE2", "BiP", "Dense", "GraSP", "Hydra", "LTH", "LearnedScores", "MaskThenFinetune", "Method",
+           "MethodContext", "OMP", "Plan", "Random", "SNIP", "Section", "Slim", "SynFlow", "Unit", "VPNs",
+           "add_sections", "check_config", "check_pattern", "finetune_phase", "finetune_plan", "get_method",
+           "initial_scores", "lth_densities", "make_plan", "names", "nm_methods", "optimizer", "register", "sections",
+           "unit_start", "weights_groups"]

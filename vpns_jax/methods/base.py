@@ -1,20 +1,10 @@
 """What a pruning method is: its config sections, its plan (stages, phases, optimisers, units) and its masks.
 
-A ``Method`` declares, in one class, everything the trainer, the config checks
-and the sweep need to know about it:
-
-* ``sections``: the config sections it reads, each a ``Section`` with its
-  defaults and checks (``configs/base.py`` adds every built-in method's);
-* ``plan(config)``: its stages as ``steps.Phase`` (trained subtrees and the
-  iteration that feeds them), one optimiser per trained group, the epochs, and
-  the units (trained networks) of a run;
-* ``initial_scores(run)`` and ``unit_masks(run, unit, index)``: where its masks
-  come from (learned scores, a one-shot function, a previous unit);
-* ``transfer_plan(config)``: its finetune when the masks come from another run.
-
-The trainer calls these and never branches on a method's name. Stages, by
-number: 0 dense (all-ones masks), 1 mask finding, 2 finetune with the masks
-fixed (docs/method.md, sections 1 and 7).
+A ``Method`` declares everything the trainer, the config checks and the sweep
+need: its ``sections``, its ``plan(config)``, where its masks come from
+(``initial_scores``, ``unit_masks``) and its ``transfer_plan``. The trainer
+calls these and never branches on a method's name. Stages by number: 0 dense,
+1 mask finding, 2 finetune with the masks fixed (docs/method.md, sections 1 and 7).
 """
 
 from __future__ import annotations
@@ -28,6 +18,8 @@ import ml_collections
 
 from vpns_jax.config_fields import check_int_at_least, check_optimizer, group_optimizer, mask_pattern
 from vpns_jax.core import masking, optim, steps, structured
+from vpns_jax.core.phases import Phase
+from vpns_jax.methods.iterations import DATA_STREAMS, OneStream, TwoStreams
 
 Params = dict[Any, Any]
 
@@ -47,10 +39,16 @@ class Plan:
     """Stages (phases, optimiser groups, epochs) and units of one run."""
 
     method: Method
-    phases: dict[int, steps.Phase]
+    phases: dict[int, Phase]
     groups: dict[int, dict[str, optim.GroupOptimizer]]
     epochs: dict[int, int]
     units: tuple[Unit, ...]
+
+    def __post_init__(self):
+        for stage, phase in self.phases.items():
+            if set(phase.iteration.streams) - set(DATA_STREAMS):
+                raise ValueError(f"stage {stage}'s iteration reads {phase.iteration.streams!r}: a run offers the "
+                                 f"streams {DATA_STREAMS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +103,12 @@ def weights_groups(config: Any, prompt: bool) -> dict[str, optim.GroupOptimizer]
     return groups
 
 
-def finetune_phase(prompt: bool) -> steps.Phase:
+def finetune_phase(prompt: bool) -> Phase:
     """A finetune with the masks fixed: weights and prompt on VPNs' two streams, or weights on one stream."""
-    return steps.Phase(("weights", "prompt"), "two") if prompt else steps.Phase(("weights",), "one")
+    return Phase(("weights", "prompt"), TwoStreams()) if prompt else Phase(("weights",), OneStream())
 
 
-class RunContext(Protocol):
+class MethodContext(Protocol):
     """What a method may read from the run it belongs to (``vpns_jax.context.RunContext`` implements it)."""
 
     config: Any
@@ -157,12 +155,12 @@ class Method:
         """The stages and units of a run of this method under ``config``."""
         raise NotImplementedError(f"method {self.name!r} has no plan")
 
-    def initial_scores(self, run: RunContext) -> Params:
+    def initial_scores(self, run: MethodContext) -> Params:
         """The scores every unit starts from; {} for a method that learns none."""
         del run
         return {}
 
-    def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params | None:
+    def unit_masks(self, run: MethodContext, unit: Unit, index: int) -> Params | None:
         """The fixed masks of unit ``index`` (None: derived from the scores). By default all-ones."""
         del unit, index
         return run.ones_masks()
@@ -181,13 +179,13 @@ class LearnedScores(Method):
 
     floor_granularities = ("weight", "channel")
 
-    def initial_scores(self, run: RunContext) -> Params:
+    def initial_scores(self, run: MethodContext) -> Params:
         """HYDRA-style scores from the source weights, or one score per channel (seeded) for channel masks."""
         if mask_pattern(run.config)[0] == "channel":
             return structured.init_channel_scores(run.channel_groups, jax.random.PRNGKey(run.config.seed))
         return masking.init_scores(run.source[0], run.kinds)
 
-    def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params | None:
+    def unit_masks(self, run: MethodContext, unit: Unit, index: int) -> Params | None:
         """None while the unit's first stage trains scores; all-ones for a dense warm-up before them."""
         del index
         return None if "scores" in run.spec.phases[unit.stages[0]].trains else run.ones_masks()

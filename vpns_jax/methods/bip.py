@@ -16,19 +16,20 @@ from flax import traverse_util
 
 from vpns_jax.config_fields import ConfigError, get, group_optimizer, is_real
 from vpns_jax.core import steps
+from vpns_jax.core.phases import OneStepPerBatch, Phase
 from vpns_jax.methods.base import STAGE2, LearnedScores, Plan, Section, Unit, finetune_plan, optimizer, weights_groups
 from vpns_jax.methods.finetune import FINETUNE
 
 
 @dataclasses.dataclass(frozen=True)
-class Bilevel(steps.OneStepPerBatch):
-    """BiP's iteration (a ``steps.Iteration``): weight batch, then score batch; ``lr`` is the implicit-gradient
+class Bilevel(OneStepPerBatch):
+    """BiP's iteration (a ``phases.Iteration``): weight batch, then score batch; ``lr`` is the implicit-gradient
     coefficient ('bil_lr')."""
 
     lr: float = 1e-4
     streams = ("augmented", "second")
 
-    def check(self, phase: steps.Phase) -> None:
+    def check(self, phase: Phase) -> None:
         if set(phase.trains) != {"weights", "scores"}:
             raise ValueError("a bilevel phase trains exactly weights and scores")
 
@@ -72,7 +73,7 @@ class BiP(LearnedScores):
     sections = (BIP, STAGE2, FINETUNE)
 
     def plan(self, config: Any) -> Plan:
-        phases = {1: steps.Phase(("weights", "scores"), Bilevel(float(config.bip.bilevel_lr)))}
+        phases = {1: Phase(("weights", "scores"), Bilevel(float(config.bip.bilevel_lr)))}
         groups = {1: {**weights_groups(config, False), "scores": group_optimizer(config.bip.scores)}}
         return Plan(self, phases, groups, {1: config.bip.epochs},
                     tuple(Unit(float(d), (1,)) for d in config.densities))

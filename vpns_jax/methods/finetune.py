@@ -14,8 +14,9 @@ from typing import Any
 import ml_collections
 
 from vpns_jax.config_fields import check_fraction
-from vpns_jax.core import steps
+from vpns_jax.core.phases import Phase
 from vpns_jax.methods.base import STAGE2, Method, Plan, Section, Unit, finetune_phase, weights_groups
+from vpns_jax.methods.iterations import OneStream
 
 
 def _defaults() -> ml_collections.ConfigDict:
@@ -51,7 +52,7 @@ class MaskThenFinetune(Method):
         epochs = {2: config.finetune.epochs}
         units = self.units(config)
         if self.dense_unit:
-            phases[0] = steps.Phase(("weights",), "one")
+            phases[0] = Phase(("weights",), OneStream())
             groups[0] = weights_groups(config, False)
             epochs[0] = config.finetune.dense_epochs
             units = (self.dense(),) + units

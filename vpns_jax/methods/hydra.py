@@ -11,9 +11,10 @@ from typing import Any
 import ml_collections
 
 from vpns_jax.config_fields import group_optimizer
-from vpns_jax.core import steps
+from vpns_jax.core.phases import Phase
 from vpns_jax.methods.base import STAGE2, LearnedScores, Plan, Section, Unit, finetune_plan, optimizer, weights_groups
 from vpns_jax.methods.finetune import FINETUNE
+from vpns_jax.methods.iterations import OneStream
 
 
 def _defaults() -> ml_collections.ConfigDict:
@@ -30,7 +31,7 @@ class Hydra(LearnedScores):
     sections = (HYDRA, STAGE2, FINETUNE)
 
     def plan(self, config: Any) -> Plan:
-        phases = {1: steps.Phase(("scores",), "one"), 2: steps.Phase(("weights",), "one")}
+        phases = {1: Phase(("scores",), OneStream()), 2: Phase(("weights",), OneStream())}
         groups = {1: {"scores": group_optimizer(config.hydra.scores)}, 2: weights_groups(config, False)}
         epochs = {1: config.hydra.prune_epochs, 2: config.hydra.finetune_epochs}
         return Plan(self, phases, groups, epochs, tuple(Unit(float(d), (1, 2)) for d in config.densities))

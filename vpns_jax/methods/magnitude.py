@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from vpns_jax.core import saliency, selection
-from vpns_jax.methods.base import Params, Plan, RunContext, Unit, finetune_plan
+from vpns_jax.methods.base import Params, Plan, MethodContext, Unit, finetune_plan
 from vpns_jax.methods.finetune import MaskThenFinetune
 
 
@@ -26,7 +26,7 @@ class OMP(MaskThenFinetune):
     dense_unit = True
     supports_nm = True
 
-    def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params:
+    def unit_masks(self, run: MethodContext, unit: Unit, index: int) -> Params:
         if unit.dense:
             return run.ones_masks()
         trained, _ = run.finished_unit(0)
@@ -50,7 +50,7 @@ class LTH(MaskThenFinetune):
     def dense(self) -> Unit:
         return Unit(1.0, (0,), round=0, dense=True)
 
-    def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params:
+    def unit_masks(self, run: MethodContext, unit: Unit, index: int) -> Params:
         if unit.dense:
             return run.ones_masks()
         trained, masks = run.finished_unit(index - 1)

@@ -14,7 +14,7 @@ import ml_collections
 
 from vpns_jax.config_fields import ConfigError, check_int_at_least, get, is_real
 from vpns_jax.core import label_mapping, prompts, saliency, selection
-from vpns_jax.methods.base import STAGE2, Params, RunContext, Section, Unit
+from vpns_jax.methods.base import STAGE2, Params, MethodContext, Section, Unit
 from vpns_jax.methods.finetune import FINETUNE, MaskThenFinetune
 from vpns_jax.models import functional
 
@@ -39,7 +39,7 @@ ONESHOT = Section("oneshot", _defaults, check=_check)
 
 
 class Random(MaskThenFinetune):
-    def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params:
+    def unit_masks(self, run: MethodContext, unit: Unit, index: int) -> Params:
         key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), index)
         importance = saliency.random_importance(run.source[0], key, kinds=run.kinds)
         return selection.keep_largest(importance, selection.keep_counts(importance, unit.density, "layer"), "layer",
@@ -49,7 +49,7 @@ class Random(MaskThenFinetune):
 class SynFlow(MaskThenFinetune):
     sections = (FINETUNE, STAGE2, ONESHOT)
 
-    def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params:
+    def unit_masks(self, run: MethodContext, unit: Unit, index: int) -> Params:
         graphdef = run.spec.graphdef
         apply_fn = lambda w, stats, x: functional.apply_model(graphdef, w, stats, x, train=False)[0]  # noqa: E731
         size = run.config.prompt.input_size
@@ -64,10 +64,10 @@ class _LossSaliency(MaskThenFinetune):
 
     sections = (FINETUNE, STAGE2, ONESHOT)
 
-    def importance(self, run: RunContext, loss_fn, weights: Params, batches: list) -> Params:
+    def importance(self, run: MethodContext, loss_fn, weights: Params, batches: list) -> Params:
         raise NotImplementedError
 
-    def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params:
+    def unit_masks(self, run: MethodContext, unit: Unit, index: int) -> Params:
         weights, batch_stats = run.source
         label_map = run.mapped_state(unit, masks=run.ones_masks()).label_map
         graphdef = run.spec.graphdef
@@ -83,11 +83,11 @@ class _LossSaliency(MaskThenFinetune):
 
 
 class SNIP(_LossSaliency):
-    def importance(self, run: RunContext, loss_fn, weights: Params, batches: list) -> Params:
+    def importance(self, run: MethodContext, loss_fn, weights: Params, batches: list) -> Params:
         return saliency.snip_importance(loss_fn, weights, run.kinds, batches)
 
 
 class GraSP(_LossSaliency):
-    def importance(self, run: RunContext, loss_fn, weights: Params, batches: list) -> Params:
+    def importance(self, run: MethodContext, loss_fn, weights: Params, batches: list) -> Params:
         return saliency.grasp_importance(loss_fn, weights, run.kinds, batches,
                                          temperature=run.config.oneshot.grasp_temperature)

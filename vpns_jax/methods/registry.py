@@ -15,7 +15,7 @@ import ml_collections
 
 from vpns_jax.config_fields import ConfigError, mask_pattern
 from vpns_jax.methods import transfer
-from vpns_jax.methods.base import Method, Params, Plan, RunContext, Section, Unit
+from vpns_jax.methods.base import Method, Params, Plan, MethodContext, Section, Unit
 
 _METHODS: dict[str, Method] = {}
 _BUILTIN: set[str] = set()
@@ -117,12 +117,12 @@ def make_plan(config: Any) -> Plan:
     return plan
 
 
-def initial_scores(plan: Plan, run: RunContext) -> Params:
+def initial_scores(plan: Plan, run: MethodContext) -> Params:
     """The scores every unit of ``plan`` starts from ({} when the masks are transferred)."""
     return {} if run.config.transfer.masks_from else plan.method.initial_scores(run)
 
 
-def unit_start(plan: Plan, run: RunContext, unit: Unit, index: int) -> tuple[Params | None, Params | None]:
+def unit_start(plan: Plan, run: MethodContext, unit: Unit, index: int) -> tuple[Params | None, Params | None]:
     """(masks, prompt) a unit starts from: transferred, or the method's (masks None: from the scores; prompt
     None: a zero prompt)."""
     if run.config.transfer.masks_from:

@@ -12,8 +12,10 @@ import jax
 import ml_collections
 
 from vpns_jax.config_fields import ConfigError, get, is_real
-from vpns_jax.core import steps, structured
-from vpns_jax.methods.base import STAGE2, Method, Params, Plan, RunContext, Section, Unit, weights_groups
+from vpns_jax.core import structured
+from vpns_jax.core.phases import Phase
+from vpns_jax.methods.base import STAGE2, Method, MethodContext, Params, Plan, Section, Unit, weights_groups
+from vpns_jax.methods.iterations import OneStream
 from vpns_jax.methods.vpns import STRUCTURED
 
 
@@ -40,14 +42,14 @@ class Slim(Method):
     sections = (SLIM, STRUCTURED, STAGE2)
 
     def plan(self, config: Any) -> Plan:
-        phases = {0: steps.Phase(("weights",), "one", bn_l1=float(config.slim.l1)),
-                  2: steps.Phase(("weights",), "one")}
+        phases = {0: Phase(("weights",), OneStream(), bn_l1=float(config.slim.l1)),
+                  2: Phase(("weights",), OneStream())}
         groups = {0: weights_groups(config, False), 2: weights_groups(config, False)}
         epochs = {0: config.slim.epochs, 2: config.structured.finetune_epochs}
         units = (Unit(1.0, (0,), dense=True),) + tuple(Unit(float(d), (2,)) for d in config.densities)
         return Plan(self, phases, groups, epochs, units)
 
-    def unit_masks(self, run: RunContext, unit: Unit, index: int) -> Params:
+    def unit_masks(self, run: MethodContext, unit: Unit, index: int) -> Params:
         if unit.dense:
             return run.ones_masks()
         trained, _ = run.finished_unit(0)

@@ -1,7 +1,7 @@
 """Subnetwork transfer: each density's masks (and prompt) from a finished run, only finetuned here.
 
 The source run is another dataset's run of the same model (``config.transfer.masks_from``); the run context
-reads what it left for a density (``RunContext.transfer_arrays``) and this module checks that it fits. A
+reads what it left for a density (``MethodContext.transfer_arrays``) and this module checks that it fits. A
 method says how it finetunes transferred masks (``Method.transfer_plan``).
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import jax
 
 from vpns_jax.config_fields import ConfigError
-from vpns_jax.methods.base import Params, RunContext
+from vpns_jax.methods.base import Params, MethodContext
 
 
-def transferred(run: RunContext, density: float) -> tuple[Params, Params | None]:
+def transferred(run: MethodContext, density: float) -> tuple[Params, Params | None]:
     """Masks and prompt of ``density`` from the source run (prompt None when its geometry differs: only the
     mask transfers then)."""
     masks, prompt = run.transfer_arrays(density)

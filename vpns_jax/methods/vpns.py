@@ -14,12 +14,15 @@ from typing import Any
 import ml_collections
 
 from vpns_jax.config_fields import ConfigError, check_fraction, group_optimizer, mask_pattern
-from vpns_jax.core import steps
+from vpns_jax.core.phases import Phase
 from vpns_jax.methods.base import (STAGE2, LearnedScores, Plan, Section, Unit, finetune_plan, optimizer,
                                    weights_groups)
+from vpns_jax.methods.iterations import CleanStream, OneStream, TwoStreams
 
-# config.vpns.streams -> the phases' iterations: both batches, the (prompted) clean batch alone, the plain one alone.
-VPNS_STREAMS = {"two": "two", "prompted": "clean", "plain": "one"}
+# The paper's VPNs (docs/method.md, section 1): masks and prompt with frozen weights, then weights and prompt.
+VPNS_PHASES = {1: Phase(("scores", "prompt"), TwoStreams()), 2: Phase(("weights", "prompt"), TwoStreams())}
+# config.vpns.streams -> the phases' iteration: both batches, the (prompted) clean batch alone, the plain one alone.
+VPNS_STREAMS = {"two": TwoStreams(), "prompted": CleanStream(), "plain": OneStream()}
 DEFAULT_ABLATION = ((1, 2), "two")  # config.vpns of the paper's VPNs
 
 
@@ -97,8 +100,7 @@ class VPNs(LearnedScores):
         if mask_pattern(config)[0] == "channel":
             return self._channel_plan(config)
         prompt_stages, streams = ablation(config)
-        phases = {stage: steps.Phase((trained,) + (("prompt",) if stage in prompt_stages else ()),
-                                     VPNS_STREAMS[streams])
+        phases = {stage: Phase((trained,) + (("prompt",) if stage in prompt_stages else ()), VPNS_STREAMS[streams])
                   for stage, trained in ((1, "scores"), (2, "weights"))}
         groups = {1: {"scores": group_optimizer(config.stage1.scores)}, 2: weights_groups(config, 2 in prompt_stages)}
         if 1 in prompt_stages:
@@ -109,8 +111,8 @@ class VPNs(LearnedScores):
     def _channel_plan(self, config: Any) -> Plan:
         """Structured VPNs: warm-up (weights, prompt), channel scores and prompt, finetune (weights, prompt)."""
         cfg = config.structured
-        phases = {0: steps.Phase(("weights", "prompt")), 1: steps.Phase(("scores", "prompt")),
-                  2: steps.Phase(("weights", "prompt"))}
+        phases = {0: Phase(("weights", "prompt"), TwoStreams()), 1: Phase(("scores", "prompt"), TwoStreams()),
+                  2: Phase(("weights", "prompt"), TwoStreams())}
         groups = {0: weights_groups(config, True),
                   1: {"scores": group_optimizer(cfg.scores), "prompt": group_optimizer(cfg.prompt)},
                   2: weights_groups(config, True)}
