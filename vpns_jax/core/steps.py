@@ -62,7 +62,7 @@ class StepSpec:
     labels: dict[int, Params] = dataclasses.field(default_factory=dict)  # optimiser labels per stage
     phases: dict[int, Phase] = dataclasses.field(default_factory=dict)
     granularity: str = "weight"  # 'weight': one score per kernel entry; 'channel': one per conv output channel
-    channel_groups: tuple = ()  # structured.ChannelGroup per scored conv ('channel' only)
+    channel_groups: tuple = ()  # models.channels.ChannelGroup per scored conv ('channel' only)
     channel_max: float = 1.0  # the cap on a capped channel group's pruned fraction ('channel' only)
     min_layer_density: float = 0.0  # the layer floor of masks from scores (masking's module docstring); 0 = none
     nm: tuple[int, int] | None = None  # (N, M): masks from scores keep N of every M (vpns_jax.core.nm); None = off

@@ -113,7 +113,7 @@ class MethodContext(Protocol):
 
     config: Any
     kinds: Params  # functional.leaf_kinds of the model
-    channel_groups: tuple  # structured.ChannelGroup per scored conv ('channel' granularity)
+    channel_groups: tuple  # models.channels.ChannelGroup per scored conv ('channel' granularity)
     source: tuple[Params, Params]  # the pretrained weights and BatchNorm statistics every unit starts from
     zero_prompt: Params  # the prompt every unit starts from
     spec: steps.StepSpec
@@ -143,7 +143,7 @@ class Method:
     # Granularities whose masks honour config.mask.min_layer_density: weight masks chosen by
     # selection.keep_largest or from scores; channel masks only from scores (steps.masks_from_scores).
     floor_granularities: tuple[str, ...] = ("weight",)
-    # Whether it makes N:M masks (config.mask.pattern='N:M'): from scores through steps.masks_from_scores, or
+    # Whether it makes N:M masks (config.mask.granularity='N:M'): from scores through steps.masks_from_scores, or
     # one-shot by reading run.spec.nm in its unit_masks.
     supports_nm: bool = False
     sections: tuple[Section, ...] = (STAGE2,)

@@ -1,7 +1,7 @@
 """Magnitude pruning of finetuned weights: OMP (one shot) and LTH / IMP (iterative, rewinding), with "+ VP" variants.
 
 Both first finetune the dense network (a dense unit); OMP then keeps the largest
-|W| at each density (with ``mask.pattern`` N:M, the N largest of every group of
+|W| at each density (with ``mask.granularity`` N:M, the N largest of every group of
 M: docs/method.md, section 4.6), LTH prunes ``finetune.lth_fraction`` of what the previous
 round kept, down past the smallest density (docs/method.md, section 7.2). Every
 masked unit rewinds to the source weights and finetunes.
