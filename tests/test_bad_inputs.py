@@ -20,8 +20,8 @@ from flax import nnx
 from PIL import Image
 from safetensors.numpy import save_file
 
-from tests import test_export
-from tests.data.test_builders import TRUNCATED, make_fashion, make_tiny_imagenet, truncate, zip_tree
+from tests import helpers
+from tests.helpers import TRUNCATED, make_fashion, make_tiny_imagenet, truncate, zip_tree
 from vpns_jax import config_checks, main, predict
 from vpns_jax.core import masking
 from vpns_jax.io import checkpoint, export
@@ -333,11 +333,11 @@ def source(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def subnetwork(tmp_path_factory) -> pathlib.Path:
     """A tiny exported subnetwork (random weights), for predict's cases."""
-    _, weights, batch_stats, scores, prompt = test_export.random_model("cifar")
+    _, weights, batch_stats, scores, prompt = helpers.random_model("cifar")
     masks = masking.masks_from_scores(scores, jnp.asarray(masking.prune_counts(scores, 0.5)))
     path = tmp_path_factory.mktemp("subnetwork") / "subnetwork.npz"
-    export.export_subnetwork(path, model_name="resnet18", num_classes=10, width=test_export.WIDTH, stem="cifar",
-                             weights=weights, batch_stats=batch_stats, masks=masks, prompt_spec=test_export.SPEC,
+    export.export_subnetwork(path, model_name="resnet18", num_classes=10, width=helpers.WIDTH, stem="cifar",
+                             weights=weights, batch_stats=batch_stats, masks=masks, prompt_spec=helpers.SPEC,
                              prompt=prompt, label_map=[0, 1, 2, 3], eval_with_prompt=True)
     return path
 

@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from experiments import custom_method
-from tests.test_baselines import source  # noqa: F401 - the module's random-init source model fixture
 from vpns_jax import config_checks, main, methods
 from vpns_jax.io import checkpoint, workdir
 from vpns_jax.methods import oneshot

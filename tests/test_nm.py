@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from tests.test_baselines import tiny_config, write_source
-from tests.test_configs import _set, load
+from tests.helpers import load_config, set_fields, tiny_config, write_source
 from vpns_jax import config_checks, train
 from vpns_jax.config_checks import ConfigError
 from vpns_jax.core import nm, steps
@@ -183,7 +182,7 @@ def test_one_shot_keep_nm_is_the_per_group_top_n_of_the_magnitudes():
 
 
 def _config(**updates):
-    return _set(load("default.py"), {path.replace("__", "."): value for path, value in updates.items()})
+    return set_fields(load_config("default.py"), {path.replace("__", "."): value for path, value in updates.items()})
 
 
 NM = {"mask__pattern": "2:4", "densities": (0.5,)}
@@ -246,7 +245,7 @@ def test_the_pattern_field_leaves_existing_fingerprints_alone():
 
 
 def test_the_command_line_flags_reach_the_config():
-    config = load("default.py", "--config.mask.pattern=2:4", "--config.densities=(0.5,)", "--config.method=omp")
+    config = load_config("default.py", "--config.mask.pattern=2:4", "--config.densities=(0.5,)", "--config.method=omp")
     assert (config.mask.pattern, tuple(config.densities), config.method) == ("2:4", (0.5,), "omp")
     config_checks.validate(config, num_devices=1)
 
