@@ -21,6 +21,8 @@ from vpns_jax.io import workdir as workdir_files
 from vpns_jax.methods import oneshot
 from vpns_jax.models import create_model, functional
 
+pytestmark = pytest.mark.slow  # every method end to end through train.run on real Fashion-MNIST
+
 @pytest.fixture(scope="module")
 def runs(fashion_data_dir, source, tmp_path_factory):
     """Runs each method once per module (on first use); records every unit's initial weights and masks."""

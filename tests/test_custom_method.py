@@ -13,6 +13,8 @@ from vpns_jax.io import checkpoint, workdir
 from vpns_jax.methods import oneshot
 from vpns_jax.models import create_model, functional
 
+pytestmark = pytest.mark.slow  # a method end to end through the command line
+
 CONFIG = "experiments/custom_method.py"
 
 

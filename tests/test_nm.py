@@ -269,6 +269,7 @@ def _check_every_group_keeps_two(masks):
     assert np.all(nm.group_kept(flat["conv1", "kernel"], 4) == 2)
 
 
+@pytest.mark.slow  # end to end through train.run
 @pytest.mark.parametrize("method", ["vpns", "omp"])
 def test_tiny_n_m_run_keeps_two_of_every_four_and_exports_them(fashion_data_dir, source, tmp_path, method):
     config = tiny_config(fashion_data_dir, source[0], method, **{"mask.pattern": "2:4", "densities": (0.5,)})

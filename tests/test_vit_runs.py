@@ -19,6 +19,8 @@ from vpns_jax.io import checkpoint, export
 from vpns_jax.io import workdir as workdir_files
 from vpns_jax.models import create_model, functional
 
+pytestmark = pytest.mark.slow  # ViT runs end to end through train.run
+
 VIT = {"patch_size": 4, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
 
 
