@@ -346,6 +346,7 @@ def test_the_catalogue_has_at_least_61_distinct_cases():
     assert len(CASES) >= 61 and len({case.name for case in CASES}) == len(CASES)
 
 
+@pytest.mark.slow  # main end to end on real Fashion-MNIST, once per case
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir, source, subnetwork, tmp_path,
                                                         capsys):
@@ -374,6 +375,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir
         assert not env.workdir.exists()  # no config.json left to refuse the corrected command
 
 
+@pytest.mark.slow  # main end to end on real Fashion-MNIST
 def test_verbose_adds_the_traceback_and_keeps_the_one_line_last(fashion_data_dir, source, tmp_path, capsys):
     env = Env(tmp_path, fashion_data_dir, source, tmp_path / "unused.npz")
     assert main.command(env.argv("--config.method=magic", "--verbose")) == 2

@@ -11,6 +11,8 @@ from vpns_jax.core import label_mapping, masking, optim, prompts, steps
 from vpns_jax.methods import bip
 from vpns_jax.models import create_model, functional
 
+pytestmark = pytest.mark.slow  # every baseline phase's training iterations, compiled: minutes on 2 cores
+
 SIZE, BATCH = 16, 8
 
 

@@ -13,6 +13,8 @@ from tests.helpers import adam_counts, clone
 from vpns_jax.core import label_mapping, masking, optim, prompts, steps
 from vpns_jax.models import create_model, functional
 
+pytestmark = pytest.mark.slow  # both stages' training iterations, compiled: minutes on 2 cores
+
 NUM_TARGET = 4
 BATCH = 16
 SIZE = 32

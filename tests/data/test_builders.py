@@ -170,6 +170,7 @@ def test_fashion_truncated_or_missing_file_is_a_clear_error(tmp_path):
     assert not list((tmp_path / "data").glob("fashion_mnist_local/*/dataset_info.json"))
 
 
+@pytest.mark.slow  # prepares the real Fashion-MNIST (the session fixture)
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist(fashion_data_dir):
     """The session's full preparation from Debian's files (tests/conftest.py), checked example by example."""
