@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data run test clean-venv
+.PHONY: setup data run test test-fast clean-venv
 
 setup: $(STAMP) data
 
@@ -34,6 +34,10 @@ run: setup
 PYTEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The everyday loop: the same run without the tests marked slow (end-to-end, multi-process, isolated compiles).
+test-fast: setup
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -61,6 +61,18 @@ def fashion_data_dir(tmp_path_factory) -> str:
     return str(data_dir)
 
 
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[str, dict]:
+    """(path, weights) of a random-init width-1/16 ResNet-18 source model file (sparsity checks need no pretraining)."""
+    from flax import nnx
+
+    from tests.helpers import write_source
+    from vpns_jax.models import create_model
+
+    return write_source(tmp_path_factory,
+                        create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0)))
+
+
 # The slowest modules first, each with all its tests: `make test` runs the suite on 2 workers (pytest-xdist,
 # --dist loadfile --no-loadscope-reorder: modules in this order, not by test count), and a long module that
 # started last would run alone at the end. Measured on the shared 2-core CPU: the isolated gradient checks take

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from experiments import ablations, sweep
-from tests.test_experiments import assert_provenance
+from tests.helpers import assert_provenance
 from vpns_jax import config_checks, main, methods
 
 DEFAULT_CONFIG = str(sweep.REPO / "configs" / "default.py")

@@ -20,8 +20,8 @@ from flax import nnx
 from PIL import Image
 from safetensors.numpy import save_file
 
-from tests import test_export
-from tests.data.test_builders import TRUNCATED, make_fashion, make_tiny_imagenet, truncate, zip_tree
+from tests import helpers
+from tests.helpers import TRUNCATED, make_fashion, make_tiny_imagenet, truncate, zip_tree
 from vpns_jax import config_checks, main, predict
 from vpns_jax.core import masking
 from vpns_jax.io import array_files, checkpoint, export, workdir_guard
@@ -336,11 +336,11 @@ def source(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def subnetwork(tmp_path_factory) -> pathlib.Path:
     """A tiny exported subnetwork (random weights), for predict's cases."""
-    _, weights, batch_stats, scores, prompt = test_export.random_model("cifar")
+    _, weights, batch_stats, scores, prompt = helpers.random_model("cifar")
     masks = masking.masks_from_scores(scores, jnp.asarray(masking.prune_counts(scores, 0.5)))
     path = tmp_path_factory.mktemp("subnetwork") / "subnetwork.npz"
-    export.export_subnetwork(path, model_name="resnet18", num_classes=10, width=test_export.WIDTH, stem="cifar",
-                             weights=weights, batch_stats=batch_stats, masks=masks, prompt_spec=test_export.SPEC,
+    export.export_subnetwork(path, model_name="resnet18", num_classes=10, width=helpers.WIDTH, stem="cifar",
+                             weights=weights, batch_stats=batch_stats, masks=masks, prompt_spec=helpers.SPEC,
                              prompt=prompt, label_map=[0, 1, 2, 3], eval_with_prompt=True)
     return path
 
@@ -349,6 +349,7 @@ def test_the_catalogue_has_at_least_61_distinct_cases():
     assert len(CASES) >= 61 and len({case.name for case in CASES}) == len(CASES)
 
 
+@pytest.mark.slow  # main end to end on real Fashion-MNIST, once per case
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir, source, subnetwork, tmp_path,
                                                         capsys):
@@ -377,6 +378,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, fashion_data_dir
         assert not env.workdir.exists()  # no config.json left to refuse the corrected command
 
 
+@pytest.mark.slow  # main end to end on real Fashion-MNIST
 def test_verbose_adds_the_traceback_and_keeps_the_one_line_last(fashion_data_dir, source, tmp_path, capsys):
     env = Env(tmp_path, fashion_data_dir, source, tmp_path / "unused.npz")
     assert main.command(env.argv("--config.method=magic", "--verbose")) == 2

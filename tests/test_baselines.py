@@ -6,14 +6,13 @@ width-1/16 ResNet-18 at 16 px, one epoch of two iterations per stage.
 
 import json
 import time
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from vpns_jax.config import offline
+from tests.helpers import DENSITIES, kept_count, tiny_config, unit_masks
 from vpns_jax import methods, train
 from vpns_jax.context import RunContext
 from vpns_jax.core import health, saliency, selection, structured
@@ -21,57 +20,7 @@ from vpns_jax.io import array_files, checkpoint, workdir_guard
 from vpns_jax.io import workdir as workdir_files
 from vpns_jax.models import create_model, functional
 
-DENSITIES = (0.5, 0.2)
-
-
-def write_source(tmp_path_factory, model) -> tuple[str, dict]:
-    """(path, weights) of a source model file holding ``model``'s initial weights and statistics."""
-    _, weights, batch_stats = functional.split_model(model)
-    path = tmp_path_factory.mktemp("source") / "source.npz"
-    array_files.save_arrays(path, {"weights": weights, "batch_stats": batch_stats})
-    return str(path), weights
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A random-init source model file (sparsity checks need no pretraining)."""
-    return write_source(tmp_path_factory,
-                        create_model("resnet18", num_classes=10, width=1 / 16, stem="cifar", rngs=nnx.Rngs(0)))
-
-
-def tiny_config(data_dir, source_path, method, **overrides):
-    config = offline.resnet()
-    config.method = method
-    config.densities = DENSITIES
-    config.model.update(width=1 / 16, stem="cifar", num_classes=10, init_from=source_path)
-    config.source.enabled = False
-    config.data.update(data_dir=data_dir, train_limit=64, test_limit=64, batch_size=32, eval_batch_size=64)
-    config.prompt.update(input_size=16, output_size=16, pad_size=2)
-    for section, field in (("stage1", "epochs"), ("stage2", "epochs"), ("hydra", "prune_epochs"),
-                           ("hydra", "finetune_epochs"), ("bip", "epochs"), ("finetune", "epochs"),
-                           ("finetune", "dense_epochs"), ("structured", "warmup_epochs"),
-                           ("structured", "prune_epochs"), ("structured", "finetune_epochs"), ("slim", "epochs")):
-        config[section][field] = 1
-    config.oneshot.update(batches=1, synflow_iterations=2)
-    config.checkpoint.update(every_steps=1000, max_to_keep=50)
-    config.compilation_cache_dir = "none"
-    for key, value in overrides.items():
-        if "." in key:
-            section, field = key.split(".")
-            config[section][field] = value
-        else:
-            config[key] = value
-    return config
-
-
-def _kept(masks) -> tuple[int, int]:
-    leaves = jax.tree.leaves(masks)
-    return sum(int(np.count_nonzero(m)) for m in leaves), sum(m.size for m in leaves)
-
-
-def _masks(workdir, density):
-    return array_files.load_arrays(workdir_files.unit_folder(pathlib.Path(workdir), density) / "masks.npz")
-
+pytestmark = pytest.mark.slow  # every method end to end through train.run on real Fashion-MNIST
 
 @pytest.fixture(scope="module")
 def runs(fashion_data_dir, source, tmp_path_factory):
@@ -108,7 +57,7 @@ def test_global_methods_keep_exactly_k(runs, method):
     rows = {r["density"]: r for r in results if r["density"] in DENSITIES}
     assert set(rows) == set(DENSITIES) and all(r["method"] == method for r in results)
     for density in DENSITIES:
-        kept, total = _kept(_masks(workdir, density))
+        kept, total = kept_count(unit_masks(workdir, density))
         assert kept == total - int((1 - density) * total)
         assert rows[density]["sparsity"] == round(1 - kept / total, 6)
         assert 0.0 <= rows[density]["test_accuracy"] <= 1.0
@@ -117,7 +66,7 @@ def test_global_methods_keep_exactly_k(runs, method):
 def test_random_keeps_exactly_d_of_every_layer(runs):
     workdir, _ = runs("random")
     for density in DENSITIES:
-        for mask in jax.tree.leaves(_masks(workdir, density)):
+        for mask in jax.tree.leaves(unit_masks(workdir, density)):
             assert np.count_nonzero(mask) == mask.size - int((1 - density) * mask.size)
 
 
@@ -127,12 +76,12 @@ def test_lth_rounds_prune_a_fifth_of_the_rest(runs):
     nominal = methods.lth_densities(0.5, 0.2)
     assert [r["density"] for r in rounds] == nominal
     np.testing.assert_allclose(nominal, [0.8, 0.64, 0.512, 0.4096])  # 0.8^r down to the first <= 0.5
-    total = _kept(_masks(workdir, 1.0))[1]
+    total = kept_count(unit_masks(workdir, 1.0))[1]
     expected = selection.lth_schedule(total, len(rounds))
-    previous = _masks(workdir, 1.0)
+    previous = unit_masks(workdir, 1.0)
     for r, count in zip(rounds, expected):
-        masks = _masks(workdir, r["density"])
-        assert _kept(masks)[0] == count
+        masks = unit_masks(workdir, r["density"])
+        assert kept_count(masks)[0] == count
         # A pruned entry stays pruned.
         for old, new in zip(jax.tree.leaves(previous), jax.tree.leaves(masks)):
             assert not np.any((old == 0) & (new == 1))
@@ -169,7 +118,7 @@ def test_channel_methods_prune_exactly_k_channels(runs, source, method):
     for row in results:
         if row["density"] not in DENSITIES:
             continue
-        masks = _masks(workdir, row["density"])
+        masks = unit_masks(workdir, row["density"])
         pruned = sum(int((m == 0).sum()) for m in masks.values())
         assert pruned == structured.channel_prune_counts(groups, row["density"], 0.25)
         assert row["speedup"] > 1.0 and row["channel_sparsity"] == round(pruned / sum(g.num_channels for g in groups), 6)
@@ -182,8 +131,8 @@ def test_transfer_finetunes_the_found_masks_on_another_task(runs, fashion_data_d
     config.transfer.masks_from = str(found)
     results = train.run(config, tmp_path / "transfer")
     for row in results:
-        transferred = _masks(tmp_path / "transfer", row["density"])
-        for a, b in zip(jax.tree.leaves(transferred), jax.tree.leaves(_masks(found, row["density"]))):
+        transferred = unit_masks(tmp_path / "transfer", row["density"])
+        for a, b in zip(jax.tree.leaves(transferred), jax.tree.leaves(unit_masks(found, row["density"]))):
             np.testing.assert_array_equal(a, b)
 
 

@@ -10,9 +10,8 @@ import sys
 
 import jax
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
+from tests.helpers import load_config, set_fields
 from vpns_jax import config_checks, main
 from vpns_jax.core import optim
 from vpns_jax.config_checks import ConfigError
@@ -40,16 +39,6 @@ PAPER = {
     "flowers102.py": ("oxford_flowers102", 128, (ADAM_1E3, ADAM_1E3, ADAM_1E3, ADAM_1E3, ADAM_1E3)),
     "stanford_cars.py": ("stanford_cars", 128, (ADAM_1E3, ADAM_1E3, ADAM_1E3, ADAM_1E3, ADAM_1E3)),
 }
-
-
-def load(name: str, *overrides: str):
-    """The config of configs/<name> (``file.py`` or ``file.py:ARG``) as config_flags builds it for
-    `python -m vpns_jax.main --config=configs/<name> [overrides]`."""
-    argv = ["vpns_jax.main", f"--config={CONFIG_DIR / name}", *overrides]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
-    flag_values(argv)
-    return flag_values.config
 
 
 def docstring(name: str) -> str:
@@ -85,7 +74,7 @@ ARG = {name: "resnet50" for name in PAPER} | {name: "hydra" for name in METHOD_A
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_config_loads_and_validates(name):
-    config = load(name)
+    config = load_config(name)
     config_checks.validate(config, num_devices=1)
     for path in VPNS_GROUPS:
         group = config_checks.group_optimizer(config[path.split(".")[0]][path.split(".")[1]])
@@ -102,18 +91,18 @@ def test_every_config_file_takes_an_arg():
 @pytest.mark.parametrize("name", CONFIG_FILES)
 def test_every_config_loads_with_and_without_its_arg_as_main_loads_it(name):
     plain = parse(name).config
-    assert plain.to_dict() == load(name).to_dict()
+    assert plain.to_dict() == load_config(name).to_dict()
     # An empty ARG is no ARG.
     assert parse(f"{name}:").config.to_dict() == plain.to_dict()
     with_arg = parse(f"{name}:{ARG[name]}").config
-    assert with_arg.to_dict() == load(f"{name}:{ARG[name]}").to_dict()
+    assert with_arg.to_dict() == load_config(f"{name}:{ARG[name]}").to_dict()
     config_checks.validate(with_arg, num_devices=1)
     takes_method = name in METHOD_ARG_CONFIGS
     field = "method" if takes_method else "model.name"
     got = with_arg.method if takes_method else with_arg.model.name
     assert got == ARG[name], field
     # The ARG changes that one field and nothing else; overrides still apply after it.
-    assert _set(with_arg.copy_and_resolve_references(), {field: "vpns" if takes_method else "resnet18"}
+    assert set_fields(with_arg.copy_and_resolve_references(), {field: "vpns" if takes_method else "resnet18"}
                 ).to_dict() == plain.to_dict()
     overridden = parse(f"{name}:{ARG[name]}", "--config.seed=9").config
     assert overridden.seed == 9 and (overridden.method, overridden.model.name) == (with_arg.method, with_arg.model.name)
@@ -147,8 +136,8 @@ def test_default_config_arg_is_the_method(arg, method, granularity):
     assert (config.method, config.mask.granularity) == (method, granularity)
     config_checks.validate(config, num_devices=1)
     # Everything else is the offline default's.
-    assert _set(config.copy_and_resolve_references(), {"method": "vpns", "mask.granularity": "weight"}
-                ).to_dict() == load("default.py").to_dict()
+    assert set_fields(config.copy_and_resolve_references(), {"method": "vpns", "mask.granularity": "weight"}
+                ).to_dict() == load_config("default.py").to_dict()
 
 
 def test_default_config_without_arg_is_unstructured_vpns():
@@ -210,7 +199,7 @@ def test_paper_config_docstring_opens_with_its_command(name):
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_config_values(name):
     dataset, batch, groups = PAPER[name]
-    config = load(name)
+    config = load_config(name)
     assert config.data.name == dataset
     assert (config.data.batch_size, config.data.eval_batch_size) == (batch, batch)
     vpns_fields = VPNS_GROUPS
@@ -230,21 +219,21 @@ def test_paper_config_values(name):
 
 
 def test_spot_checks_and_group_optimizer():
-    assert load("dtd.py").data.batch_size == 64
-    flowers = load("flowers102.py")
+    assert load_config("dtd.py").data.batch_size == 64
+    flowers = load_config("flowers102.py")
     for group in (flowers.stage1.scores, flowers.stage1.prompt, flowers.stage2.weights, flowers.stage2.prompt):
         assert config_checks.group_optimizer(group) == optim.GroupOptimizer("adam", 1e-3, 1e-4, 0.9)
-    pets = load("oxford_pets.py")
+    pets = load_config("oxford_pets.py")
     assert config_checks.group_optimizer(pets.stage1.scores) == optim.GroupOptimizer("sgd", 0.05, 1e-4, 0.9)
     assert config_checks.group_optimizer(pets.stage2.weights) == optim.GroupOptimizer("sgd", 0.01, 1e-4, 0.9)
 
 
 def test_command_line_overrides_reach_the_checks():
-    config = load("dtd.py", "--config.data.batch_size=32", "--config.stage1.scores.lr=0.5")
+    config = load_config("dtd.py", "--config.data.batch_size=32", "--config.stage1.scores.lr=0.5")
     assert (config.data.batch_size, config.stage1.scores.lr) == (32, 0.5)
     config_checks.validate(config, num_devices=1)
     with pytest.raises(ConfigError, match=r"config\.stage1\.epochs=0"):
-        config_checks.validate(load("dtd.py", "--config.stage1.epochs=0"), num_devices=1)
+        config_checks.validate(load_config("dtd.py", "--config.stage1.epochs=0"), num_devices=1)
 
 
 # (updates to configs/default.py's config, field named in the message, bad value as it appears there)
@@ -322,20 +311,9 @@ BAD = [
 ]
 
 
-def _set(config, updates):
-    config.unlock()
-    for path, value in updates.items():
-        *parents, leaf = path.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
-
-
 @pytest.mark.parametrize("updates,field,shown", BAD, ids=[f"{f}={s}" for _, f, s in BAD])
 def test_bad_field_is_one_line_naming_field_value_and_fix(updates, field, shown):
-    config = _set(load("default.py"), updates)
+    config = set_fields(load_config("default.py"), updates)
     with pytest.raises(ConfigError) as info:
         config_checks.validate(config, num_devices=1)
     message = str(info.value)
@@ -347,22 +325,22 @@ def test_bad_field_is_one_line_naming_field_value_and_fix(updates, field, shown)
 
 
 def test_the_unmodified_default_is_valid_and_every_bad_case_starts_from_it():
-    config_checks.validate(load("default.py"), num_devices=1)
+    config_checks.validate(load_config("default.py"), num_devices=1)
 
 
 def test_source_fields_are_ignored_when_source_is_off():
-    config = _set(load("default.py"), {
+    config = set_fields(load_config("default.py"), {
         "source.enabled": False, "source.dataset": "mnist", "source.epochs": 0,
         "source.batch_size": 3, "source.classes": (1, 1), "source.optimizer.lr": 0.0, "model.init_from": "",
     })
     config_checks.validate(config, num_devices=2)  # an empty init_from is the trainer's business
-    _set(config, {"source.enabled": True})
+    set_fields(config, {"source.enabled": True})
     with pytest.raises(ConfigError, match=r"^config\.source\.dataset='mnist'"):
         config_checks.validate(config, num_devices=2)
 
 
 def test_batch_must_split_over_the_devices():
-    config = load("dtd.py")
+    config = load_config("dtd.py")
     assert config.data.batch_size == 64
     with pytest.raises(ConfigError) as info:
         config_checks.validate(config, num_devices=3)
@@ -371,7 +349,7 @@ def test_batch_must_split_over_the_devices():
     )
     config_checks.validate(config, num_devices=4)
     # default.py: batch 64 and eval batch 200 split over 1, 2, 4 and 8 devices, not over 3.
-    default = load("default.py")
+    default = load_config("default.py")
     for devices in (1, 2, 4, 8):
         config_checks.validate(default, num_devices=devices)
     with pytest.raises(ConfigError, match=r"^config\.data\.batch_size=64 is not divisible by the 3 devices"):
@@ -381,16 +359,16 @@ def test_batch_must_split_over_the_devices():
 
 
 def test_group_optimizer_rejects_what_optim_rejects():
-    config = load("default.py")
+    config = load_config("default.py")
     assert config_checks.group_optimizer(config.stage1.scores) == optim.GroupOptimizer("adam", 3e-3, 1e-4, 0.9)
     assert config_checks.group_optimizer(config.source.optimizer) == optim.GroupOptimizer("sgd", 0.05, 1e-4, 0.9)
-    _set(config, {"stage2.weights.optimizer": "rmsprop"})
+    set_fields(config, {"stage2.weights.optimizer": "rmsprop"})
     with pytest.raises(ConfigError, match="rmsprop"):
         config_checks.group_optimizer(config.stage2.weights)
 
 
 def test_missing_field_is_named():
-    config = load("default.py")
+    config = load_config("default.py")
     config.unlock()
     del config.mask["scope"]
     with pytest.raises(ConfigError, match=r"^config\.mask\.scope is missing"):
@@ -403,7 +381,8 @@ def test_missing_field_is_named():
     {"compilation_cache_dir": "none"}, {"on_nonfinite": "skip"}, {"eval.every_epochs": 1},
 ])
 def test_fingerprint_ignores_what_does_not_change_results(updates):
-    assert config_checks.fingerprint(_set(load("default.py"), updates)) == config_checks.fingerprint(load("default.py"))
+    assert (config_checks.fingerprint(set_fields(load_config("default.py"), updates))
+            == config_checks.fingerprint(load_config("default.py")))
 
 
 @pytest.mark.parametrize("updates", [
@@ -412,11 +391,12 @@ def test_fingerprint_ignores_what_does_not_change_results(updates):
     {"mask.min_layer_density": 0.05},
 ])
 def test_fingerprint_sees_what_changes_results(updates):
-    assert config_checks.fingerprint(_set(load("default.py"), updates)) != config_checks.fingerprint(load("default.py"))
+    assert (config_checks.fingerprint(set_fields(load_config("default.py"), updates))
+            != config_checks.fingerprint(load_config("default.py")))
 
 
 def test_fingerprint_is_plain_json_that_survives_a_round_trip():
-    fp = config_checks.fingerprint(load("cifar10.py"))
+    fp = config_checks.fingerprint(load_config("cifar10.py"))
     assert json.loads(json.dumps(fp)) == fp
     assert "checkpoint" not in fp and "log_every_steps" not in fp and "compilation_cache_dir" not in fp
     assert set(fp["data"]) == {"name", "classes", "train_limit", "test_limit", "batch_size", "eval_batch_size"}
@@ -427,7 +407,7 @@ def test_fingerprint_is_plain_json_that_survives_a_round_trip():
 
 
 def test_a_compute_dtype_the_backend_cannot_run_is_one_line(monkeypatch):
-    config = _set(load("default.py"), {"model.dtype": "bfloat16"})
+    config = set_fields(load_config("default.py"), {"model.dtype": "bfloat16"})
     config_checks.validate(config, num_devices=1)  # the CPU backend computes in bfloat16
 
     def refuse(a):
@@ -463,18 +443,18 @@ def test_a_compute_dtype_the_backend_cannot_run_is_one_line(monkeypatch):
 ])
 def test_bad_vit_options_are_one_line_errors(name, updates, message):
     with pytest.raises(ConfigError) as info:
-        config_checks.validate(_set(load(name), updates), num_devices=1)
+        config_checks.validate(set_fields(load_config(name), updates), num_devices=1)
     assert str(info.value) == message
 
 
 def test_the_vit_default_validates_and_builds_its_input_side():
-    config = load("default_vit.py")
+    config = load_config("default_vit.py")
     config_checks.validate(config, num_devices=1)
     cnn = {"num_classes": 5, "width": 1.0, "stem": "imagenet", "dtype": "float32", "conv_impl": "auto",
            "pool_impl": "auto"}
     assert config_checks.model_arguments(config) == {**cnn, "image_size": 32, "vit": {
         "patch_size": 8, "num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}}
-    assert config_checks.model_arguments(load("default.py")) == {**cnn, "width": 0.25}
+    assert config_checks.model_arguments(load_config("default.py")) == {**cnn, "width": 0.25}
 
 
 def test_every_config_file_loads_without_the_repository_on_sys_path(tmp_path):

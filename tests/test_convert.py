@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_pretrained import (BAD_TENSORS, FIXTURES, NOT_FINITE, NOT_FLOAT, ROOT, TOLERANCE, UNREADABLE,
-                                   VIT_FIXTURES, VIT_TOLERANCE, load_fixture, load_vit_fixture, run, templates,
-                                   vit_templates, write_weights)
+from tests.helpers import (BAD_TENSORS, FIXTURES, NOT_FINITE, NOT_FLOAT, ROOT, TOLERANCE, UNREADABLE, VIT_FIXTURES,
+                           VIT_TOLERANCE, forward, load_fixture, load_vit_fixture, templates, vit_templates,
+                           write_weights)
 from vpns_jax import convert, source_model
 from vpns_jax.io import array_files
 
@@ -51,7 +51,7 @@ def test_converted_file_loads_and_reproduces_the_logits(prefix: str, tmp_path: p
     assert set(array_files.load_arrays(output)) == {"weights", "batch_stats"}
     graphdef, weights_t, stats_t = templates(fixture)
     weights, batch_stats = source_model.load_weights(output, weights_t, stats_t)
-    assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= TOLERANCE
+    assert np.abs(forward(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= TOLERANCE
 
 
 def test_vit_file_converts_at_another_image_size(tmp_path: pathlib.Path, capsys) -> None:
@@ -67,7 +67,7 @@ def test_vit_file_converts_at_another_image_size(tmp_path: pathlib.Path, capsys)
         capsys.readouterr().out)
     graphdef, weights_t, stats_t = vit_templates(fixture)
     weights, batch_stats = source_model.load_weights(output, weights_t, stats_t)
-    assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= VIT_TOLERANCE
+    assert np.abs(forward(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= VIT_TOLERANCE
     assert convert.main([*args[:2], f"--output={tmp_path / 'bad.npz'}", "--vit=patch_size"]) == 2
     assert "--vit 'patch_size': 'patch_size' is not KEY=N" in capsys.readouterr().err
 
@@ -91,7 +91,7 @@ def test_init_from_takes_torchvision_files_directly(tmp_path: pathlib.Path) -> N
     for path in paths:
         weights, batch_stats = source_model.load_weights(path, weights_t, stats_t)
         assert weights["fc"]["kernel"].dtype == np.float32
-        assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= TOLERANCE
+        assert np.abs(forward(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= TOLERANCE
 
 
 def test_init_from_torchvision_file_of_another_width_names_the_file(tmp_path: pathlib.Path) -> None:

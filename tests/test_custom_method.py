@@ -8,11 +8,12 @@ import pytest
 from flax import nnx
 
 from experiments import custom_method
-from tests.test_baselines import source  # noqa: F401 - the module's random-init source model fixture
 from vpns_jax import config_checks, main, methods
 from vpns_jax.core import saliency, selection
 from vpns_jax.io import array_files, workdir
 from vpns_jax.models import create_model, functional
+
+pytestmark = pytest.mark.slow  # a method end to end through the command line
 
 CONFIG = "experiments/custom_method.py"
 

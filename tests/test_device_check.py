@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmarks/device_check.py end to end in subprocesses
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_CHOICES = {("float32", "lax"), ("float32", "im2col"), ("bfloat16", "auto")}
 PROGRAMS = ["dense train step", "threshold", "VPNs stage-1 iteration", "VPNs stage-2 iteration", "eval step"]

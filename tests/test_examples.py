@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the examples end to end in subprocesses
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from experiments import measurement, plots, sweep, table
+from tests.helpers import assert_provenance
 from vpns_jax.io import array_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -250,27 +251,6 @@ def test_cells_without_the_shared_source_model_are_blocked(tmp_path, capsys, mon
     assert [c["status"] for c in json.loads((tmp_path / "manifest.json").read_text())["cells"]] == [
         "failed", "blocked"]
     assert "BLOCKED" in capsys.readouterr().out
-
-
-def assert_provenance(manifest):
-    """``manifest`` records what it ran on: the commit, the package versions and the machine
-    (measurement.provenance)."""
-    if measurement.git_state()["git_commit"] is None:  # run from a tree that is not a git checkout of its own
-        assert manifest["git_commit"] is None and manifest["git_dirty"] is None
-    else:
-        commit = manifest["git_commit"]
-        assert len(commit) == 40 and int(commit, 16) >= 0 and isinstance(manifest["git_dirty"], bool)
-    packages = manifest["packages"]
-    assert list(packages) == ["python", *measurement.RECORDED_PACKAGES]
-    assert packages["python"] == platform.python_version()
-    assert packages["jax"] == importlib.metadata.version("jax")
-    assert packages["numpy"] == importlib.metadata.version("numpy")
-    assert packages["tensorflow-datasets"] == importlib.metadata.version("tensorflow-datasets")
-    import jax  # the test process may import jax; the sweep's own process never does
-
-    assert manifest["machine"] == {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                   "jax_backend": jax.default_backend(),
-                                   "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count()}
 
 
 def test_a_dry_run_asks_for_no_provenance(tmp_path, monkeypatch):

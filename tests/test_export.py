@@ -9,48 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
+from flax import traverse_util
 
+from tests.helpers import SPEC, WIDTH, random_model
 from vpns_jax.core import label_mapping, masking, nm, prompts, steps
 from vpns_jax.io import disk, export, export_size, subnetwork, subnetwork_format
-from vpns_jax.models import create_model, functional
+from vpns_jax.models import functional
 
-SPEC = prompts.PromptSpec("pad", input_size=32, output_size=32, pad_size=4)
 LABEL_MAP = np.array([7, 2, 9, 0], np.int32)
 CLASS_NAMES = ["cat", "ship", "truck", "plane"]
-WIDTH = 1 / 16
-
-
-def random_model(stem, seed=0):
-    """(graphdef, weights, batch_stats, scores, prompt) of a tiny ResNet-18, every leaf random.
-
-    Values from numpy on the model's abstract shapes: initialising the model eagerly compiles one
-    op per leaf shape, about 20 s on two cores.
-    """
-    model = nnx.eval_shape(lambda: create_model("resnet18", num_classes=10, width=WIDTH, stem=stem, rngs=nnx.Rngs(0)))
-    graphdef, weights, batch_stats = functional.split_model(model)
-    kinds = functional.leaf_kinds(model)
-    rng = np.random.default_rng(seed)
-
-    def weight(path, leaf):
-        kind = traverse_util.flatten_dict(kinds)[path]
-        if kind == functional.BN:
-            return rng.normal(1.0 if path[-1] == "scale" else 0.0, 0.2, leaf.shape)
-        if kind == functional.BIAS:
-            return rng.normal(0.0, 0.1, leaf.shape)
-        return rng.normal(0.0, math.sqrt(2.0 / math.prod(leaf.shape[:-1])), leaf.shape)  # He init on fan-in
-
-    def stat(path, leaf):
-        return rng.normal(0.0, 0.1, leaf.shape) if path[-1] == "mean" else rng.uniform(0.5, 2.0, leaf.shape)
-
-    def fill(tree, value):
-        flat = traverse_util.flatten_dict(tree)
-        return traverse_util.unflatten_dict({p: jnp.asarray(value(p, leaf), jnp.float32) for p, leaf in flat.items()})
-
-    weights, batch_stats = fill(weights, weight), fill(batch_stats, stat)
-    scores = jax.jit(lambda w: masking.init_scores(w, kinds))(weights)  # jitted: one compile, not one per leaf
-    prompt = {"program": jnp.asarray(rng.normal(0, 0.3, (32, 32, 3)), jnp.float32)}
-    return graphdef, weights, batch_stats, scores, prompt
 
 
 _model = functools.lru_cache(maxsize=None)(random_model)

@@ -11,6 +11,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a pytest of its own over tests/isolated/: about 5 minutes
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ISOLATED = ROOT / "tests" / "isolated"
 

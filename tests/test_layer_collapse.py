@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.test_configs import _set, load
+from tests.helpers import load_config, set_fields
 
 from vpns_jax import config_checks, evaluation, methods
 from vpns_jax.config_fields import ConfigError
@@ -358,7 +358,7 @@ def test_results_files_carry_the_collapse_fields_and_the_table_still_prints(tmp_
 
 def _config(**updates):
     """The offline default with ``updates`` (``section__field=value``), as tests/test_configs.py sets fields."""
-    return _set(load("default.py"), {path.replace("__", "."): value for path, value in updates.items()})
+    return set_fields(load_config("default.py"), {path.replace("__", "."): value for path, value in updates.items()})
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])  # ConfigDict refuses other types itself

@@ -10,6 +10,7 @@ import pytest
 from experiments import expected_output, runs_learn
 
 
+@pytest.mark.slow
 def test_the_shrunk_default_learns(fashion_data_dir, tmp_path):
     """Seed 7 of experiments/runs_learn.py: VPNs at density 0.1 must beat the zero-shot label-mapped accuracy
     of the same run's source model by MIN_GAIN_POINTS (seeds 7, 9, 17 gained far more; nothing learnt is ~0)."""

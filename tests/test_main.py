@@ -34,6 +34,7 @@ def uninterrupted(fashion_data_dir, cache, tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow
 def test_shrunk_default_runs_end_to_end(uninterrupted):
     workdir, result = uninterrupted
     rows = results(workdir)
@@ -61,6 +62,7 @@ def test_shrunk_default_runs_end_to_end(uninterrupted):
     assert list((workdir / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_results(uninterrupted, fashion_data_dir, cache, tmp_path):
     """SIGKILLed in the middle of a checkpoint save (density 0.5, stage 1), then sent SIGTERM at a random moment
     later (density 0.1: it stops cleanly, exit 143 and one line, checked by killed_run), the same command reruns to
@@ -84,6 +86,7 @@ def test_killed_run_resumes_to_identical_results(uninterrupted, fashion_data_dir
 
 
 # The whole catalogue runs in-process in test_bad_inputs.py; these two check the real process and 4 devices.
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("--config.method=magic", "config.method"),
     ("--config.data.batch_size=30", "not divisible by the 4 devices"),
@@ -97,6 +100,7 @@ def test_bad_configs_are_one_line_errors(override, message, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_lost_peer_ends_the_other_process_and_both_resume(uninterrupted, fashion_data_dir, cache, tmp_path):
     """Two processes with one device each, the usual layout of a GPU cluster (it failed at its first checkpoint
     save before parallel.replicate built replicated arrays from host values). Rank 1's training process is
@@ -117,6 +121,7 @@ def test_lost_peer_ends_the_other_process_and_both_resume(uninterrupted, fashion
     assert same, details
 
 
+@pytest.mark.slow
 def test_missing_data_fails_at_once_and_leaves_the_workdir_untouched(tmp_path):
     workdir, empty = tmp_path / "run", tmp_path / "no_data"
     result = subprocess.run(command(workdir, empty, "none", "--config.data.auto_prepare=False"),
@@ -205,6 +210,7 @@ def test_bad_config_args_are_one_line_errors(tmp_path, capsys):
 
 
 # The real process: an unknown ARG is one line on stderr, exit status 2, nothing written.
+@pytest.mark.slow
 @pytest.mark.parametrize("config, message", [
     ("configs/default.py:magic", "error: config.method='magic' is unknown: use one of 'vpns', "),
     ("configs/cifar100.py:resnet34", "error: --config=configs/cifar100.py:resnet34: unknown model 'resnet34': "),

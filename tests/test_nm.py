@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from tests.test_baselines import tiny_config, write_source
-from tests.test_configs import _set, load
+from tests.helpers import load_config, set_fields, tiny_config, write_source
 from vpns_jax import config_checks, train
 from vpns_jax.config_checks import ConfigError
 from vpns_jax.core import nm, saliency, selection, steps
@@ -182,7 +181,7 @@ def test_one_shot_keep_nm_is_the_per_group_top_n_of_the_magnitudes():
 
 
 def _config(**updates):
-    return _set(load("default.py"), {path.replace("__", "."): value for path, value in updates.items()})
+    return set_fields(load_config("default.py"), {path.replace("__", "."): value for path, value in updates.items()})
 
 
 NM = {"mask__granularity": "2:4", "densities": (0.5,)}
@@ -246,7 +245,8 @@ def test_fingerprints_keep_the_layout_existing_workdirs_hold():
 
 
 def test_the_command_line_flags_reach_the_config():
-    config = load("default.py", "--config.mask.granularity=2:4", "--config.densities=(0.5,)", "--config.method=omp")
+    config = load_config("default.py", "--config.mask.granularity=2:4", "--config.densities=(0.5,)",
+                         "--config.method=omp")
     assert (config.mask.granularity, tuple(config.densities), config.method) == ("2:4", (0.5,), "omp")
     config_checks.validate(config, num_devices=1)
 
@@ -270,6 +270,7 @@ def _check_every_group_keeps_two(masks):
     assert np.all(nm.group_kept(flat["conv1", "kernel"], 4) == 2)
 
 
+@pytest.mark.slow  # end to end through train.run
 @pytest.mark.parametrize("method", ["vpns", "omp"])
 def test_tiny_n_m_run_keeps_two_of_every_four_and_exports_them(fashion_data_dir, source, tmp_path, method):
     config = tiny_config(fashion_data_dir, source[0], method, **{"mask.granularity": "2:4", "densities": (0.5,)})

@@ -5,8 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import FAST_COMPILE
-
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from vpns_jax.core import parallel
@@ -45,6 +43,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_batches_shard_over_the_data_axis_and_bad_sizes_are_refused():
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}", "JAX_PLATFORMS": "cpu"}
+    # XLA_FLAGS as tests/conftest.py set it for the suite (its fast compile), with 4 host devices.
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {os.environ['XLA_FLAGS']}",
+           "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-2000:]

@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import adam_counts, clone
 from vpns_jax import methods
 from vpns_jax.core import label_mapping, masking, optim, prompts, steps
 from vpns_jax.core.phases import Phase
 from vpns_jax.methods import bip
 from vpns_jax.methods.iterations import CleanStream, OneStream, TwoStreams
 from vpns_jax.models import create_model, functional
-from tests.test_steps import _adam_counts, _copy  # shared helpers of the step tests
+
+pytestmark = pytest.mark.slow  # every baseline phase's training iterations, compiled: minutes on 2 cores
 
 SIZE, BATCH = 16, 8
 
@@ -39,7 +41,7 @@ def _spec_and_state(parts, phases, groups, *, masks=None):
     prompt = prompts.init_prompt(spec_prompt)
     spec = steps.make_step_spec(model, spec_prompt, prompt_params=prompt, scores=scores, stage_groups=groups,
                                 epochs={s: 2 for s in phases}, iterations_per_epoch=4, phases=phases)
-    state = steps.init_state(spec, weights=_copy(weights), batch_stats=_copy(batch_stats), scores=_copy(scores),
+    state = steps.init_state(spec, weights=clone(weights), batch_stats=clone(batch_stats), scores=clone(scores),
                              prompt=prompt, density=0.3, label_map=jnp.asarray([2, 0, 5]),
                              rng=jax.random.PRNGKey(0), masks=masks)
     return spec, state
@@ -64,15 +66,15 @@ def test_one_stream_score_phase_steps_once_per_iteration_and_freezes_the_rest(pa
     groups = {1: {"scores": optim.GroupOptimizer("adam", 0.01)},
               2: {"weights": optim.GroupOptimizer("sgd", 0.01), "bn": optim.GroupOptimizer("sgd", 0.01)}}
     spec, state = _spec_and_state(parts, phases, groups)
-    before = _copy(state)
+    before = clone(state)
     for _ in range(3):
         state, metrics = steps.train_iteration(state, batches[:1], spec=spec, stage=1)
     assert set(metrics) == {"loss_plain", "accuracy_plain", "finite"} and bool(metrics["finite"])
-    assert _adam_counts(state.opt_state) == {"scores": 3}
+    assert adam_counts(state.opt_state) == {"scores": 3}
     assert _identical(before.weights, state.weights) and _identical(before.prompt, state.prompt)
     assert not _identical(before.scores, state.scores)
     with pytest.raises(ValueError, match="takes 1 batches"):
-        steps.train_iteration(_copy(state), batches, spec=spec, stage=1)
+        steps.train_iteration(clone(state), batches, spec=spec, stage=1)
 
 
 def test_bilevel_iteration_steps_weights_then_scores_with_the_implicit_correction(parts):
@@ -83,7 +85,7 @@ def test_bilevel_iteration_steps_weights_then_scores_with_the_implicit_correctio
     for lr_b in (0.0, 0.5):
         phases = {1: Phase(("weights", "scores"), bip.Bilevel(lr_b))}
         spec, state = _spec_and_state(parts, phases, groups)
-        initial = _copy(state)
+        initial = clone(state)
         state, metrics = steps.train_iteration(state, batches, spec=spec, stage=1)
         results[lr_b] = (initial, state)
     initial, plain = results[0.0]
@@ -127,11 +129,11 @@ def test_the_clean_stream_alone_steps_scores_and_prompt_once_per_iteration(parts
     phases = {1: Phase(("scores", "prompt"), CleanStream())}
     groups = {1: {"scores": optim.GroupOptimizer("adam", 0.01), "prompt": optim.GroupOptimizer("adam", 0.01)}}
     spec, state = _spec_and_state(parts, phases, groups)
-    before = _copy(state)
+    before = clone(state)
     for _ in range(3):
         state, metrics = steps.train_iteration(state, batches[:1], spec=spec, stage=1)
     assert set(metrics) == {"loss_prompted", "accuracy_prompted", "finite"}
-    assert _adam_counts(state.opt_state) == {"scores": 3, "prompt": 3}
+    assert adam_counts(state.opt_state) == {"scores": 3, "prompt": 3}
     assert _identical(before.weights, state.weights) and not _identical(before.prompt, state.prompt)
 
 
@@ -140,10 +142,10 @@ def test_vpns_without_prompt_matches_vpns_with_a_zero_frozen_prompt_step_for_ste
     adam = {"scores": optim.GroupOptimizer("adam", 0.01), "prompt": optim.GroupOptimizer("adam", 0.01)}
     vpns_spec, vpns = _spec_and_state(parts, {1: Phase(("scores", "prompt"), TwoStreams())}, {1: adam})
     bare_spec, bare = _spec_and_state(parts, {1: Phase(("scores",), TwoStreams())}, {1: {"scores": adam["scores"]}})
-    zero = _copy(vpns.prompt)
+    zero = clone(vpns.prompt)
     assert set(bare.opt_state.inner_states) == {"scores"}  # no prompt optimiser state at all
     for _ in range(3):
-        vpns, vpns_metrics = steps.train_iteration(vpns.replace(prompt=_copy(zero)), batches, spec=vpns_spec, stage=1)
+        vpns, vpns_metrics = steps.train_iteration(vpns.replace(prompt=clone(zero)), batches, spec=vpns_spec, stage=1)
         bare, bare_metrics = steps.train_iteration(bare, batches, spec=bare_spec, stage=1)
         # A zero pad prompt adds exactly 0 to every pixel in [0, 1]: the same inputs, losses and score steps.
         assert float(bare_metrics["loss_prompted"]) == float(vpns_metrics["loss_prompted"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import test_export
+from tests import helpers
 from vpns_jax import predict
 from vpns_jax.core import masking
 from vpns_jax.io import export, subnetwork
@@ -26,12 +26,12 @@ SEED, LABEL_MAP = 7, [2, 0, 6, 9]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("predict")
-    _, weights, batch_stats, scores, prompt = test_export.random_model("cifar", seed=SEED)
+    _, weights, batch_stats, scores, prompt = helpers.random_model("cifar", seed=SEED)
     masks = masking.masks_from_scores(scores, jnp.asarray(masking.prune_counts(scores, 0.5)))
     path = folder / "subnetwork.npz"
     export.export_subnetwork(
-        path, model_name="resnet18", num_classes=10, width=test_export.WIDTH, stem="cifar", weights=weights,
-        batch_stats=batch_stats, masks=masks, prompt_spec=test_export.SPEC, prompt=prompt,
+        path, model_name="resnet18", num_classes=10, width=helpers.WIDTH, stem="cifar", weights=weights,
+        batch_stats=batch_stats, masks=masks, prompt_spec=helpers.SPEC, prompt=prompt,
         label_map=LABEL_MAP, eval_with_prompt=True, class_names=NAMES,
     )
     rng = np.random.default_rng(7)
@@ -104,7 +104,7 @@ def test_without_class_names_prints_a_dash(exported, tmp_path, capsys):
     path, files = exported
     sub = subnetwork.load_subnetwork(path)
     export.export_subnetwork(
-        tmp_path / "plain.npz", model_name="resnet18", num_classes=10, width=test_export.WIDTH, stem="cifar",
+        tmp_path / "plain.npz", model_name="resnet18", num_classes=10, width=helpers.WIDTH, stem="cifar",
         weights=sub.weights, batch_stats=sub.batch_stats, masks=sub.masks, prompt_spec=sub.prompt_spec,
         prompt=sub.prompt, label_map=sub.label_map, eval_with_prompt=True,
     )

@@ -7,7 +7,6 @@ round trips, which skip without it.
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import subprocess
@@ -15,57 +14,15 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
+from tests.helpers import (BAD_TENSORS, FIXTURES, NOT_FINITE, NOT_FLOAT, ROOT, TOLERANCE, UNREADABLE, VIT_FIXTURES,
+                           VIT_TOLERANCE, forward, load_fixture, load_vit_fixture, templates, vit_templates,
+                           write_weights)
 from vpns_jax.io import pretrained
 from vpns_jax.models import create_model, functional
-
-FIXTURE_DIR = pathlib.Path(__file__).parent / "fixtures"
-FIXTURES = sorted(path for path in FIXTURE_DIR.glob("*.npz") if not path.name.startswith("vit_"))
-VIT_FIXTURES = sorted(FIXTURE_DIR.glob("vit_*.npz"))
-STATE_PREFIX = "state_dict/"
-TOLERANCE = 1e-4
-VIT_TOLERANCE = 1e-5
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_fixture(path: pathlib.Path) -> dict[str, Any]:
-    """Settings, torchvision state dict, NCHW input and torch logits of one fixture file."""
-    with np.load(path, allow_pickle=False) as data:
-        fixture = {
-            "model": str(data["model"]),
-            "width": float(data["width"]),
-            "stem": str(data["stem"]),
-            "num_classes": int(data["num_classes"]),
-            "state_dict": {k[len(STATE_PREFIX):]: data[k] for k in data.files if k.startswith(STATE_PREFIX)},
-            "input": data["input"],
-            "logits": data["logits"],
-        }
-    # The file name states the same settings, so that a renamed or regenerated file cannot drift.
-    assert path.name == f"{fixture['model']}_w{fixture['width']:g}_{fixture['stem']}_c{fixture['num_classes']}.npz"
-    return fixture
-
-
-def templates(fixture: dict[str, Any]) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, weights, batch_stats) of the fixture's model, shapes only."""
-    model = nnx.eval_shape(
-        lambda: create_model(fixture["model"], num_classes=fixture["num_classes"], width=fixture["width"],
-                             stem=fixture["stem"], rngs=nnx.Rngs(0))
-    )
-    return functional.split_model(model)
-
-
-# Jitted as training runs it; one compile per model, reused for every weights tree of that model.
-_apply = jax.jit(functools.partial(functional.apply_model, train=False), static_argnums=0)
-
-
-def run(graphdef: nnx.GraphDef, weights: dict, batch_stats: dict, x_nchw: np.ndarray) -> np.ndarray:
-    """Eval-mode logits of the model on an NCHW input (transposed to NHWC)."""
-    logits, _ = _apply(graphdef, weights, batch_stats, jnp.asarray(np.transpose(x_nchw, (0, 2, 3, 1))))
-    return np.asarray(logits)
 
 
 def fixture_by_model(model: str) -> pathlib.Path:
@@ -89,7 +46,7 @@ def test_logits_match_torch(path: pathlib.Path) -> None:
     weights, batch_stats = pretrained.from_torchvision(fixture["state_dict"], weights_t, stats_t)
     torch_logits = fixture["logits"]
     assert torch_logits.shape == (2, fixture["num_classes"]) and torch_logits.std() > 0.1
-    ours = run(graphdef, weights, batch_stats, fixture["input"])
+    ours = forward(graphdef, weights, batch_stats, fixture["input"])
     assert np.abs(ours - torch_logits).max() <= TOLERANCE
 
     if batch_stats:
@@ -98,30 +55,7 @@ def test_logits_match_torch(path: pathlib.Path) -> None:
         defaults = traverse_util.unflatten_dict(
             {p: (np.zeros_like(a) if p[-1] == "mean" else a) for p, a in traverse_util.flatten_dict(defaults).items()}
         )
-        assert np.abs(run(graphdef, weights, defaults, fixture["input"]) - torch_logits).max() > 100 * TOLERANCE
-
-
-def load_vit_fixture(path: pathlib.Path) -> dict[str, Any]:
-    """A ViT fixture: its settings (image sides, ``vit`` options), state dict, NCHW input and torch logits."""
-    with np.load(path, allow_pickle=False) as data:
-        fixture = {name: data[name] for name in data.files if not name.startswith((STATE_PREFIX, "vit/"))}
-        fixture["state_dict"] = {k[len(STATE_PREFIX):]: data[k] for k in data.files if k.startswith(STATE_PREFIX)}
-        fixture["vit"] = {k[len("vit/"):]: int(data[k]) for k in data.files if k.startswith("vit/")}
-    for key in ("image_size", "file_image_size", "num_classes"):
-        fixture[key] = int(fixture[key])
-    vit, sides = fixture["vit"], (fixture["file_image_size"], fixture["image_size"])
-    side = f"i{sides[0]}" if sides[0] == sides[1] else f"i{sides[0]}to{sides[1]}"
-    assert path.name == (f"{fixture['model']}_p{vit['patch_size']}_l{vit['num_layers']}_h{vit['num_heads']}_"
-                         f"d{vit['hidden_dim']}_m{vit['mlp_dim']}_{side}_c{fixture['num_classes']}.npz")
-    return fixture
-
-
-def vit_templates(fixture: dict[str, Any], image_size: int | None = None) -> tuple[nnx.GraphDef, dict, dict]:
-    """(graphdef, weights, batch_stats) of the fixture's ViT at ``image_size`` (default: the fixture's), shapes only."""
-    model = nnx.eval_shape(lambda: create_model(
-        str(fixture["model"]), num_classes=fixture["num_classes"], image_size=image_size or fixture["image_size"],
-        vit=fixture["vit"], rngs=nnx.Rngs(0)))
-    return functional.split_model(model)
+        assert np.abs(forward(graphdef, weights, defaults, fixture["input"]) - torch_logits).max() > 100 * TOLERANCE
 
 
 @pytest.mark.parametrize("path", VIT_FIXTURES, ids=lambda p: p.stem)
@@ -130,7 +64,7 @@ def test_vit_logits_match_torch(path: pathlib.Path) -> None:
     graphdef, weights_t, stats_t = vit_templates(fixture)
     weights, batch_stats = pretrained.from_torchvision(fixture["state_dict"], weights_t, stats_t)
     assert batch_stats == {} and fixture["logits"].std() > 0.1
-    assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= VIT_TOLERANCE
+    assert np.abs(forward(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() <= VIT_TOLERANCE
     if "interpolated_pos_embedding" in fixture:
         # The file's 4x4 grid resized to 6x6 as torchvision's interpolate_embeddings does it.
         assert fixture["state_dict"]["encoder.pos_embedding"].shape == (1, 17, 16)
@@ -195,7 +129,7 @@ def test_vgg_flatten_order_is_torchs(model: str) -> None:
     channels = kernel.shape[0] // 49
     hwc_rows = kernel.reshape(channels, 7, 7, -1).transpose(1, 2, 0, 3).reshape(kernel.shape)
     weights["classifier"][0]["kernel"] = hwc_rows
-    assert np.abs(run(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() > 100 * TOLERANCE
+    assert np.abs(forward(graphdef, weights, batch_stats, fixture["input"]) - fixture["logits"]).max() > 100 * TOLERANCE
 
 
 def _rule_path(name: str) -> tuple[Any, ...]:
@@ -375,32 +309,6 @@ def test_pth_round_trip(tmp_path: pathlib.Path, resnet18_cifar) -> None:
     torch.save({"model": {"w": torch.ones(1)}, "epoch": 3}, tmp_path / "nested.pth")
     with pytest.raises(ValueError, match="not a flat state dict: model, epoch are not tensors"):
         pretrained.read_state_dict(tmp_path / "nested.pth")
-
-
-# What every weights file is checked for where it enters (pretrained.check_tensors), and how it says so.
-NOT_FLOAT = ("holds tensors that are not floating point ({}): every weight must be float16, bfloat16, float32 or "
-             "float64; give the float weights of the model, not a quantized or integer export")
-NOT_FINITE = ("holds NaN/Inf values (in {}): every weight must be finite; the file is damaged or comes from a "
-              "diverged training, use another")
-UNREADABLE = ("cannot be read: it is not {} ({}); give a weights file written by python -m vpns_jax.convert, or a "
-              "torchvision .pth/.safetensors state dict (download or convert it again if this one was cut short)")
-BAD_TENSORS = {
-    "int32": (np.arange(6, dtype=np.int32).reshape(2, 3), NOT_FLOAT.format("fc.weight: int32")),
-    "bool": (np.ones((2, 3), bool), NOT_FLOAT.format("fc.weight: bool")),
-    "nan": (np.array([[0.5, np.nan, 1.0], [1.0, 2.0, 3.0]], np.float32), NOT_FINITE.format("fc.weight")),
-    "inf": (np.array([[0.5, 1.0, 1.0], [1.0, -np.inf, 3.0]], np.float32), NOT_FINITE.format("fc.weight")),
-}
-
-
-def write_weights(path: pathlib.Path, state_dict: dict[str, np.ndarray]) -> pathlib.Path:
-    """``state_dict`` as the .npz or .safetensors file ``path``; returns ``path``."""
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
-        save_file(state_dict, str(path))
-    else:
-        np.savez(path, **state_dict)
-    return path
 
 
 def read_error(path: pathlib.Path) -> str:

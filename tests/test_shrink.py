@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_structured import random_network
+from tests.helpers import random_network
 from vpns_jax.core import structured
 from vpns_jax.models import shrink
 from vpns_jax.models import functional

@@ -1,12 +1,15 @@
 """experiments.source_accuracy on real Fashion-MNIST: a head that always answers class 0 scores its share."""
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from vpns_jax.config import offline
 from experiments import source_accuracy
 from vpns_jax.io import array_files
 from vpns_jax.models import create_model, functional
+
+pytestmark = pytest.mark.slow  # experiments.source_accuracy end to end on real Fashion-MNIST
 
 
 def test_a_constant_head_scores_the_share_of_its_class(fashion_data_dir, tmp_path):

@@ -9,32 +9,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import adam_counts, clone
 from vpns_jax.core import label_mapping, masking, optim, prompts, steps
 from vpns_jax.methods.vpns import VPNS_PHASES
 from vpns_jax.models import create_model, functional
+
+pytestmark = pytest.mark.slow  # both stages' training iterations, compiled: minutes on 2 cores
 
 NUM_TARGET = 4
 BATCH = 16
 SIZE = 32
 
 
-def _copy(tree):
-    return jax.tree.map(lambda x: x.copy(), tree)
-
-
 def _assert_bit_identical(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
-
-
-def _adam_counts(opt_state):
-    """The Adam step count of each partition group."""
-    counts = {}
-    for label, inner in opt_state.inner_states.items():
-        for leaf in jax.tree.leaves(inner, is_leaf=lambda x: hasattr(x, "count") and hasattr(x, "mu")):
-            if hasattr(leaf, "mu"):
-                counts[label] = int(leaf.count)
-    return counts
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +53,18 @@ def run(setup):
     """Three stage-1 then three stage-2 iterations on one fixed batch, recording what the tests check."""
     spec, state, batch = setup
     # Other modules' specs share the jit cache: count this module's entries from here.
-    record = {"initial": _copy(state), "stage1": [], "stage2": [], "cache_before": steps.train_iteration._cache_size()}
+    record = {"initial": clone(state), "stage1": [], "stage2": [], "cache_before": steps.train_iteration._cache_size()}
     for _ in range(3):
-        before = _copy(state)
+        before = clone(state)
         state, metrics = steps.train_iteration(state, (batch, batch), spec=spec, stage=1)
-        record["stage1"].append((before, _copy(state), jax.device_get(metrics)))
-    record["after_stage1_masks"] = _copy(steps.current_masks(spec, state))
+        record["stage1"].append((before, clone(state), jax.device_get(metrics)))
+    record["after_stage1_masks"] = clone(steps.current_masks(spec, state))
     state = steps.start_stage(spec, state, 2)
-    record["stage2_start"] = _copy(state)
+    record["stage2_start"] = clone(state)
     for _ in range(3):
-        before = _copy(state)
+        before = clone(state)
         state, metrics = steps.train_iteration(state, (batch, batch), spec=spec, stage=2)
-        record["stage2"].append((before, _copy(state), jax.device_get(metrics)))
+        record["stage2"].append((before, clone(state), jax.device_get(metrics)))
     record["final"] = state
     return record
 
@@ -107,7 +96,7 @@ def test_stage2_freezes_scores_and_masks_and_trains_weights(run):
 
 def test_prompt_steps_once_per_iteration_and_model_side_twice(run):
     # After 3 iterations of stage 1: scores stepped 6 times (both sub-steps), the prompt 3 times (sub-step a only).
-    assert _adam_counts(run["stage1"][-1][1].opt_state) == {"scores": 6, "prompt": 3}
+    assert adam_counts(run["stage1"][-1][1].opt_state) == {"scores": 6, "prompt": 3}
 
 
 def test_pad_prompt_learns_only_its_frame(run):
@@ -128,7 +117,7 @@ def test_each_stage_compiles_once(run, setup):
     spec, _, batch = setup
     # 3 iterations of each stage ran in `run`: one cache entry per stage, no retrace.
     assert steps.train_iteration._cache_size() - run["cache_before"] == 2
-    state = steps.start_stage(spec, _copy(run["final"]), 2)  # copied: the step donates its input
+    state = steps.start_stage(spec, clone(run["final"]), 2)  # copied: the step donates its input
     steps.train_iteration(state, (batch, batch), spec=spec, stage=2)
     assert steps.train_iteration._cache_size() - run["cache_before"] == 2
 
@@ -136,8 +125,8 @@ def test_each_stage_compiles_once(run, setup):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_a_nan_batch_leaves_the_state_bit_identical_but_for_its_step(run, setup, stage):
     spec, _, batch = setup
-    state = steps.start_stage(spec, _copy(run["final"]), 2) if stage == 2 else _copy(run["stage1"][-1][1])
-    before = _copy(state)
+    state = steps.start_stage(spec, clone(run["final"]), 2) if stage == 2 else clone(run["stage1"][-1][1])
+    before = clone(state)
     poisoned = {"image": batch["image"].at[3, 5, 5, 0].set(jnp.nan), "label": batch["label"]}
     # The NaN in the plain batch (sub-step b): sub-step a's finite update is dropped with it.
     state, metrics = steps.train_iteration(state, (batch, poisoned), spec=spec, stage=stage)

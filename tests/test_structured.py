@@ -10,33 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import random_network
 from vpns_jax.core import structured
 from vpns_jax.models import create_model, functional
 from vpns_jax.models.channels import ChannelGroup
-
-
-def random_network(name: str, *, width: float = 1 / 16, num_classes: int = 10, seed: int = 0):
-    """(graphdef, weights, batch_stats) of ``name`` with random NumPy values.
-
-    Built from the abstract model so that no initialiser is compiled; BN
-    statistics and affine terms are random too, so folding them is exercised.
-    """
-    abstract = nnx.eval_shape(lambda: create_model(name, num_classes=num_classes, width=width, rngs=nnx.Rngs(0)))
-    graphdef, weights, batch_stats = functional.split_model(abstract)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        last = path[-1].key
-        if last == "kernel":
-            values = rng.normal(0.0, math.sqrt(2.0 / math.prod(leaf.shape[:-1])), leaf.shape)
-        elif last in ("scale", "var"):
-            values = rng.uniform(0.5, 1.5, leaf.shape)
-        else:  # biases, BN bias and running mean
-            values = rng.normal(0.0, 0.2, leaf.shape)
-        return jnp.asarray(values, jnp.float32)
-
-    fill_tree = lambda tree: jax.tree_util.tree_map_with_path(fill, tree)  # noqa: E731
-    return graphdef, fill_tree(weights), fill_tree(batch_stats)
 
 
 def _abstract_weights(name: str, width: float = 1.0):

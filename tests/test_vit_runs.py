@@ -12,12 +12,14 @@ import pytest
 from flax import nnx
 
 from vpns_jax.config import offline
-from tests.test_baselines import DENSITIES, _kept, _masks, write_source
+from tests.helpers import DENSITIES, kept_count, unit_masks, write_source
 from vpns_jax import train
 from vpns_jax.core import structured
 from vpns_jax.io import array_files, subnetwork
 from vpns_jax.io import workdir as workdir_files
 from vpns_jax.models import create_model, functional
+
+pytestmark = pytest.mark.slow  # ViT runs end to end through train.run
 
 VIT = {"patch_size": 4, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
 
@@ -61,8 +63,8 @@ def test_vit_vpns_keeps_exactly_k_of_every_prunable_kernel(runs):
     workdir, results = runs("weight")
     assert {r["density"] for r in results} == set(DENSITIES)
     for density in DENSITIES:
-        masks = _masks(workdir, density)
-        kept, total = _kept(masks)
+        masks = unit_masks(workdir, density)
+        kept, total = kept_count(masks)
         assert kept == total - int((1 - density) * total)
         # The patch embedding, q|k|v, out, both MLP layers of each block, and the head.
         assert total == 4 * 4 * 3 * 16 + 2 * (16 * 48 + 16 * 16 + 16 * 32 + 32 * 16) + 16 * 10
@@ -86,7 +88,7 @@ def test_vit_channel_vpns_prunes_whole_heads_and_units(runs):
     total = sum(g.num_channels for g in groups)
     assert total == 2 * (2 + 32)  # per block: 2 heads and 32 MLP units
     for density in DENSITIES:
-        masks = _masks(workdir, density)
+        masks = unit_masks(workdir, density)
         pruned = sum(int(np.size(m) - np.count_nonzero(m)) for m in jax.tree.leaves(masks))
         assert pruned == int((1 - density) * total)
         folder = workdir_files.unit_folder(pathlib.Path(workdir), density)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import gzip
 import io
 import pathlib
-import zipfile
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from tests.helpers import (TINY_GRAY, TINY_NAMES, TINY_VAL, TRUNCATED, jpeg_bytes, make_fashion, make_tiny_imagenet,
+                           truncate, zip_tree)
 from vpns_jax.data import registry
 from vpns_jax.data.builders import FashionMnistLocal, SklearnDigits, TinyImagenet
 from vpns_jax.data.builders import fashion_mnist_local, sklearn_digits, tiny_imagenet
@@ -24,56 +25,6 @@ from vpns_jax.data.idx import read_idx
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot"]
 REAL_FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
-
-# Tiny-ImageNet fake: wnids in UNSORTED order; n02's second train image is grayscale. words.txt names n02 and
-# n03 both "crane" first (as ImageNet's bird and machine), and lists wnids of no class, as the real one does.
-TINY_WNIDS = ["n03", "n01", "n02"]
-TINY_WORDS = ["n00\tentity", "n01\tgoldfish, Carassius auratus", "n02\tcrane", "n03\tcrane, derrick",
-              "n04\tgoldfish bowl"]
-TINY_NAMES = ["goldfish", "crane (n02)", "crane (n03)"]  # of the sorted wnids n01, n02, n03
-TINY_TRAIN = {"n03": 2, "n01": 3, "n02": 2}
-TINY_GRAY = "n02_1.JPEG"
-TINY_VAL = {"val_0.JPEG": "n02", "val_1.JPEG": "n03", "val_2.JPEG": "n01"}
-
-
-def _jpeg(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def make_tiny_imagenet(root: pathlib.Path) -> dict[str, tuple[bytes, str]]:
-    """Writes a fake ``root/tiny-imagenet-200`` tree; returns {file name: (JPEG bytes, wnid)}."""
-    tree = root / "tiny-imagenet-200"
-    rng = np.random.default_rng(0)
-    originals: dict[str, tuple[bytes, str]] = {}
-    for wnid, count in TINY_TRAIN.items():
-        images = tree / "train" / wnid / "images"
-        images.mkdir(parents=True)
-        (tree / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
-        for i in range(count):
-            name = f"{wnid}_{i}.JPEG"
-            shape = (64, 64) if name == TINY_GRAY else (64, 64, 3)
-            originals[name] = (_jpeg(rng.integers(0, 256, shape, dtype=np.uint8)), wnid)
-            (images / name).write_bytes(originals[name][0])
-    (tree / "val" / "images").mkdir(parents=True)
-    lines = []
-    for name, wnid in TINY_VAL.items():
-        originals[name] = (_jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), wnid)
-        (tree / "val" / "images" / name).write_bytes(originals[name][0])
-        lines.append(f"{name}\t{wnid}\t0\t0\t63\t63")
-    (tree / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    (tree / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
-    (tree / "words.txt").write_text("\n".join(TINY_WORDS) + "\n")
-    return originals
-
-
-def zip_tree(folder: pathlib.Path, zip_path: pathlib.Path) -> None:
-    """Zips ``folder`` with its own name as the top directory, as the official zip is."""
-    with zipfile.ZipFile(zip_path, "w") as archive:
-        for path in sorted(folder.rglob("*")):
-            archive.write(path, path.relative_to(folder.parent).as_posix())
-
 
 def _prepare(builder_cls, data_dir: pathlib.Path, manual_dir: pathlib.Path | None = None):
     builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
@@ -158,33 +109,11 @@ def test_tiny_imagenet_errors_name_the_problem(tmp_path):
     (tree / "val" / "images" / "val_1.JPEG").unlink()
     with pytest.raises(FileNotFoundError, match=r"val/images/val_1.JPEG is missing"):
         _prepare(TinyImagenet, tmp_path / "d3", tmp_path / "src")
-    (tree / "val" / "images" / "val_1.JPEG").write_bytes(_jpeg(np.zeros((32, 32, 3), np.uint8)))
+    (tree / "val" / "images" / "val_1.JPEG").write_bytes(jpeg_bytes(np.zeros((32, 32, 3), np.uint8)))
     with pytest.raises(ValueError, match=r"val_1.JPEG: image of size \(32, 32\)"):
         _prepare(TinyImagenet, tmp_path / "d4", tmp_path / "src")
     for d in ("d1", "d2", "d3", "d4"):  # nothing half-prepared is left to be mistaken for a dataset
         assert not list((tmp_path / d).glob("tiny_imagenet/*/dataset_info.json"))
-
-
-def _write_idx_gz(path: pathlib.Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def make_fashion(folder: pathlib.Path, n_train: int = 12, n_test: int = 5) -> dict:
-    """Fake Fashion-MNIST IDX files in ``folder``; returns {split: (images, labels)}."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    data = {}
-    for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        images[0] = 0  # the extremes survive exactly
-        images[0, 0, :] = 255
-        labels = (np.arange(n) * 7 + 3) % 10
-        _write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-        data[split] = (images, labels)
-    return data
 
 
 def _assert_same_examples(examples: list[dict], images: np.ndarray, labels: np.ndarray) -> None:
@@ -241,6 +170,7 @@ def test_fashion_truncated_or_missing_file_is_a_clear_error(tmp_path):
     assert not list((tmp_path / "data").glob("fashion_mnist_local/*/dataset_info.json"))
 
 
+@pytest.mark.slow  # prepares the real Fashion-MNIST (the session fixture)
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist(fashion_data_dir):
     """The session's full preparation from Debian's files (tests/conftest.py), checked example by example."""
@@ -291,19 +221,6 @@ def test_digits_split_and_scaling(tmp_path):
     assert sklearn_digits.to_uint8(np.array([0.0, 1.0, 8.0, 15.0, 16.0]))[..., 0].tolist() == [0, 16, 128, 239, 255]
 
 
-TRUNCATED = "train/n01/images/n01_1.JPEG"
-
-
-def truncate(path: pathlib.Path) -> None:
-    """Cuts a JPEG in the middle of its pixel data, as an interrupted copy does: its header still opens."""
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with Image.open(path) as image:
-        assert image.size == (64, 64)  # what storing it unchecked relied on
-        with pytest.raises(OSError, match="image file is truncated"):
-            image.load()
-
-
 @pytest.mark.parametrize("zipped", [False, True])
 def test_tiny_imagenet_truncated_jpeg_names_the_file(tmp_path, zipped):
     make_tiny_imagenet(tmp_path / "src")
@@ -325,7 +242,7 @@ def test_tiny_imagenet_truncated_jpeg_names_the_file(tmp_path, zipped):
 
 
 def test_broken_val_image_fix_names_its_annotation_line():
-    data = _jpeg(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    data = jpeg_bytes(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     with pytest.raises(ValueError) as error:
         tiny_imagenet.image_for_storage(data[: len(data) // 2], "copy/val/images/val_7.JPEG")
     message = str(error.value)

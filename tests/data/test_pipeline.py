@@ -147,6 +147,7 @@ def test_class_subset_keeps_and_relabels_the_chosen_classes_in_order():
     assert [subset[i]["label"] for i in range(6)] == [1, 0, 1, 0, 1, 0]
 
 
+@pytest.mark.slow  # prepares the real Fashion-MNIST (the session fixture)
 def test_label_scan_and_class_subset_on_real_fashion_mnist(fashion_data_dir):
     labels = pipeline.read_labels("fashion_mnist", "test", fashion_data_dir)
     source = pipeline.open_split("fashion_mnist", "test", fashion_data_dir)

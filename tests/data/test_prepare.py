@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tests.helpers import TINY_NAMES, TRUNCATED, jpeg_bytes, make_tiny_imagenet, truncate, zip_tree
 from vpns_jax.data import pipeline, registry, run_data
 from vpns_jax.data.prepare import main, prepare, split_sizes
-from tests.data.test_builders import TINY_NAMES, TRUNCATED, _jpeg, make_tiny_imagenet, truncate, zip_tree
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -178,7 +178,7 @@ def test_force_prepares_again_and_replaces_the_old_copy_only_when_the_new_one_is
     tree = tmp_path / "src" / "tiny-imagenet-200"
     version_dir = tmp_path / "data" / "tiny_imagenet" / "1.1.0"
     assert main(_tiny_args(tmp_path)) == 0
-    extra = _jpeg(np.full((64, 64, 3), 7, np.uint8))
+    extra = jpeg_bytes(np.full((64, 64, 3), 7, np.uint8))
     (tree / "train" / "n01" / "images" / "n01_9.JPEG").write_bytes(extra)  # the source copy changes
     before = _mtimes(tmp_path / "data" / "tiny_imagenet")
     capsys.readouterr()

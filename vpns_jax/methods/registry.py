@@ -70,7 +70,7 @@ def check_config(config: Any) -> None:
     missing = [section.name for section in method.sections if section.name not in config]
     if missing:
         raise ConfigError(f"config.{missing[0]} is missing, but method {method.name!r} reads it: start the config "
-                          "from configs/base.py's get_config() (and add the method's sections to it)")
+                          "from vpns_jax/config/base.py's get_config() (and add the method's sections to it)")
     for section in sections():
         if section.name in config:
             section.validate(config)
