@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -88,10 +89,28 @@ def _jax_devices_here() -> dict[str, Any]:
             "device_count": len(devices)}
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name, family/model/stepping and a digest of its feature flags (Linux's /proc/cpuinfo): CPU
+    results can differ in the last bits from one CPU to another, so bit-level records name it."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return platform.processor() or None
+    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:8]
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
+            f"stepping {fields.get('stepping', '?')}, flags {flags})")
+
+
 def machine(*, jax_in_process: bool = False) -> dict[str, Any]:
-    """The platform, the CPU count, and jax's backend, device kind and device count."""
+    """The platform, the CPU model and count, and jax's backend, device kind and device count."""
     devices = _jax_devices_here() if jax_in_process else _jax_devices()
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), **devices}
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), **devices}
 
 
 def provenance(*, jax_in_process: bool = False) -> dict[str, Any]:
@@ -111,7 +130,8 @@ def header_lines(found: Mapping[str, Any], command: str) -> list[str]:
     devices = f"{where['device_count']} x {where['device_kind']}" if where["device_count"] else "devices unknown"
     packages = ", ".join(f"{name} {version or 'missing'}" for name, version in found["packages"].items())
     return [f"- command: `{command}`", f"- date: {found['date']}", f"- commit: {commit}",
-            f"- machine: {where['platform']}, {where['cpu_count']} CPU cores, jax backend {where['jax_backend']} "
+            f"- machine: {where['platform']}, {where.get('cpu') or 'CPU'} x {where['cpu_count']} cores, jax backend "
+            f"{where['jax_backend']} "
             f"({devices})", f"- packages: {packages}"]
 
 

@@ -405,6 +405,6 @@ def assert_provenance(manifest):
     assert packages["tensorflow-datasets"] == importlib.metadata.version("tensorflow-datasets")
     import jax  # the test process may import jax; the sweep's own process never does
 
-    assert manifest["machine"] == {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                   "jax_backend": jax.default_backend(),
+    assert manifest["machine"] == {"platform": platform.platform(), "cpu": measurement.cpu_model(),
+                                   "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
                                    "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count()}

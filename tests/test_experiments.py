@@ -301,8 +301,9 @@ def test_provenance_is_null_where_it_cannot_be_found(monkeypatch):
     assert found["git_commit"] is None and found["git_dirty"] is None
     assert found["packages"] == {"python": platform.python_version(), "numpy": importlib.metadata.version("numpy"),
                                  "no-such-distribution-vpns": None}
-    assert found["machine"] == {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax_backend": None,
-                                "device_kind": None, "device_count": None}
+    assert found["machine"] == {"platform": platform.platform(), "cpu": measurement.cpu_model(),
+                                "cpu_count": os.cpu_count(), "jax_backend": None, "device_kind": None,
+                                "device_count": None}
     json.dumps(found)  # a manifest is JSON
     lines = measurement.header_lines(found, "python x.py")  # a header renders what is missing, too
     assert lines[:1] + lines[2:3] == ["- command: `python x.py`", "- commit: unknown (not a git checkout)"]
