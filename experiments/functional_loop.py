@@ -8,14 +8,13 @@ source head by frequency label mapping. Then stage 1 (scores + prompt, weights
 frozen) and stage 2 (weights + prompt, masks fixed), and a test evaluation.
 Needs Debian's dataset-fashion-mnist (``make data``), which it prepares as a TFDS
 dataset on first use; nothing is downloaded.
-Every piece of state is an explicit pytree, and VPNs' two-stream iteration is
-written here from ``steps.sub_step``: swap any step for your own.
+Every piece of state is an explicit pytree; VPNs' two-stream iteration comes from
+``vpns_jax.methods.iterations`` (a few lines over ``steps.sub_step``): swap any step for your own.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from flax import nnx
 
 from vpns_jax.core import dense, label_mapping, masking, optim, phases, prompts, steps
 from vpns_jax.data import pipeline, prepare
+from vpns_jax.methods.iterations import TwoStreams
 from vpns_jax.models import create_model, functional
 
 SIZE = 32
@@ -34,25 +34,6 @@ def as_jax(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A pipeline batch on the default device, its uint8 pixels scaled to [0, 1] as the trainer does."""
     arrays = {key: jnp.asarray(value) for key, value in batch.items()}
     return {**arrays, "image": pipeline.unit_pixels(arrays["image"])}
-
-
-@dataclasses.dataclass(frozen=True)
-class TwoStreams(phases.OneStepPerBatch):
-    """VPNs' iteration (a ``phases.Iteration``): the clean batch through the prompt, then the plain augmented
-    batch; the prompt steps on the first only. Write your own to feed a phase differently."""
-
-    streams = ("clean", "augmented")
-
-    def updates_per_iteration(self) -> dict[str, int]:
-        return dict(optim.TWO_STREAM_UPDATES)
-
-    def __call__(self, spec, state, batches, *, stage, key):
-        key_a, key_b = jax.random.split(key)
-        prompted = "prompt" in spec.phases[stage].trains
-        state, loss_a, acc_a = steps.sub_step(spec, state, batches[0], stage=stage, prompted=prompted, key=key_a)
-        state, loss_b, acc_b = steps.sub_step(spec, state, batches[1], stage=stage, prompted=False, key=key_b)
-        return state, {"loss_prompted": loss_a, "accuracy_prompted": acc_a, "loss_plain": loss_b,
-                       "accuracy_plain": acc_b}
 
 
 def main() -> None:

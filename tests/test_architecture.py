@@ -108,8 +108,9 @@ def test_no_import_cycles_also_through_function_level_imports():
 
 @pytest.mark.parametrize("importer, allowed", [
     ("vpns_jax.core", ("vpns_jax.core", "vpns_jax.models")),
-    # The forkable example: training from the core alone; the models and the data only as its inputs.
-    ("experiments.functional_loop", ("vpns_jax.core", "vpns_jax.models", "vpns_jax.data")),
+    # The forkable example: training from the core (and the recipe's iterations); the models and data as inputs.
+    ("experiments.functional_loop", ("vpns_jax.core", "vpns_jax.models", "vpns_jax.data",
+                                     "vpns_jax.methods.iterations")),
 ])
 def test_the_core_and_the_functional_example_import_only_the_core(importer, allowed):
     modules = _modules()
