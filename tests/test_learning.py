@@ -42,13 +42,13 @@ def _perturbed(old: str, new: str) -> str:
 
 
 @pytest.mark.parametrize("old, new, message", [
-    # Density 0.5 at 90.00 %: below 92.30 - 0.92.
-    ("0.5000    0.9230", "0.5000    0.9000", "density 0.5: test acc 90.00 % outside 91.38 – 94.92"),
-    # Density 0.02 at 95.20 %: above 95.00 + 0.14.
-    ("0.9800    0.9500", "0.9800    0.9520", "density 0.02: test acc 95.20 % outside 94.62 – 95.14"),
+    # Density 0.5 at 90.00 %: below 92.34 - 0.84.
+    ("0.5000    0.9234", "0.5000    0.9000", "density 0.5: test acc 90.00 % outside 91.50 – 94.74"),
+    # Density 0.02 at 95.60 %: above 95.12 + 0.39.
+    ("0.9800    0.9434", "0.9800    0.9560", "density 0.02: test acc 95.60 % outside 93.95 – 95.51"),
     # A run that learned nothing: the zero-shot level.
-    ("0.9000    0.9470", "0.9000    0.3000", "density 0.1: test acc 30.00 % outside"),
-    ("0.9500    0.9476", "0.9499    0.9476", "density 0.05: sparsity 0.9499 != README's 0.9500"),
+    ("0.9000    0.9462", "0.9000    0.3000", "density 0.1: test acc 30.00 % outside"),
+    ("0.9500    0.9508", "0.9499    0.9508", "density 0.05: sparsity 0.9499 != README's 0.9500"),
 ])
 def test_perturbed_rows_fail(old, new, message):
     problems = expected_output.compare(README, _perturbed(old, new))
@@ -64,11 +64,11 @@ def test_missing_row_and_missing_table_fail():
 
 
 def test_a_widened_band_is_only_as_wide_as_asked():
-    # 92.00 % at density 0.5: inside 92.30 - 0.92 (widen 1), outside the bare range (widen 0).
-    printed = _perturbed("0.5000    0.9230", "0.5000    0.9200")
+    # 92.00 % at density 0.5: inside 92.34 - 0.84 (widen 1), outside the bare range (widen 0).
+    printed = _perturbed("0.5000    0.9234", "0.5000    0.9200")
     assert expected_output.compare(README, printed) == []
     assert expected_output.compare(README, printed, widen=0.0)[0].startswith(
-        "density 0.5: test acc 92.00 % outside 92.30 – 94.00")
+        "density 0.5: test acc 92.00 % outside 92.34 – 93.90")
 
 
 def test_main_reads_a_finished_workdir(tmp_path, capsys):
