@@ -11,7 +11,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vpns_jax.core import nm, optim
+from vpns_jax.core import nm, optim, steps
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -71,8 +71,6 @@ def check_fraction(config: Any, path: str, what: str) -> None:
         raise ConfigError(f"config.{path}={value!r} must be a fraction in (0, 1): {what}")
 
 
-# What a mask's unit is: one field, ``mask.granularity``; an N:M string is per-weight masks kept N of every M.
-GRANULARITIES = ("weight", "channel")
 # Fields folded into another: old path -> (new path, old value -> new value).
 RENAMED_FIELDS = {"mask.pattern": ("mask.granularity", {"unstructured": "weight"})}
 
@@ -93,7 +91,7 @@ def mask_pattern(config: Any) -> tuple[str, tuple[int, int] | None]:
     if "pattern" in config.mask:
         raise renamed_field_error("mask.pattern", config.mask.pattern)
     granularity = get(config, "mask.granularity")
-    if granularity in GRANULARITIES:
+    if granularity in steps.GRANULARITIES:  # else an N:M string: per-weight masks kept N of every M
         return granularity, None
     problem = nm.pattern_problem(granularity)
     if problem:

@@ -28,7 +28,6 @@ from ml_collections import config_flags
 
 import vpns_jax
 from vpns_jax import cli, distributed, supervisor
-from vpns_jax.config_fields import RENAMED_FIELDS, renamed_field_error
 
 REPO = pathlib.Path(vpns_jax.__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.py"
@@ -148,6 +147,8 @@ def _last_override_wins(argv: list[str]) -> list[str]:
 def parse_flags(argv: list[str]) -> flags.FlagValues:
     """The parsed flags of ``argv`` (program name first; a repeated ``--config.`` override takes its last
     value); :class:`CommandLineError` names what is wrong."""
+    from vpns_jax.config_fields import RENAMED_FIELDS, renamed_field_error  # here: main's import stays light
+
     argv = _last_override_wins(argv)
     for arg in argv:
         path, _, value = arg.removeprefix("--config.").partition("=")
