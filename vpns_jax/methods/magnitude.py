@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from vpns_jax.core import saliency, selection
-from vpns_jax.methods.base import Params, Plan, MethodContext, Unit, finetune_plan
+from vpns_jax.methods.base import MethodContext, Params, Plan, Unit, finetune_plan
 from vpns_jax.methods.finetune import MaskThenFinetune
 
 

@@ -15,7 +15,7 @@ import ml_collections
 
 from vpns_jax.config_fields import ConfigError, mask_pattern
 from vpns_jax.methods import transfer
-from vpns_jax.methods.base import Method, Params, Plan, MethodContext, Section, Unit
+from vpns_jax.methods.base import Method, MethodContext, Params, Plan, Section, Unit
 
 _METHODS: dict[str, Method] = {}
 _BUILTIN: set[str] = set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 
 from vpns_jax.config_fields import ConfigError
-from vpns_jax.methods.base import Params, MethodContext
+from vpns_jax.methods.base import MethodContext, Params
 
 
 def transferred(run: MethodContext, density: float) -> tuple[Params, Params | None]:
