@@ -14,7 +14,7 @@ import ml_collections
 
 from vpns_jax.config_fields import ConfigError, check_int_at_least, get, is_real
 from vpns_jax.core import label_mapping, prompts, saliency, selection
-from vpns_jax.methods.base import STAGE2, Params, MethodContext, Section, Unit
+from vpns_jax.methods.base import STAGE2, MethodContext, Params, Section, Unit
 from vpns_jax.methods.finetune import FINETUNE, MaskThenFinetune
 from vpns_jax.models import functional
 
